@@ -1,0 +1,111 @@
+"""Frozen, versioned config dataclasses that round-trip through JSON.
+
+A config class is registered once (``@register_config``); loading accepts only registered class
+names, so a bundle's JSON can never name arbitrary code. ``VERSION`` is bumped when fields change
+meaning; loading a config written by a newer version is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, ClassVar, TypeVar
+
+from codesign.errors import ConfigError
+
+__all__ = ["Config", "config_from_dict", "config_from_json", "register_config", "registered_configs"]
+
+_REGISTRY: dict[str, type[Config]] = {}
+
+C = TypeVar("C", bound="type[Config]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of every knob/config dataclass. Subclasses are frozen dataclasses with JSON-able fields."""
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"type": type(self).__name__, "version": self.VERSION, "fields": fields}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self: Any, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ConfigError(
+        f"config field value {value!r} of type {type(value).__name__} is not JSON-serializable",
+        fix="use bool/int/float/str, tuples, dicts or nested Config objects in config fields",
+    )
+
+
+def register_config(cls: C) -> C:
+    """Class decorator: allow ``cls`` to be loaded from JSON by its class name."""
+    name = cls.__name__
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ConfigError(f"two config classes are named {name!r}", fix="give each config class a unique name")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_configs() -> dict[str, type[Config]]:
+    return dict(_REGISTRY)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config from ``Config.to_dict()`` output; only registered classes are accepted."""
+    if not isinstance(data, dict) or not {"type", "version", "fields"} <= data.keys():
+        raise ConfigError(f"not a config record: {data!r}", fix="pass the output of Config.to_dict()")
+    name = data["type"]
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(
+            f"config type {name!r} is not on the allow-list",
+            fix=f"known types: {sorted(_REGISTRY)}; register new configs with @register_config",
+        )
+    if not isinstance(data["version"], int) or data["version"] > cls.VERSION:
+        raise ConfigError(
+            f"{name} version {data['version']!r} is newer than this codesign's version {cls.VERSION}",
+            fix="upgrade codesign to load this config",
+        )
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data["fields"]) - known.keys()
+    if unknown:
+        raise ConfigError(f"{name} has no fields {sorted(unknown)}", fix=f"valid fields: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _from_jsonable(v, hints.get(k)) for k, v in data["fields"].items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build {name} from {data['fields']!r}: {exc}") from exc
+
+
+def _from_jsonable(value: Any, hint: Any) -> Any:
+    if isinstance(value, dict) and {"type", "version", "fields"} <= value.keys():
+        return config_from_dict(value)
+    if isinstance(value, list):
+        origin = typing.get_origin(hint)
+        return tuple(value) if origin is tuple or hint is None else value
+    return value
+
+
+def config_from_json(text: str) -> Config:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config JSON is malformed: {exc}") from exc
+    return config_from_dict(data)

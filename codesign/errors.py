@@ -1,0 +1,65 @@
+"""One root exception, ``CodesignError``, and one subclass per stage.
+
+Every error says what was wrong, where, and how to fix it: ``fix`` holds the suggestion so that
+callers (the CLI, the server) can show it apart from the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BundleError",
+    "CaptureError",
+    "CodesignError",
+    "ConfigError",
+    "ModelRefError",
+    "NumericsError",
+    "PassError",
+    "SpecError",
+    "TargetError",
+]
+
+
+class CodesignError(Exception):
+    """Root of every error codesign raises on purpose."""
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+
+class SpecError(CodesignError):
+    """A RequestSpec or a request batch does not match the model's inputs."""
+
+
+class CaptureError(CodesignError):
+    """torch.export could not capture the model."""
+
+
+class PassError(CodesignError):
+    """A graph pass failed or broke the program."""
+
+
+class NumericsError(PassError):
+    """A pass or backend changed the outputs beyond its tolerance."""
+
+
+class BackendError(CodesignError):
+    """A backend cannot lower or run a program (missing dependency, unsupported target)."""
+
+
+class BundleError(CodesignError):
+    """A bundle is missing, tampered, truncated, foreign or from an incompatible version."""
+
+
+class ConfigError(CodesignError):
+    """A config failed to load (unknown class, wrong version, bad field)."""
+
+
+class TargetError(CodesignError):
+    """An unknown target name or an inconsistent hardware spec."""
+
+
+class ModelRefError(CodesignError):
+    """A model reference (``file.py:factory`` or an example name) cannot be resolved."""

@@ -1,0 +1,127 @@
+"""Program: the one IR handle passed between stages.
+
+A Program wraps an *unlifted* ``torch.fx.GraphModule`` produced by ``torch.export`` (parameters are
+attributes, the graph's placeholders are the flattened model inputs, node ``meta['val']`` carries
+symbolic shapes), plus the RequestSpec, the capture example and metadata. Passes rewrite the graph
+in place on a copy; backends re-export it (``Program.export``) to get an ``ExportedProgram``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch
+
+__all__ = ["CANDIDATES_DIM", "Program", "dynamic_shapes_for", "flatten_outputs"]
+
+CANDIDATES_DIM = "candidates"
+DEFAULT_MAX_CANDIDATES = 1 << 20
+
+
+def _dim_name(path: str) -> str:
+    return "len_" + "".join(c if c.isalnum() else "_" for c in path)
+
+
+def dynamic_shapes_for(
+    inputs: Mapping[str, Any], spec: RequestSpec, max_candidates: int = DEFAULT_MAX_CANDIDATES
+) -> dict[str, Any]:
+    """The ``dynamic_shapes`` tree for torch.export: candidate inputs share one ``candidates`` dim."""
+    candidates = Dim(CANDIDATES_DIM, min=1, max=max_candidates)
+    leaves, tree = pytree.tree_flatten_with_path(dict(inputs))
+    shapes: list[Any] = []
+    for path, value in flatten_inputs(inputs):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or path in spec.static_inputs:
+            shapes.append(None)
+        elif path in spec.jagged:
+            shapes.append({0: Dim(_dim_name(path), min=0, max=max_candidates * 1024)})
+        else:
+            shapes.append({0: candidates})
+    del leaves
+    return pytree.tree_unflatten(shapes, tree)
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Output tensors of a model call, in pytree order (tensor, tuple or dict outputs)."""
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@dataclasses.dataclass
+class Program:
+    """A captured ranking model: graph, request roles, capture example and metadata."""
+
+    graph_module: torch.fx.GraphModule
+    spec: RequestSpec
+    example: RequestBatch
+    name: str = "model"
+    make_batch: Callable[[Sequence[int], int], RequestBatch] | None = None
+    max_candidates: int = DEFAULT_MAX_CANDIDATES
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # ---- running -------------------------------------------------------------------------
+    def __call__(self, **inputs: Any) -> Any:
+        return self.graph_module(**inputs)
+
+    def run(self, batch: RequestBatch) -> Any:
+        with torch.no_grad():
+            return self.graph_module(**batch.inputs)
+
+    def sample_batch(self, candidates: Sequence[int], seed: int) -> RequestBatch:
+        """Fresh requests: the workload's generator when known, else resampled from the example."""
+        if self.make_batch is not None:
+            return self.make_batch(list(candidates), seed)
+        return resample_batch(self.example, self.spec, candidates, seed=seed)
+
+    # ---- structure -----------------------------------------------------------------------
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def input_paths(self) -> list[str]:
+        return [p for p, _ in flatten_inputs(self.example.inputs)]
+
+    def placeholders(self) -> dict[str, torch.fx.Node]:
+        """Input path -> placeholder node (graph placeholders follow the flattened input order)."""
+        nodes = [n for n in self.graph.nodes if n.op == "placeholder"]
+        return dict(zip(self.input_paths, nodes, strict=True))
+
+    def op_count(self) -> int:
+        return sum(1 for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+    def copy(self) -> Program:
+        """A deep copy whose graph and parameters a pass may change freely."""
+        gm = copy.deepcopy(self.graph_module)
+        return dataclasses.replace(self, graph_module=gm, metadata=dict(self.metadata))
+
+    def recompile(self) -> None:
+        self.graph.lint()
+        self.graph_module.recompile()
+
+    def dynamic_shapes(self) -> dict[str, Any]:
+        return dynamic_shapes_for(self.example.inputs, self.spec, self.max_candidates)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """Re-export the (possibly rewritten) graph with the same dynamic dimensions."""
+        with torch.no_grad():
+            return torch.export.export(
+                self.graph_module, (), dict(self.example.inputs), dynamic_shapes=self.dynamic_shapes()
+            )
+
+    def graph_hash(self) -> str:
+        """Stable hash of graph code, parameter metadata and a sample of parameter values."""
+        h = hashlib.sha256(self.graph_module.code.encode())
+        for name, t in sorted(self.graph_module.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel():
+                step = max(1, flat.numel() // 4096)
+                h.update(flat[::step].float().numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,390 @@
+"""Requests: which inputs are request-level, and batches of R requests with jagged candidate counts.
+
+A ranking model sees *flat* rows: one row per candidate, with the user's features repeated on
+every row of the same request. ``RequestSpec`` says which inputs (or which column ranges of an
+input) are request-level, i.e. identical on every row of a request. ``RequestBatch`` holds the
+flat model inputs plus ``offsets`` (R+1 entries): candidate rows of request r are
+``offsets[r]:offsets[r+1]``. ``StructuredBatch`` is the request-centric form: request-level data
+once per request, candidate-level data once per candidate, and ``request_index``.
+
+Inputs are named by their path in the model's keyword arguments: ``dense``, ``feats.user_id``
+(a dict entry), ``indices.3`` (a list element).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from codesign.config import Config, register_config
+from codesign.errors import SpecError
+
+__all__ = [
+    "ColumnRange",
+    "RequestBatch",
+    "RequestSpec",
+    "StructuredBatch",
+    "flatten_inputs",
+    "offsets_from_counts",
+    "resample_batch",
+]
+
+ColumnRange = tuple[int, int]
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten_inputs(inputs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Leaves of the model's keyword inputs as (path, value), in torch.export's flattening order."""
+    leaves, _ = pytree.tree_flatten_with_path(dict(inputs))
+    return [(".".join(_key_name(k) for k in path), value) for path, value in leaves]
+
+
+def _replace_leaves(inputs: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    leaves, spec = pytree.tree_flatten_with_path(dict(inputs))
+    values = [new.get(".".join(_key_name(k) for k in path), v) for path, v in leaves]
+    return pytree.tree_unflatten(values, spec)
+
+
+def offsets_from_counts(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Request offsets (R+1, int64) from per-request candidate counts."""
+    counts_t = torch.as_tensor(counts, dtype=torch.int64).reshape(-1)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts_t, 0)])
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class RequestSpec(Config):
+    """Which model inputs are request-level, and how each input's leading dimension behaves.
+
+    - ``request_inputs``: inputs whose every row is the same within a request (user features).
+    - ``request_columns``: for one concatenated feature tensor, the ``(start, stop)`` column ranges
+      (dim 1) that are request-level.
+    - ``jagged``: a flat values tensor (EmbeddingBag ``indices``) mapped to its per-candidate
+      ``offsets`` input; its length is its own dynamic dimension, not the candidate count.
+    - ``static_inputs``: inputs without a candidate dimension (passed as they are).
+
+    Every other tensor input is candidate-level with the candidate count as dimension 0.
+
+    >>> RequestSpec(request_inputs=("user_history",), request_columns={"x": ((0, 8),)})
+    """
+
+    request_inputs: tuple[str, ...] = ()
+    request_columns: Mapping[str, tuple[ColumnRange, ...]] = dataclasses.field(default_factory=dict)
+    jagged: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    static_inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalize JSON lists and user-given lists to tuples so specs compare and hash by value.
+        object.__setattr__(self, "request_inputs", tuple(self.request_inputs))
+        object.__setattr__(self, "static_inputs", tuple(self.static_inputs))
+        cols: dict[str, tuple[ColumnRange, ...]] = {}
+        for name, ranges in dict(self.request_columns).items():
+            try:
+                cols[name] = tuple(sorted((int(a), int(b)) for a, b in ranges))
+            except (TypeError, ValueError) as exc:
+                raise SpecError(
+                    f"request_columns[{name!r}] = {ranges!r} is not a list of (start, stop) pairs",
+                    fix="write e.g. request_columns={'x': ((0, 16),)}",
+                ) from exc
+        object.__setattr__(self, "request_columns", cols)
+        object.__setattr__(self, "jagged", {str(k): str(v) for k, v in dict(self.jagged).items()})
+        both = set(self.request_inputs) & set(cols)
+        if both:
+            raise SpecError(
+                f"inputs {sorted(both)} are listed both as whole request inputs and with request columns",
+                fix="list an input in request_inputs (all columns) or in request_columns (some), not both",
+            )
+
+    def is_request_level(self, path: str) -> bool:
+        """True when the whole input is request-level."""
+        return path in self.request_inputs
+
+    def candidate_dim_inputs(self, paths: Iterable[str]) -> list[str]:
+        """Inputs whose dimension 0 is the candidate count."""
+        jagged_values = set(self.jagged)
+        return [p for p in paths if p not in jagged_values and p not in self.static_inputs]
+
+    def named_inputs(self) -> set[str]:
+        return (
+            set(self.request_inputs)
+            | set(self.request_columns)
+            | set(self.jagged)
+            | set(self.jagged.values())
+            | set(self.static_inputs)
+        )
+
+    def validate(self, leaves: Mapping[str, Any]) -> None:
+        """Check the spec against the model's input leaves (names, ranks, column ranges)."""
+        known = sorted(leaves)
+        for name in sorted(self.named_inputs()):
+            if name not in leaves:
+                raise SpecError(
+                    f"RequestSpec names input {name!r}, but the model's inputs are {known}",
+                    fix="use the input paths shown (dict keys and list indices joined by '.')",
+                )
+            if not isinstance(leaves[name], torch.Tensor):
+                raise SpecError(f"input {name!r} is {type(leaves[name]).__name__}, not a tensor")
+        for name, ranges in self.request_columns.items():
+            t = leaves[name]
+            if t.dim() < 2:
+                raise SpecError(
+                    f"request_columns[{name!r}]: input has shape {tuple(t.shape)}, no column dimension",
+                    fix="column ranges apply to dim 1 of a 2-D (or higher) input; use request_inputs instead",
+                )
+            width = t.shape[1]
+            prev_stop = -1
+            for start, stop in ranges:
+                if not 0 <= start < stop <= width:
+                    raise SpecError(
+                        f"request_columns[{name!r}] range ({start}, {stop}) is outside the input's "
+                        f"{width} columns",
+                        fix=f"use 0 <= start < stop <= {width}",
+                    )
+                if start < prev_stop:
+                    raise SpecError(f"request_columns[{name!r}] ranges overlap at column {start}")
+                prev_stop = stop
+        for values, offsets in self.jagged.items():
+            for p in (values, offsets):
+                if leaves[p].dim() != 1 or leaves[p].dtype not in (torch.int32, torch.int64):
+                    raise SpecError(
+                        f"jagged input {p!r} must be a 1-D integer tensor, got {leaves[p].dtype} "
+                        f"{tuple(leaves[p].shape)}"
+                    )
+        for name in self.static_inputs:
+            if name in self.request_inputs or name in self.request_columns:
+                raise SpecError(f"input {name!r} is static (no candidate dim) and cannot be request-level")
+
+
+@dataclasses.dataclass
+class RequestBatch:
+    """R requests with jagged candidate counts, as the model's flat keyword inputs plus offsets."""
+
+    inputs: dict[str, Any]
+    offsets: torch.Tensor
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def request_index(self) -> torch.Tensor:
+        """request_index[N]: the request each candidate row belongs to."""
+        return torch.repeat_interleave(torch.arange(self.num_requests), self.counts)
+
+    def leaves(self) -> dict[str, Any]:
+        return dict(flatten_inputs(self.inputs))
+
+    def validate(self, spec: RequestSpec) -> None:
+        """Check offsets, shapes and that request-level data really repeats within each request."""
+        off = self.offsets
+        if off.dim() != 1 or off.numel() < 2 or off.dtype != torch.int64:
+            raise SpecError(
+                f"offsets must be a 1-D int64 tensor with R+1 >= 2 entries, got {off.dtype} {tuple(off.shape)}",
+                fix="build it with codesign.request.offsets_from_counts(counts)",
+            )
+        counts = self.counts
+        if int(off[0]) != 0 or bool((counts < 1).any()):
+            raise SpecError(
+                f"offsets must start at 0 and give every request >= 1 candidate, got {off.tolist()[:10]}"
+            )
+        leaves = self.leaves()
+        spec.validate(leaves)
+        n = self.num_candidates
+        for path in spec.candidate_dim_inputs(leaves):
+            t = leaves[path]
+            if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[0] != n):
+                raise SpecError(
+                    f"input {path!r} has shape {tuple(t.shape)} but the batch has {n} candidate rows",
+                    fix="give every candidate-level input one row per candidate, or mark it as jagged/static",
+                )
+        for values, offsets in spec.jagged.items():
+            o = leaves[offsets]
+            if o.numel() and (int(o[0]) != 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > leaves[values].numel()):
+                raise SpecError(f"jagged offsets {offsets!r} are not non-decreasing within len({values!r})")
+        self._check_repeats(spec, leaves)
+
+    def _check_repeats(self, spec: RequestSpec, leaves: Mapping[str, Any]) -> None:
+        first_row = self.offsets[:-1].repeat_interleave(self.counts)
+        pieces: list[tuple[str, torch.Tensor]] = [(p, leaves[p]) for p in spec.request_inputs if p not in spec.jagged]
+        for name, ranges in spec.request_columns.items():
+            pieces += [(f"{name}[:, {a}:{b}]", leaves[name][:, a:b]) for a, b in ranges]
+        for label, t in pieces:
+            diff = t != t[first_row]
+            if diff.any():
+                row = int(diff.reshape(diff.shape[0], -1).any(1).nonzero()[0])
+                req = int(torch.searchsorted(self.offsets, torch.tensor(row), right=True)) - 1
+                raise SpecError(
+                    f"input {label} is declared request-level but candidate row {row} differs from "
+                    f"the first row of its request {req}",
+                    fix="repeat user features on every candidate row, or declare the input candidate-level",
+                )
+        for values in spec.request_inputs:
+            if values in spec.jagged:
+                segs = _segments(leaves[values], leaves[spec.jagged[values]])
+                for r in range(self.num_requests):
+                    a, b = int(self.offsets[r]), int(self.offsets[r + 1])
+                    if any(not torch.equal(segs[i], segs[a]) for i in range(a + 1, b)):
+                        raise SpecError(
+                            f"jagged input {values!r} is declared request-level but its bags differ "
+                            f"within request {r}"
+                        )
+
+    def to_structured(self, spec: RequestSpec) -> StructuredBatch:
+        """Request-level data once per request; candidate-level data once per candidate."""
+        leaves = self.leaves()
+        first = self.offsets[:-1]
+        request: dict[str, torch.Tensor] = {}
+        candidate: dict[str, Any] = {}
+        for path, t in leaves.items():
+            if path in spec.jagged.values() and any(spec.jagged[v] == path for v in spec.request_inputs):
+                continue  # offsets of a request-level bag are rebuilt from the request's bags
+            if path in spec.request_inputs and path in spec.jagged:
+                segs = _segments(t, leaves[spec.jagged[path]])
+                chosen = [segs[int(i)] for i in first]
+                request[path] = torch.cat(chosen) if chosen else t[:0]
+                request[f"{path}#lengths"] = torch.tensor([s.numel() for s in chosen], dtype=torch.int64)
+            elif path in spec.request_inputs:
+                request[path] = t[first]
+            elif path in spec.request_columns:
+                keep = _complement(spec.request_columns[path], t.shape[1])
+                for a, b in spec.request_columns[path]:
+                    request[f"{path}[{a}:{b}]"] = t[first, a:b]
+                candidate[path] = t[:, keep]
+            else:
+                candidate[path] = t
+        return StructuredBatch(request=request, candidate=candidate, offsets=self.offsets.clone())
+
+
+def _segments(values: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    ends = torch.cat([offsets[1:], torch.tensor([values.numel()], dtype=offsets.dtype)])
+    return [values[int(a) : int(b)] for a, b in zip(offsets, ends, strict=True)]
+
+
+def _complement(ranges: Sequence[ColumnRange], width: int) -> torch.Tensor:
+    mask = torch.ones(width, dtype=torch.bool)
+    for a, b in ranges:
+        mask[a:b] = False
+    return mask.nonzero().flatten()
+
+
+@dataclasses.dataclass
+class StructuredBatch:
+    """Request-centric form of a batch: ``request`` tensors have R rows, ``candidate`` tensors N rows."""
+
+    request: dict[str, torch.Tensor]
+    candidate: dict[str, Any]
+    offsets: torch.Tensor
+
+    @property
+    def request_index(self) -> torch.Tensor:
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+
+    def to_flat(self, spec: RequestSpec, template: RequestBatch) -> RequestBatch:
+        """Rebuild the flat model inputs (user features repeated per candidate).
+
+        ``template`` supplies the nesting of the model's inputs (any batch of the same model).
+        """
+        idx = self.request_index
+        counts = self.offsets[1:] - self.offsets[:-1]
+        new: dict[str, Any] = {}
+        for path, t in template.leaves().items():
+            if path in spec.request_inputs and path in spec.jagged:
+                lengths = self.request[f"{path}#lengths"]
+                segs = _segments(self.request[path], offsets_from_counts(lengths)[:-1])
+                bags = [segs[int(r)] for r in idx]
+                new[path] = torch.cat(bags) if bags else self.request[path][:0]
+                new[spec.jagged[path]] = offsets_from_counts([b.numel() for b in bags])[:-1]
+            elif path in spec.request_inputs:
+                new[path] = self.request[path].repeat_interleave(counts, dim=0)
+            elif path in spec.request_columns:
+                cand = self.candidate[path]
+                width = cand.shape[1] + sum(b - a for a, b in spec.request_columns[path])
+                out = cand.new_empty((cand.shape[0], width, *cand.shape[2:]))
+                out[:, _complement(spec.request_columns[path], width)] = cand
+                for a, b in spec.request_columns[path]:
+                    out[:, a:b] = self.request[f"{path}[{a}:{b}]"].repeat_interleave(counts, dim=0)
+                new[path] = out
+            elif path in self.candidate:
+                new[path] = self.candidate[path]
+        return RequestBatch(inputs=_replace_leaves(template.inputs, new), offsets=self.offsets.clone())
+
+
+def resample_batch(
+    batch: RequestBatch,
+    spec: RequestSpec,
+    candidates: Sequence[int],
+    *,
+    seed: int,
+    noise: float = 0.05,
+) -> RequestBatch:
+    """A fresh batch built from ``batch``'s requests: random source requests, random candidate rows.
+
+    Float features get Gaussian noise (per request for request-level data, per row otherwise) so that
+    each call sees new values while ids stay valid. Used to verify numerics on unseen requests when
+    the model comes without a request generator.
+    """
+    if any(c < 1 for c in candidates):
+        raise SpecError(f"every request needs >= 1 candidate, got {list(candidates)}")
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.as_tensor(list(candidates), dtype=torch.int64)
+    r_new = counts.numel()
+    src_req = torch.randint(0, batch.num_requests, (r_new,), generator=g)
+    src_counts = batch.counts[src_req]
+    req_of_row = torch.repeat_interleave(torch.arange(r_new), counts)
+    pick = (torch.rand(int(counts.sum()), generator=g) * src_counts[req_of_row]).long()
+    rows = batch.offsets[src_req][req_of_row] + pick  # source row of each new candidate row
+
+    leaves = batch.leaves()
+    new: dict[str, Any] = {}
+    req_noise_rows = req_of_row  # noise shared by the rows of one new request
+    for path, t in leaves.items():
+        if not isinstance(t, torch.Tensor) or path in spec.static_inputs or path in spec.jagged.values():
+            continue
+        if path in spec.jagged:
+            off_path = spec.jagged[path]
+            segs = _segments(t, leaves[off_path])
+            if path in spec.request_inputs:
+                # keep every bag of a request identical: take the first row of the source request
+                bag_rows = batch.offsets[src_req][req_of_row]
+            else:
+                bag_rows = rows
+            bags = [segs[int(r)] for r in bag_rows]
+            new[path] = torch.cat(bags) if bags else t[:0]
+            new[off_path] = offsets_from_counts([b.numel() for b in bags])[:-1].to(leaves[off_path].dtype)
+            continue
+        if path in spec.request_inputs:
+            out = t[batch.offsets[src_req][req_of_row]]
+        else:
+            out = t[rows]
+        if out.is_floating_point() and noise > 0:
+            eps = torch.randn(out.shape, generator=g, dtype=out.dtype) * noise
+            if path in spec.request_inputs:
+                eps = torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+            elif path in spec.request_columns:
+                shared = torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+                for a, b in spec.request_columns[path]:
+                    eps[:, a:b] = shared[:, a:b]
+            # columns holding integral values are ids stored as floats: leave them valid
+            id_like = (t == t.round()).reshape(t.shape[0], -1).all(0).reshape(t.shape[1:])
+            out = out + torch.where(id_like, 0.0, eps * out.abs().mean().clamp_min(1e-3))
+        new[path] = out
+    return RequestBatch(inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts))
