@@ -5,23 +5,32 @@ capture → Program → passes → backend → variant → bundle. The public AP
 
 from __future__ import annotations
 
+from codesign.bundle import load
 from codesign.capture import capture
 from codesign.errors import CodesignError
 from codesign.program import Program
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch, offsets_from_counts
+from codesign.target import HardwareSpec, Target, get_target
+from codesign.variant import Variant, compile
 from codesign.workload import Workload, load_model_ref
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CodesignError",
+    "HardwareSpec",
     "Program",
     "RequestBatch",
     "RequestSpec",
     "StructuredBatch",
+    "Target",
+    "Variant",
     "Workload",
     "__version__",
     "capture",
+    "compile",
+    "get_target",
+    "load",
     "load_model_ref",
     "offsets_from_counts",
 ]

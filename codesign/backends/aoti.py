@@ -1,0 +1,48 @@
+"""AOTInductor backend: ahead-of-time compiled ``.pt2`` package, loadable without the model's source.
+
+The package holds generated C++/CUDA code compiled into a shared library plus the weights; it is
+tied to the torch version that built it, which the bundle manifest records and checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor
+
+from codesign.backends.base import Backend, Lowered
+from codesign.errors import BackendError
+from codesign.program import Program
+from codesign.target import Target
+
+__all__ = ["AOTI_PACKAGE", "AotiBackend"]
+
+AOTI_PACKAGE = "aoti_package.pt2"
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+
+    def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
+        self.check_target(target)
+        exported = program.export()
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / AOTI_PACKAGE
+        try:
+            with torch.no_grad():
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+        except Exception as exc:
+            raise BackendError(
+                f"AOTInductor could not compile '{program.name}': {type(exc).__name__}: {str(exc)[:500]}",
+                fix="check that a C++ compiler is installed (gcc/g++) or use backend 'eager'/'inductor'",
+            ) from exc
+        return Lowered(runner=self.load(exported, {AOTI_PACKAGE: path}), exported=exported,
+                       artifacts={AOTI_PACKAGE: path})
+
+    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+        if AOTI_PACKAGE not in files:
+            raise BackendError(f"the bundle has no {AOTI_PACKAGE}", fix="recompile with backend 'aoti'")
+        return torch._inductor.aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]

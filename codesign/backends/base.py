@@ -1,0 +1,81 @@
+"""Backend protocol: ``lower(program, target) -> Lowered`` and ``load(files) -> runner``.
+
+A backend declares which targets it runs on, has a stable ``uuid()`` for cache keys, and names the
+files it writes into a bundle so that a bundle can be reloaded without the model's source.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from codesign.config import Config, register_config
+from codesign.errors import BackendError
+from codesign.pipeline import Knob
+from codesign.program import Program
+from codesign.target import Target
+
+__all__ = ["Backend", "BackendConfig", "Lowered"]
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class BackendConfig(Config):
+    """Backends without options use this empty config."""
+
+
+@dataclasses.dataclass
+class Lowered:
+    """A lowered program: a callable taking the model's keyword inputs, and the artifacts behind it."""
+
+    runner: Callable[..., Any]
+    exported: torch.export.ExportedProgram
+    artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # bundle-relative name -> file
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[Config]] = BackendConfig
+    version: ClassVar[int] = 1
+
+    def __init__(self, config: Config | None = None) -> None:
+        cfg = config if config is not None else self.Config()
+        if not isinstance(cfg, self.Config):
+            raise BackendError(f"backend {self.name} takes a {self.Config.__name__}, got {type(cfg).__name__}")
+        for knob in self.knobs():
+            knob.check(getattr(cfg, knob.name))
+        self.config = cfg
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return ()
+
+    def runs_on(self, target: Target) -> bool:
+        """True when this backend can execute on ``target`` from this machine."""
+        return target.runs_here
+
+    def check_target(self, target: Target) -> None:
+        if not self.runs_on(target):
+            raise BackendError(
+                f"backend '{self.name}' cannot run on target '{target.name}' from this machine",
+                fix="compile for target 'host' here, or plan for this target with the cost model "
+                "(codesign profile) and lower on a machine that has it",
+            )
+
+    @abc.abstractmethod
+    def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
+        """Make ``program`` runnable on ``target``; artifacts go under ``workdir``."""
+
+    @abc.abstractmethod
+    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+        """Rebuild the runner from a bundle's exported program and verified artifact files."""
+
+    def uuid(self) -> str:
+        raw = f"{type(self).__module__}.{type(self).__qualname__}:v{self.version}:{self.config.to_json()}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]

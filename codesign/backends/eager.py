@@ -1,0 +1,26 @@
+"""Eager backend: run the (rewritten) FX graph op by op. The reference every backend is checked against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codesign.backends.base import Backend, Lowered
+from codesign.program import Program
+from codesign.target import Target
+
+__all__ = ["EagerBackend"]
+
+
+class EagerBackend(Backend):
+    name = "eager"
+
+    def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
+        self.check_target(target)
+        return Lowered(runner=program.graph_module, exported=program.export())
+
+    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+        return exported.module()

@@ -1,0 +1,126 @@
+"""Roofline latency and memory estimate of a Program on a Target.
+
+Per kernel: time = max(FLOPs / achievable rate for its dtype, bytes / achievable bandwidth)
++ launch overhead. Matmul-class ops use the tensor (matrix) rate of their dtype; others the vector
+rate. Views launch nothing. Sums over kernels assume one kernel at a time, as eager and most
+serving paths run them; fusion passes show up as fewer, larger kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from codesign.analysis import NodeCost, ProgramAnalysis, analyze
+from codesign.program import Program
+from codesign.target import Target, get_target, rate_dtype
+
+__all__ = ["MATMUL_OPS", "CostEstimate", "OpEstimate", "estimate", "estimate_analysis"]
+
+MATMUL_OPS = frozenset({"linear.default", "mm.default", "addmm.default", "bmm.default", "baddbmm.default",
+                        "matmul.default", "scaled_dot_product_attention.default"})
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEstimate:
+    name: str
+    op: str
+    module: str
+    flops: int
+    bytes: int
+    compute_s: float
+    memory_s: float
+    launch_s: float
+    rate_dtype: str
+
+    @property
+    def time_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.launch_s
+
+    @property
+    def bound(self) -> str:
+        if self.launch_s > max(self.compute_s, self.memory_s):
+            return "launch"
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class CostEstimate:
+    """Predicted cost of one call at ``candidates`` rows over ``requests`` requests."""
+
+    target: str
+    candidates: int
+    requests: int
+    ops: tuple[OpEstimate, ...]
+    param_bytes: int
+    activation_bytes: int
+    memory_capacity_bytes: float
+
+    @property
+    def latency_s(self) -> float:
+        return sum(o.time_s for o in self.ops)
+
+    @property
+    def compute_s(self) -> float:
+        return sum(o.compute_s for o in self.ops)
+
+    @property
+    def memory_s(self) -> float:
+        return sum(o.memory_s for o in self.ops)
+
+    @property
+    def launch_s(self) -> float:
+        return sum(o.launch_s for o in self.ops)
+
+    @property
+    def flops(self) -> int:
+        return sum(o.flops for o in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.ops)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Parameters plus an upper bound on live activations (every intermediate kept)."""
+        return self.param_bytes + self.activation_bytes
+
+    @property
+    def fits_in_memory(self) -> bool:
+        return self.memory_bytes <= self.memory_capacity_bytes
+
+    def summary(self) -> dict[str, float | int | str | bool]:
+        return {"target": self.target, "candidates": self.candidates, "requests": self.requests,
+                "latency_s": self.latency_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
+                "launch_s": self.launch_s, "flops": self.flops, "bytes": self.bytes,
+                "param_bytes": self.param_bytes, "memory_bytes": self.memory_bytes,
+                "fits_in_memory": self.fits_in_memory}
+
+
+def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
+    hw = target.hardware
+    if node.op in MATMUL_OPS:
+        rate, used = hw.matmul_rate(rate_dtype(node.dtype))
+    else:
+        rate, used = hw.vector_flops_per_s * hw.compute_efficiency, "vector"
+    bandwidth = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
+    return OpEstimate(name=node.name, op=node.op, module=node.module, flops=node.flops, bytes=node.bytes,
+                      compute_s=node.flops / rate if rate else 0.0, memory_s=node.bytes / bandwidth,
+                      launch_s=hw.launch_overhead_s, rate_dtype=used)
+
+
+def estimate_analysis(analysis: ProgramAnalysis, target: Target | str) -> CostEstimate:
+    """Roofline estimate from an existing analysis (reuse one analysis for many targets)."""
+    tgt = get_target(target)
+    ops = tuple(_op_estimate(n, tgt) for n in analysis.kernels)
+    activation = sum(n.bytes for n in analysis.kernels if n.flops or n.bytes) // 2  # outputs ~ half of traffic
+    return CostEstimate(target=tgt.name, candidates=analysis.candidates, requests=analysis.requests, ops=ops,
+                        param_bytes=analysis.param_bytes, activation_bytes=activation,
+                        memory_capacity_bytes=tgt.hardware.memory_bytes * tgt.devices)
+
+
+def estimate(program: Program, target: Target | str, candidates: int = 64, requests: int = 1) -> CostEstimate:
+    """Predicted latency and memory of ``program`` on ``target`` for one batch of that size.
+
+    >>> estimate(program, "h100", candidates=1024).latency_s
+    """
+    return estimate_analysis(analyze(program, candidates, requests), target)

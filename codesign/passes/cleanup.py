@@ -1,0 +1,203 @@
+"""Generic cleanup passes: dead-code elimination, common-subexpression elimination, constant folding.
+
+They run on any Program and are the scaffolding the specialised passes lean on: a rewrite may
+leave duplicates and dead nodes behind and let these passes tidy up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.fx
+
+from codesign.config import Config, register_config
+from codesign.pipeline import Knob, Pass, PassResult
+from codesign.program import Program
+from codesign.target import Target
+
+__all__ = ["CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "generic_passes"]
+
+
+def _is_pure(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.is_impure():
+        return False
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return not (schema is not None and schema.is_mutable)
+
+
+def _remove_unused_params(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Delete parameters/buffers no get_attr reads; returns (count, bytes) freed."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    removed, freed = 0, 0
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if name in used:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+            removed += 1
+            freed += t.numel() * t.element_size()
+    gm.delete_all_unused_submodules()
+    return removed, freed
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class DeadCodeConfig(Config):
+    remove_unused_params: bool = True
+
+
+class DeadCodeElimination(Pass):
+    """Remove nodes whose values nobody uses (side-effecting ops stay), and orphaned parameters."""
+
+    name = "dce"
+    Config = DeadCodeConfig
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (Knob("remove_unused_params", "bool", True, doc="also drop parameters no node reads"),)
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        before = len(program.graph.nodes)
+        program.graph.eliminate_dead_code()
+        removed_nodes = before - len(program.graph.nodes)
+        params, freed = (0, 0)
+        if self.config.remove_unused_params:  # type: ignore[attr-defined]
+            params, freed = _remove_unused_params(program.graph_module)
+        return PassResult(program, removed_nodes > 0 or params > 0,
+                          {"nodes_removed": removed_nodes, "params_removed": params, "param_bytes_freed": freed})
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class CseConfig(Config):
+    pass
+
+
+def _key(node: torch.fx.Node) -> Any:
+    def norm(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return ("node", a.name)
+        if isinstance(a, list | tuple):
+            return (type(a).__name__, tuple(norm(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, norm(v)) for k, v in a.items())))
+        if isinstance(a, float) and math.isnan(a):
+            return ("nan",)
+        return (type(a).__name__, repr(a))
+
+    return (node.op, node.target, norm(node.args), norm(node.kwargs))
+
+
+class CommonSubexpressionElimination(Pass):
+    """Merge pure nodes that compute the same op on the same inputs (e.g. a shared embedding lookup)."""
+
+    name = "cse"
+    Config = CseConfig
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        seen: dict[Any, torch.fx.Node] = {}
+        merged = 0
+        for node in list(program.graph.nodes):
+            if node.op == "get_attr" or _is_pure(node):
+                key = _key(node)
+                if key in seen:
+                    node.replace_all_uses_with(seen[key])
+                    program.graph.erase_node(node)
+                    merged += 1
+                else:
+                    seen[key] = node
+        return PassResult(program, merged > 0, {"nodes_merged": merged})
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class ConstantFoldingConfig(Config):
+    max_growth: float = 1.0  # folded constant may be at most this many times its constant inputs' size
+
+
+class ConstantFolding(Pass):
+    """Evaluate once the nodes that depend only on parameters and constants; store the results.
+
+    ``max_growth`` stops folds that would grow constant memory (e.g. expanding a bias to a full
+    matrix): a fold is kept only if its result is at most ``max_growth`` x the bytes it reads.
+    """
+
+    name = "constant_folding"
+    Config = ConstantFoldingConfig
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (Knob("max_growth", "float", 1.0, low=0.0, high=16.0,
+                     doc="largest allowed ratio of folded bytes to the constant bytes it replaces"),)
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        gm = program.graph_module
+        constants: dict[str, torch.Tensor] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                value = _fetch_attr(gm, str(node.target))
+                if isinstance(value, torch.Tensor):
+                    constants[node.name] = value
+        folded, grown_refused = 0, 0
+        max_growth = float(self.config.max_growth)  # type: ignore[attr-defined]
+        for node in list(gm.graph.nodes):
+            if not _is_pure(node) or node.target is torch.ops.aten._assert_tensor_metadata.default:
+                continue
+            inputs = node.all_input_nodes
+            if not all(a.name in constants for a in inputs) or not inputs:
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: constants[a.name])
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)  # type: ignore[operator]
+            if not isinstance(value, torch.Tensor):
+                continue
+            read = sum(constants[a.name].numel() * constants[a.name].element_size() for a in inputs)
+            if value.numel() * value.element_size() > max_growth * read:
+                grown_refused += 1
+                continue
+            attr = _fresh_attr(gm, f"_folded_{node.name}")
+            gm.register_buffer(attr, value.detach().clone().contiguous())
+            with gm.graph.inserting_before(node):
+                new = gm.graph.get_attr(attr)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            constants[new.name] = gm.get_buffer(attr)
+            folded += 1
+        freed = 0
+        if folded:  # drop only what folding orphaned: constants no node reads any more
+            for node in list(gm.graph.nodes):
+                if node.op == "get_attr" and not node.users:
+                    gm.graph.erase_node(node)
+            _, freed = _remove_unused_params(gm)
+        return PassResult(program, folded > 0, {"nodes_folded": folded, "folds_refused_for_growth": grown_refused,
+                                                "param_bytes_freed": freed})
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fresh_attr(gm: torch.fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def generic_passes() -> list[Pass]:
+    """The default cleanup pipeline: merge duplicates (so folds are not repeated), fold, drop dead code."""
+    return [CommonSubexpressionElimination(), ConstantFolding(), DeadCodeElimination()]

@@ -1,0 +1,297 @@
+"""Targets: hardware specs as data (datasheet numbers with units and sources) and the calibrated host.
+
+Never branch on a target's name inside a pass: read the numbers here. Peak rates are *dense*
+(datasheet figures "with sparsity" are halved). A target that cannot run on this machine is still
+planned for by the cost model; ``Target.runs_here`` says which case applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from codesign.errors import TargetError
+
+__all__ = ["CATALOGUE", "HardwareSpec", "Target", "calibrate_host", "get_target", "target_names"]
+
+log = logging.getLogger(__name__)
+
+TERA = 1e12
+GIGA = 1e9
+
+# Typical achieved fractions of datasheet peaks for well-shaped kernels (GEMMs ~70-80% of tensor
+# peak, streaming kernels ~80% of HBM bandwidth). The host is calibrated, so its fractions are 1.
+DATASHEET_COMPUTE_EFFICIENCY = 0.75
+DATASHEET_MEMORY_EFFICIENCY = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator (or the host CPU). Rates in FLOP/s per dtype, bandwidths in bytes/s."""
+
+    name: str
+    vendor: str
+    kind: str  # "gpu" | "tpu" | "asic" | "cpu"
+    matmul_flops_per_s: Mapping[str, float]  # dtype ("fp32", "tf32", "bf16", "fp16", "fp8", "int8") -> peak
+    vector_flops_per_s: float  # elementwise / non-matrix fp32 rate
+    memory_bandwidth_bytes_per_s: float
+    memory_bytes: float
+    interconnect_bandwidth_bytes_per_s: float
+    devices_per_host: int
+    launch_overhead_s: float
+    source: str
+    compute_efficiency: float = DATASHEET_COMPUTE_EFFICIENCY
+    memory_efficiency: float = DATASHEET_MEMORY_EFFICIENCY
+    notes: str = ""
+
+    @property
+    def has_fp8(self) -> bool:
+        return "fp8" in self.matmul_flops_per_s
+
+    def matmul_rate(self, dtype: str) -> tuple[float, str]:
+        """Achievable matmul FLOP/s for ``dtype`` and the dtype rate actually used (fallbacks noted)."""
+        for candidate in _RATE_FALLBACK.get(dtype, (dtype, "fp32")):
+            if candidate in self.matmul_flops_per_s:
+                return self.matmul_flops_per_s[candidate] * self.compute_efficiency, candidate
+        rate = max(self.matmul_flops_per_s.values())
+        return rate * self.compute_efficiency, "best"
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["matmul_flops_per_s"] = dict(self.matmul_flops_per_s)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> HardwareSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise TargetError(f"hardware spec has unknown fields {sorted(unknown)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+
+_RATE_FALLBACK = {
+    "fp32": ("fp32",),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "fp16": ("fp16", "bf16", "fp32"),
+    "fp8": ("fp8", "bf16", "fp16", "fp32"),
+    "int8": ("int8", "bf16", "fp32"),
+}
+
+_TORCH_DTYPE_RATE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8",
+                     "float8_e5m2": "fp8", "int8": "int8"}
+
+
+def rate_dtype(torch_dtype: str) -> str:
+    """Map a torch dtype name to the rate class of the catalogue (``fp32`` for anything else)."""
+    return _TORCH_DTYPE_RATE.get(torch_dtype, "fp32")
+
+
+def _gpu(name: str, vendor: str, rates: Mapping[str, float], vector: float, bw: float, mem: float,
+         link: float, source: str, notes: str = "", per_host: int = 8) -> HardwareSpec:
+    return HardwareSpec(name=name, vendor=vendor, kind="gpu", matmul_flops_per_s=rates,
+                        vector_flops_per_s=vector, memory_bandwidth_bytes_per_s=bw, memory_bytes=mem,
+                        interconnect_bandwidth_bytes_per_s=link, devices_per_host=per_host,
+                        launch_overhead_s=4e-6, source=source, notes=notes)
+
+
+_HOPPER = {"fp32": 67 * TERA, "tf32": 494.7 * TERA, "bf16": 989.4 * TERA, "fp16": 989.4 * TERA,
+           "fp8": 1978.9 * TERA, "int8": 1978.9 * TERA}
+
+CATALOGUE: dict[str, HardwareSpec] = {
+    "h100": _gpu("h100", "NVIDIA", _HOPPER, 67 * TERA, 3.35e12, 80 * GIGA, 900 * GIGA,
+                 "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5 column (sparsity figures halved)",
+                 "NVLink 4: 900 GB/s per GPU"),
+    "h200": _gpu("h200", "NVIDIA", _HOPPER, 67 * TERA, 4.8e12, 141 * GIGA, 900 * GIGA,
+                 "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (sparsity figures halved)",
+                 "same compute as H100 SXM; 141 GB HBM3e"),
+    "a100": _gpu("a100", "NVIDIA", {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA,
+                                    "fp16": 312 * TERA, "int8": 624 * TERA}, 19.5 * TERA, 2.039e12,
+                 80 * GIGA, 600 * GIGA, "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column",
+                 "no FP8 tensor cores"),
+    "a100-40gb": _gpu("a100-40gb", "NVIDIA", {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA,
+                                              "fp16": 312 * TERA, "int8": 624 * TERA}, 19.5 * TERA,
+                      1.555e12, 40 * GIGA, 600 * GIGA, "NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM",
+                      "no FP8 tensor cores"),
+    "l4": _gpu("l4", "NVIDIA", {"fp32": 30.3 * TERA, "tf32": 60 * TERA, "bf16": 121 * TERA, "fp16": 121 * TERA,
+                                "fp8": 242.5 * TERA, "int8": 242.5 * TERA}, 30.3 * TERA, 300 * GIGA,
+               24 * GIGA, 64 * GIGA, "NVIDIA L4 Tensor Core GPU datasheet (sparsity figures halved)",
+               "PCIe Gen4 x16 (64 GB/s) between devices"),
+    "mi300x": _gpu("mi300x", "AMD", {"fp32": 163.4 * TERA, "tf32": 653.7 * TERA, "bf16": 1307.4 * TERA,
+                                     "fp16": 1307.4 * TERA, "fp8": 2614.9 * TERA, "int8": 2614.9 * TERA},
+                   163.4 * TERA, 5.3e12, 192 * GIGA, 896 * GIGA,
+                   "AMD Instinct MI300X accelerator data sheet (dense figures)",
+                   "Infinity Fabric: 7 links x 128 GB/s"),
+    "tpu-v5e": HardwareSpec(
+        name="tpu-v5e", vendor="Google", kind="tpu",
+        matmul_flops_per_s={"bf16": 197 * TERA, "fp32": 197 * TERA, "int8": 393 * TERA},
+        vector_flops_per_s=197 * TERA / 16, memory_bandwidth_bytes_per_s=819 * GIGA, memory_bytes=16 * GIGA,
+        interconnect_bandwidth_bytes_per_s=400 * GIGA, devices_per_host=8, launch_overhead_s=1e-6,
+        source="Google Cloud TPU v5e documentation (system architecture table)",
+        notes="fp32 matmuls run as bf16 passes (XLA default precision); no FP8; vector rate estimated"),
+    "tpu-v5p": HardwareSpec(
+        name="tpu-v5p", vendor="Google", kind="tpu",
+        matmul_flops_per_s={"bf16": 459 * TERA, "fp32": 459 * TERA, "int8": 918 * TERA},
+        vector_flops_per_s=459 * TERA / 16, memory_bandwidth_bytes_per_s=2765 * GIGA, memory_bytes=95 * GIGA,
+        interconnect_bandwidth_bytes_per_s=1200 * GIGA, devices_per_host=4, launch_overhead_s=1e-6,
+        source="Google Cloud TPU v5p documentation (system architecture table)",
+        notes="docs list FP8 at the bf16 rate (no gain), so FP8 is treated as absent; vector rate estimated"),
+    "tpu-v6e": HardwareSpec(
+        name="tpu-v6e", vendor="Google", kind="tpu",
+        matmul_flops_per_s={"bf16": 918 * TERA, "fp32": 918 * TERA, "int8": 1836 * TERA},
+        vector_flops_per_s=918 * TERA / 16, memory_bandwidth_bytes_per_s=1638 * GIGA, memory_bytes=32 * GIGA,
+        interconnect_bandwidth_bytes_per_s=800 * GIGA, devices_per_host=8, launch_overhead_s=1e-6,
+        source="Google Cloud TPU v6e (Trillium) documentation (system architecture table)",
+        notes="no FP8 listed; vector rate estimated"),
+    "mtia-v2": HardwareSpec(
+        name="mtia-v2", vendor="Meta", kind="asic",
+        matmul_flops_per_s={"int8": 354 * TERA, "bf16": 177 * TERA, "fp16": 177 * TERA, "fp32": 2.76 * TERA},
+        vector_flops_per_s=2.76 * TERA, memory_bandwidth_bytes_per_s=204.8 * GIGA, memory_bytes=128 * GIGA,
+        interconnect_bandwidth_bytes_per_s=32 * GIGA, devices_per_host=24, launch_overhead_s=5e-6,
+        source="Meta, 'Our next generation Meta Training and Inference Accelerator' (2024-04-10): dense GEMM "
+        "354 TOPS INT8 / 177 TFLOPS FP16-BF16, SIMD FP32 2.76 TFLOPS, 128 GB LPDDR5 at 204.8 GB/s",
+        notes="fp32 rate is the SIMD rate (no fp32 GEMM listed); 256 MB on-chip SRAM at 2.7 TB/s not modeled; "
+        "no FP8; 2 chips per board, 12 boards per host over PCIe Gen5 x8"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A hardware spec and a device count: what the cost model and passes plan for."""
+
+    hardware: HardwareSpec
+    devices: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.hardware.name
+
+    @property
+    def runs_here(self) -> bool:
+        """True when programs for this target can run (and be measured) on this machine."""
+        if self.hardware.kind == "cpu":
+            return True
+        if self.hardware.kind == "gpu" and torch.cuda.is_available():
+            return self.hardware.name in torch.cuda.get_device_name().lower().replace(" ", "")
+        return False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"hardware": self.hardware.to_dict(), "devices": self.devices}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Target:
+        hw = data.get("hardware")
+        if not isinstance(hw, Mapping):
+            raise TargetError(f"target record has no hardware spec: {data!r}")
+        return cls(HardwareSpec.from_dict(hw), int(data.get("devices", 1)))  # type: ignore[call-overload]
+
+
+def target_names() -> list[str]:
+    return ["host", *sorted(CATALOGUE)]
+
+
+def get_target(name: str | Target, devices: int = 1) -> Target:
+    """A catalogue target by name (``h100``, ``tpu-v5e`` ...), or ``host`` (calibrated on first use)."""
+    if isinstance(name, Target):
+        return name
+    key = name.lower().strip()
+    if devices < 1:
+        raise TargetError(f"devices must be >= 1, got {devices}")
+    if key in ("host", "cpu"):
+        return Target(calibrate_host(), devices)
+    if key not in CATALOGUE:
+        raise TargetError(f"unknown target {name!r}", fix=f"choose one of {target_names()}")
+    return Target(CATALOGUE[key], devices)
+
+
+# ---- host calibration -------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CODESIGN_CACHE_DIR", Path.home() / ".cache" / "codesign"))
+
+
+def _host_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    raw = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _best_time(fn: object, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _measure_host() -> dict[str, float]:
+    with torch.no_grad():
+        n = 512
+        a32, b32 = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a32, b32)
+        fp32 = 2 * n**3 / _best_time(lambda: torch.mm(a32, b32), 10)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+        torch.mm(a16, b16)
+        bf16 = 2 * n**3 / _best_time(lambda: torch.mm(a16, b16), 5)
+        src = torch.randn(16 * 1024 * 1024 // 4 * 4)  # 64 MiB
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), 10)
+        # per-op cost as programs pay it: one FX graph node dispatching a tiny aten op
+        graph = torch.fx.Graph()
+        node = graph.placeholder("x")
+        for _ in range(100):
+            node = graph.call_function(torch.ops.aten.add.Tensor, (node, node))
+        graph.output(node)
+        chain = torch.fx.GraphModule(torch.nn.Module(), graph)
+        x = torch.randn(2, 2)
+        chain(x)
+        per_op = [_best_time(lambda: chain(x), 3) / 100 for _ in range(5)]
+        vec = torch.randn(4 * 1024 * 1024)
+        vector = vec.numel() / _best_time(lambda: torch.sigmoid(vec), 5)
+    return {"fp32": fp32, "bf16": bf16, "bandwidth": bw, "launch": statistics.median(per_op), "vector": vector}
+
+
+def calibrate_host(force: bool = False) -> HardwareSpec:
+    """The host CPU as a HardwareSpec, from a ~1 s micro-benchmark (cached per CPU/threads/torch)."""
+    path = _cache_dir() / f"host-{_host_key()}.json"
+    data: dict[str, float] | None = None
+    if not force and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = None
+    if data is None or not {"fp32", "bf16", "bandwidth", "launch", "vector"} <= data.keys():
+        data = _measure_host()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+        except OSError as exc:  # a read-only home must not stop compilation
+            log.warning("could not cache host calibration at %s: %s", path, exc)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 16 * GIGA
+    return HardwareSpec(
+        name="host", vendor=platform.machine(), kind="cpu",
+        matmul_flops_per_s={"fp32": data["fp32"], "bf16": data["bf16"]},
+        vector_flops_per_s=data["vector"], memory_bandwidth_bytes_per_s=data["bandwidth"],
+        memory_bytes=float(mem), interconnect_bandwidth_bytes_per_s=data["bandwidth"], devices_per_host=1,
+        launch_overhead_s=data["launch"], compute_efficiency=1.0, memory_efficiency=1.0,
+        source=f"measured on this host ({torch.get_num_threads()} threads, torch {torch.__version__})",
+        notes="512^3 GEMM rate, 64 MiB copy bandwidth, per-node dispatch time of an FX graph of tiny adds",
+    )

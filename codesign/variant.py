@@ -1,0 +1,160 @@
+"""compile(): capture → passes → backend → a runnable, verified Variant (which saves as a bundle)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import codesign
+from codesign.backends import Backend, get_backend
+from codesign.capture import capture
+from codesign.costmodel import estimate
+from codesign.errors import NumericsError, PassError
+from codesign.passes import generic_passes, pass_by_name
+from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
+from codesign.program import Program, flatten_outputs
+from codesign.request import RequestBatch, RequestSpec
+from codesign.target import Target, get_target
+from codesign.workload import Workload
+
+__all__ = ["BACKEND_TOLERANCE", "COST_CANDIDATES", "Variant", "compile"]
+
+# Inductor/AOTInductor fuse and reorder fp32 reductions; results agree to a few ulps of the sums.
+BACKEND_TOLERANCE = {"eager": Tolerance(rtol=1e-5, atol=1e-6)}
+COMPILED_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
+COST_CANDIDATES = (64, 1024)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compiled form of a model: a pass configuration lowered on a backend for a target.
+
+    Call it with the model's keyword inputs (``variant(**batch.inputs)``) or ``variant.score(batch)``;
+    ``variant.save(dir)`` writes a verified bundle that ``codesign.load(dir)`` reads back.
+    """
+
+    name: str
+    spec: RequestSpec
+    target: Target
+    backend: Backend
+    runner: Callable[..., Any]
+    exported: torch.export.ExportedProgram
+    artifacts: dict[str, Path]
+    passes: list[dict[str, Any]]
+    reference_inputs: RequestBatch
+    reference_outputs: list[torch.Tensor]
+    cost: dict[str, Any] = dataclasses.field(default_factory=dict)
+    report: dict[str, Any] | None = None
+    program: Program | None = None  # present when compiled in this process, absent when loaded
+    cache_key: str = ""
+
+    def __call__(self, **inputs: Any) -> Any:
+        with torch.no_grad():
+            return self.runner(**inputs)
+
+    def score(self, batch: RequestBatch) -> Any:
+        return self(**batch.inputs)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return BACKEND_TOLERANCE.get(self.backend.name, COMPILED_TOLERANCE)
+
+    def check_reference(self) -> tuple[bool, float]:
+        """Score the stored reference requests and compare with the reference outputs."""
+        ok, max_abs, _ = compare_outputs(self.score(self.reference_inputs), self.reference_outputs, self.tolerance)
+        return ok, max_abs
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a bundle (manifest.json + exported program + backend artifacts + reference data)."""
+        from codesign.bundle import write_bundle  # bundle sits beside Variant at the top layer
+
+        return write_bundle(self, Path(directory), overwrite=overwrite)
+
+
+def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
+    if passes is None:
+        return generic_passes()
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, str):
+            out.append(pass_by_name(p)())
+        elif isinstance(p, Pass):
+            out.append(p)
+        else:
+            raise PassError(f"passes must be Pass objects or pass names, got {type(p).__name__}")
+    return out
+
+
+def cache_key(program: Program, passes: Sequence[Pass], backend: Backend, target: Target) -> str:
+    """Hash of graph, pass uuids/configs, backend, target and library versions."""
+    parts = {
+        "graph": program.graph_hash(),
+        "passes": [p.uuid() for p in passes],
+        "backend": backend.uuid(),
+        "target": target.to_dict(),
+        "versions": [codesign.__version__, torch.__version__, sys.version.split()[0]],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compile(  # noqa: A001 - the public verb of the API, like torch.compile
+    model: torch.nn.Module | Workload | Program,
+    example: RequestBatch | None = None,
+    spec: RequestSpec | None = None,
+    *,
+    target: str | Target = "host",
+    backend: str | Backend = "eager",
+    passes: Sequence[Pass | str] | None = None,
+    workdir: str | Path | None = None,
+    verify: bool = True,
+) -> Variant:
+    """Capture (unless given a Program), run passes with verified numerics, lower on a backend.
+
+    >>> variant = codesign.compile(model, batch, spec, target="host", backend="aoti")
+    >>> scores = variant.score(batch)
+    """
+    program = model if isinstance(model, Program) else capture(model, example, spec)
+    tgt = get_target(target)
+    be = get_backend(backend)
+    pass_list = _resolve_passes(passes)
+    optimized, report = PassManager(pass_list, tgt, verify=verify).run(program)
+    wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="codesign-"))
+    lowered = be.lower(optimized, tgt, wd)
+    reference_outputs = [t.detach().clone() for t in flatten_outputs(program.run(program.example))]
+    variant = Variant(
+        name=program.name, spec=program.spec, target=tgt, backend=be, runner=lowered.runner,
+        exported=lowered.exported, artifacts=lowered.artifacts, passes=optimized.metadata.get("passes", []),
+        reference_inputs=program.example, reference_outputs=reference_outputs,
+        cost=_cost_figures(optimized, tgt), report=report.to_dict(), program=optimized,
+        cache_key=cache_key(program, pass_list, be, tgt),
+    )
+    if verify:
+        _verify_backend(variant, program)
+    return variant
+
+
+def _verify_backend(variant: Variant, reference: Program) -> None:
+    batches = [reference.example, reference.sample_batch([4, 1, 7], seed=777)]
+    for batch in batches:
+        ok, max_abs, max_rel = compare_outputs(variant.score(batch), reference.run(batch), variant.tolerance)
+        if not ok:
+            raise NumericsError(
+                f"backend '{variant.backend.name}' output differs from the captured reference on "
+                f"{batch.num_candidates} candidates: max abs error {max_abs:.3g}, max rel error {max_rel:.3g}",
+                fix="try backend 'eager', or report the model: the backend mis-compiled it",
+            )
+
+
+def _cost_figures(program: Program, target: Target) -> dict[str, Any]:
+    return {"target": target.name,
+            "estimates": [estimate(program, target, n, max(1, n // 64)).summary() for n in COST_CANDIDATES]}
+
+
