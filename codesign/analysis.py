@@ -24,7 +24,7 @@ import torch.fx
 from codesign.program import Program
 from codesign.request import RequestBatch
 
-__all__ = ["NodeCost", "ProgramAnalysis", "Role", "analyze", "propagate_roles", "to_networkx"]
+__all__ = ["FLOPS_PER_ELEMENT", "NodeCost", "ProgramAnalysis", "Role", "analyze", "propagate_roles", "to_networkx"]
 
 aten = torch.ops.aten
 
@@ -99,7 +99,7 @@ _VIEW_OPS = {
     aten.lift_fresh_copy.default, operator.getitem,
 }
 # Ops whose cost per output element is above one FLOP (transcendentals, normalizations).
-_FLOPS_PER_ELEMENT = {
+FLOPS_PER_ELEMENT = {
     aten.sigmoid.default: 4, aten.tanh.default: 4, aten.gelu.default: 8, aten.exp.default: 4,
     aten.log.default: 4, aten.softmax.int: 5, aten._softmax.default: 5, aten.log_softmax.int: 5,
     aten.layer_norm.default: 8, aten.native_layer_norm.default: 8, aten.rsqrt.default: 2, aten.silu.default: 5,
@@ -252,7 +252,7 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
         elif t in _REDUCTIONS:
             flops = sum(s.numel(v) for v in in_vals[:1])
         else:
-            flops = _FLOPS_PER_ELEMENT.get(t, 1) * sum(s.numel(v) for v in out_vals)
+            flops = FLOPS_PER_ELEMENT.get(t, 1) * sum(s.numel(v) for v in out_vals)
     return flops, in_bytes + out_bytes, param_bytes, False
 
 

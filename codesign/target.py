@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from codesign.analysis import FLOPS_PER_ELEMENT
 from codesign.errors import TargetError
 
 __all__ = ["CATALOGUE", "HardwareSpec", "Target", "calibrate_host", "get_target", "target_names"]
@@ -241,15 +242,20 @@ def _best_time(fn: object, repeats: int) -> float:
     return min(times)
 
 
+_RANKING_GEMMS = ((1024, 256, 256), (4096, 64, 128), (256, 512, 512), (2048, 128, 512), (512, 1024, 256))
+
+
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch.mm(a, b)
+    return 2 * m * k * n / _best_time(lambda: torch.mm(a, b), 5)
+
+
 def _measure_host() -> dict[str, float]:
     with torch.no_grad():
-        n = 512
-        a32, b32 = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a32, b32)
-        fp32 = 2 * n**3 / _best_time(lambda: torch.mm(a32, b32), 10)
-        a16, b16 = a32.bfloat16(), b32.bfloat16()
-        torch.mm(a16, b16)
-        bf16 = 2 * n**3 / _best_time(lambda: torch.mm(a16, b16), 5)
+        # median achieved rate over GEMM shapes typical of ranking towers (tall-skinny, narrow N)
+        fp32 = statistics.median(_gemm_rate(m, k, n, torch.float32) for m, k, n in _RANKING_GEMMS)
+        bf16 = statistics.median(_gemm_rate(m, k, n, torch.bfloat16) for m, k, n in _RANKING_GEMMS)
         src = torch.randn(16 * 1024 * 1024 // 4 * 4)  # 64 MiB
         dst = torch.empty_like(src)
         dst.copy_(src)
@@ -264,8 +270,10 @@ def _measure_host() -> dict[str, float]:
         x = torch.randn(2, 2)
         chain(x)
         per_op = [_best_time(lambda: chain(x), 3) / 100 for _ in range(5)]
-        vec = torch.randn(4 * 1024 * 1024)
-        vector = vec.numel() / _best_time(lambda: torch.sigmoid(vec), 5)
+        # cache-resident elementwise work, counted in the analysis' FLOPs-per-element units
+        vec = torch.randn(64 * 1024)
+        sigmoid_flops = FLOPS_PER_ELEMENT[torch.ops.aten.sigmoid.default]
+        vector = sigmoid_flops * vec.numel() / _best_time(lambda: torch.sigmoid(vec), 20)
     return {"fp32": fp32, "bf16": bf16, "bandwidth": bw, "launch": statistics.median(per_op), "vector": vector}
 
 
@@ -293,5 +301,5 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
         memory_bytes=float(mem), interconnect_bandwidth_bytes_per_s=data["bandwidth"], devices_per_host=1,
         launch_overhead_s=data["launch"], compute_efficiency=1.0, memory_efficiency=1.0,
         source=f"measured on this host ({torch.get_num_threads()} threads, torch {torch.__version__})",
-        notes="512^3 GEMM rate, 64 MiB copy bandwidth, per-node dispatch time of an FX graph of tiny adds",
+        notes="median GEMM rate over ranking-shaped GEMMs, 64 MiB copy bandwidth, per-node dispatch time of an FX graph of tiny adds",
     )

@@ -1,0 +1,208 @@
+"""The ``codesign`` command: profile, compile, run, targets.
+
+A model reference is ``path/to/file.py:factory`` (a function returning a ``codesign.Workload``) or
+the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from codesign.analysis import analyze
+from codesign.backends import backend_names
+from codesign.bundle import load
+from codesign.capture import capture
+from codesign.costmodel import estimate_analysis
+from codesign.errors import CodesignError
+from codesign.passes import pass_by_name
+from codesign.program import flatten_outputs
+from codesign.request import resample_batch
+from codesign.target import CATALOGUE, get_target, target_names
+from codesign.variant import compile
+from codesign.workload import Workload, load_model_ref
+
+__all__ = ["main"]
+
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _fmt_n(x: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {suffix}{unit}"
+    return f"{x:.0f} {unit}".strip()
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "size", None):
+        kwargs["size"] = args.size
+    return load_model_ref(args.model, **kwargs)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    workload = _workload(args)
+    program = capture(workload)
+    analysis = analyze(program, args.candidates, args.requests)
+    host = get_target("host")
+    est_host = estimate_analysis(analysis, host)
+    by_name = {o.name: o for o in est_host.ops}
+    console.print(f"[bold]{workload.name}[/]: {workload.description} — {len(analysis.kernels)} kernels, "
+                  f"params {_fmt_n(analysis.param_bytes, 'B')}, {_fmt_n(analysis.total_flops, 'FLOP')} at "
+                  f"{analysis.candidates} candidates / {analysis.requests} requests "
+                  f"({_fmt_n(analysis.flops_per_candidate(), 'FLOP')} per candidate)")
+    roles = analysis.flops_by_role()
+    console.print("FLOPs by role: " + ", ".join(f"{r.value} {_fmt_n(v)}" for r, v in roles.items()))
+    table = Table(title=f"top ops by predicted time on host ({host.hardware.source})")
+    for col in ("node", "op", "module", "role", "FLOPs", "bytes", "bound", "host time"):
+        table.add_column(col, justify="right" if col in ("FLOPs", "bytes", "host time") else "left")
+    ranked = sorted(analysis.kernels, key=lambda n: by_name[n.name].time_s, reverse=True)[: args.top]
+    for n in ranked:
+        o = by_name[n.name]
+        table.add_row(n.name, n.op, n.module or "-", n.role.value, _fmt_n(n.flops), _fmt_n(n.bytes, "B"),
+                      o.bound, _fmt_s(o.time_s))
+    console.print(table)
+    per_target = Table(title="predicted latency per target (roofline model; 'codesign targets' cites sources)")
+    for col in ("target", "latency", "compute", "memory", "launch", "footprint", "fits", "runs here"):
+        per_target.add_column(col)
+    for name in args.targets or target_names():
+        tgt = get_target(name)
+        e = estimate_analysis(analysis, tgt)
+        per_target.add_row(tgt.name, _fmt_s(e.latency_s), _fmt_s(e.compute_s), _fmt_s(e.memory_s),
+                           _fmt_s(e.launch_s), _fmt_n(e.memory_bytes, "B"), "yes" if e.fits_in_memory else "NO",
+                           "yes" if tgt.runs_here else "no (predicted)")
+    console.print(per_target)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    workload = _workload(args)
+    passes = [pass_by_name(p)() for p in args.passes.split(",") if p] if args.passes is not None else None
+    t0 = time.perf_counter()
+    variant = compile(workload, target=args.target, backend=args.backend, passes=passes)
+    out = variant.save(args.out, overwrite=args.overwrite)
+    table = Table(title=f"compiled {workload.name} for {variant.target.name} with {variant.backend.name}")
+    for col in ("pass", "modified", "ops before", "ops after", "max abs err", "stats"):
+        table.add_column(col)
+    for rec in (variant.report or {}).get("passes", []):
+        table.add_row(rec["name"], str(rec["modified"]), str(rec["ops_before"]), str(rec["ops_after"]),
+                      f"{rec['max_abs_error']:.2g}", ", ".join(f"{k}={v}" for k, v in rec["stats"].items()))
+    console.print(table)
+    console.print(f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s "
+                  f"(cache key {variant.cache_key[:12]})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    variant = load(args.bundle)
+    ok, max_abs = variant.check_reference()
+    console.print(f"loaded {variant.name} ({variant.backend.name} for {variant.target.name}); checksums ok; "
+                  f"reference outputs {'match' if ok else 'DIFFER'} (max abs error {max_abs:.3g})")
+    counts = [args.candidates] * args.requests
+    table = Table(title="scores on synthetic requests (resampled from the bundle's reference requests)")
+    for col in ("batch", "requests", "candidates", "median latency", "score mean", "score min", "score max"):
+        table.add_column(col)
+    for i in range(args.batches):
+        batch = resample_batch(variant.reference_inputs, variant.spec, counts, seed=args.seed + i)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = variant.score(batch)
+            times.append(time.perf_counter() - t0)
+        scores = torch.cat([t.reshape(-1).float() for t in flatten_outputs(out)])
+        table.add_row(str(i), str(batch.num_requests), str(batch.num_candidates), _fmt_s(statistics.median(times)),
+                      f"{scores.mean():.4f}", f"{scores.min():.4f}", f"{scores.max():.4f}")
+    console.print(table)
+    if not ok:
+        console.print("[red]reference outputs differ beyond tolerance[/]")
+        return 1
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    table = Table(title="target catalogue (dense peaks)")
+    for col in ("target", "bf16", "fp8", "fp32", "HBM BW", "memory", "link", "source"):
+        table.add_column(col)
+    for name in target_names():
+        hw = get_target(name).hardware if name == "host" else CATALOGUE[name]
+        rates = hw.matmul_flops_per_s
+        table.add_row(name, _fmt_n(rates.get("bf16", 0), "FLOP/s"), _fmt_n(rates["fp8"], "FLOP/s") if "fp8" in rates
+                      else "-", _fmt_n(rates.get("fp32", 0), "FLOP/s"), _fmt_n(hw.memory_bandwidth_bytes_per_s, "B/s"),
+                      _fmt_n(hw.memory_bytes, "B"), _fmt_n(hw.interconnect_bandwidth_bytes_per_s, "B/s"),
+                      hw.source)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codesign", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="capture a model and print its cost profile per target")
+    p.add_argument("model", help="path/to/file.py:factory or an example name")
+    p.add_argument("--size", help="example size passed to the factory (tiny, small, large)")
+    p.add_argument("--candidates", type=int, default=1024)
+    p.add_argument("--requests", type=int, default=1)
+    p.add_argument("--targets", nargs="*", help=f"targets to predict (default all: {target_names()})")
+    p.add_argument("--top", type=int, default=15)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("compile", help="capture, optimize, lower and save a bundle")
+    p.add_argument("model")
+    p.add_argument("--size")
+    p.add_argument("--target", default="host", help=f"one of {target_names()}")
+    p.add_argument("--backend", default="eager", choices=backend_names())
+    p.add_argument("--passes", help="comma-separated pass names (default: cse,constant_folding,dce)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="load a bundle (verifying it) and score synthetic requests")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("targets", help="list the target catalogue")
+    p.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except CodesignError as exc:
+        console.print(f"[red]error:[/] {exc.message}", highlight=False)
+        if exc.fix:
+            console.print(f"[yellow]fix:[/] {exc.fix}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
