@@ -24,7 +24,15 @@ import torch.fx
 from codesign.program import Program
 from codesign.request import RequestBatch
 
-__all__ = ["FLOPS_PER_ELEMENT", "NodeCost", "ProgramAnalysis", "Role", "analyze", "propagate_roles", "to_networkx"]
+__all__ = [
+    "FLOPS_PER_ELEMENT",
+    "NodeCost",
+    "ProgramAnalysis",
+    "Role",
+    "analyze",
+    "propagate_roles",
+    "to_networkx",
+]
 
 aten = torch.ops.aten
 
@@ -90,52 +98,164 @@ class ProgramAnalysis:
 # ---- op tables --------------------------------------------------------------------------------
 
 _VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int,
-    aten.permute.default, aten.expand.default, aten.expand_as.default, aten.slice.Tensor, aten.select.int,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,
-    aten.detach.default, aten.unflatten.int, aten.flatten.using_ints, aten.split.Tensor, aten.chunk.default,
-    aten.unbind.int, aten.split_with_sizes.default, aten.narrow.default, aten.as_strided.default,
-    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
-    aten.lift_fresh_copy.default, operator.getitem,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.expand_as.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.unflatten.int,
+    aten.flatten.using_ints,
+    aten.split.Tensor,
+    aten.chunk.default,
+    aten.unbind.int,
+    aten.split_with_sizes.default,
+    aten.narrow.default,
+    aten.as_strided.default,
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten._assert_tensor_metadata.default,
+    aten.lift_fresh_copy.default,
+    operator.getitem,
 }
 # Ops whose cost per output element is above one FLOP (transcendentals, normalizations).
-FLOPS_PER_ELEMENT = {
-    aten.sigmoid.default: 4, aten.tanh.default: 4, aten.gelu.default: 8, aten.exp.default: 4,
-    aten.log.default: 4, aten.softmax.int: 5, aten._softmax.default: 5, aten.log_softmax.int: 5,
-    aten.layer_norm.default: 8, aten.native_layer_norm.default: 8, aten.rsqrt.default: 2, aten.silu.default: 5,
+FLOPS_PER_ELEMENT: dict[Any, int] = {
+    aten.sigmoid.default: 4,
+    aten.tanh.default: 4,
+    aten.gelu.default: 8,
+    aten.exp.default: 4,
+    aten.log.default: 4,
+    aten.softmax.int: 5,
+    aten._softmax.default: 5,
+    aten.log_softmax.int: 5,
+    aten.layer_norm.default: 8,
+    aten.native_layer_norm.default: 8,
+    aten.rsqrt.default: 2,
+    aten.silu.default: 5,
     aten.prelu.default: 2,
 }
-_MOVE_ONLY = {aten.cat.default, aten.stack.default, aten.clone.default, aten.contiguous.default,
-              aten.to.dtype, aten._to_copy.default, aten.arange.start_step, aten.arange.default,
-              aten.zeros.default, aten.ones.default, aten.full.default, aten.index.Tensor,
-              aten.index_select.default, aten.gather.default, aten.copy.default}
-_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.sum.default,
-               aten.mean.default, aten.max.dim, aten.min.dim}
+_MOVE_ONLY = {
+    aten.cat.default,
+    aten.stack.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.arange.start_step,
+    aten.arange.default,
+    aten.zeros.default,
+    aten.ones.default,
+    aten.full.default,
+    aten.index.Tensor,
+    aten.index_select.default,
+    aten.gather.default,
+    aten.copy.default,
+}
+_REDUCTIONS = {
+    aten.sum.dim_IntList,
+    aten.mean.dim,
+    aten.amax.default,
+    aten.amin.default,
+    aten.sum.default,
+    aten.mean.default,
+    aten.max.dim,
+    aten.min.dim,
+}
 
 # Ops that act on each row independently as long as their dim argument is not 0 (position of dim).
 _DIM_ARG = {
-    aten.sum.dim_IntList: 1, aten.mean.dim: 1, aten.amax.default: 1, aten.amin.default: 1, aten.softmax.int: 1,
-    aten._softmax.default: 1, aten.log_softmax.int: 1, aten.cat.default: 1, aten.stack.default: 1,
-    aten.select.int: 1, aten.slice.Tensor: 1, aten.split.Tensor: 2, aten.chunk.default: 2, aten.unbind.int: 1,
-    aten.split_with_sizes.default: 2, aten.transpose.int: 1, aten.squeeze.dim: 1, aten.unsqueeze.default: 1,
-    aten.unflatten.int: 1, aten.flatten.using_ints: 1, aten.cumsum.default: 1, aten.narrow.default: 1,
-    aten.index_select.default: 1, aten.gather.default: 1, aten.max.dim: 1, aten.min.dim: 1,
+    aten.sum.dim_IntList: 1,
+    aten.mean.dim: 1,
+    aten.amax.default: 1,
+    aten.amin.default: 1,
+    aten.softmax.int: 1,
+    aten._softmax.default: 1,
+    aten.log_softmax.int: 1,
+    aten.cat.default: 1,
+    aten.stack.default: 1,
+    aten.select.int: 1,
+    aten.slice.Tensor: 1,
+    aten.split.Tensor: 2,
+    aten.chunk.default: 2,
+    aten.unbind.int: 1,
+    aten.split_with_sizes.default: 2,
+    aten.transpose.int: 1,
+    aten.squeeze.dim: 1,
+    aten.unsqueeze.default: 1,
+    aten.unflatten.int: 1,
+    aten.flatten.using_ints: 1,
+    aten.cumsum.default: 1,
+    aten.narrow.default: 1,
+    aten.index_select.default: 1,
+    aten.gather.default: 1,
+    aten.max.dim: 1,
+    aten.min.dim: 1,
 }
 _ELEMENTWISE_OR_ROWWISE = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.relu.default, aten.sigmoid.default,
-    aten.tanh.default, aten.gelu.default, aten.prelu.default, aten.where.self, aten.pow.Tensor_Scalar,
-    aten.exp.default, aten.log.default, aten.neg.default, aten.rsqrt.default, aten.clamp.default, aten.to.dtype,
-    aten._to_copy.default, aten.dropout.default, aten.masked_fill.Scalar, aten.eq.Scalar, aten.gt.Scalar,
-    aten.lt.Scalar, aten.ne.Scalar, aten.ge.Scalar, aten.abs.default, aten.log1p.default, aten.layer_norm.default,
-    aten.linear.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default,
-    aten.scaled_dot_product_attention.default, aten.silu.default, aten.embedding.default, aten.clone.default,
-    aten.contiguous.default, aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar,
-    aten.expand_as.default, aten.alias.default, aten.detach.default, aten.squeeze.default, aten.t.default,
-    aten._assert_tensor_metadata.default, operator.getitem,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.relu.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.gelu.default,
+    aten.prelu.default,
+    aten.where.self,
+    aten.pow.Tensor_Scalar,
+    aten.exp.default,
+    aten.log.default,
+    aten.neg.default,
+    aten.rsqrt.default,
+    aten.clamp.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.dropout.default,
+    aten.masked_fill.Scalar,
+    aten.eq.Scalar,
+    aten.gt.Scalar,
+    aten.lt.Scalar,
+    aten.ne.Scalar,
+    aten.ge.Scalar,
+    aten.abs.default,
+    aten.log1p.default,
+    aten.layer_norm.default,
+    aten.linear.default,
+    aten.bmm.default,
+    aten.matmul.default,
+    aten.baddbmm.default,
+    aten.scaled_dot_product_attention.default,
+    aten.silu.default,
+    aten.embedding.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.add.Scalar,
+    aten.mul.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.expand_as.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.squeeze.default,
+    aten.t.default,
+    aten._assert_tensor_metadata.default,
+    operator.getitem,
 }
 
 
 # ---- shapes -----------------------------------------------------------------------------------
+
 
 def _expr(d: Any) -> Any:
     return d.node.expr if isinstance(d, torch.SymInt) else d
@@ -209,7 +329,13 @@ def _matmul_flops(node: torch.fx.Node, s: _Shapes) -> int | None:
         n_out, k = s.shape(w.meta["val"])  # type: ignore[union-attr]
         bias = len(node.args) > 2 and node.args[2] is not None
         return 2 * m * k * n_out + (m * n_out if bias else 0)
-    if t in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default):
+    if t in (
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten.baddbmm.default,
+        aten.matmul.default,
+    ):
         a = node.args[1] if t in (aten.addmm.default, aten.baddbmm.default) else node.args[0]
         k = s.dim(a.meta["val"].shape[-1])  # type: ignore[union-attr]
         extra = s.numel(out) if t in (aten.addmm.default, aten.baddbmm.default) else 0
@@ -228,8 +354,11 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
     t = node.target
     in_vals = _tensor_vals(list(node.args) + list(node.kwargs.values()))
     out_vals = _tensor_vals(node)
-    param_bytes = sum(s.nbytes(a.meta["val"]) for a in node.all_input_nodes
-                      if a.name in param_nodes and isinstance(a.meta.get("val"), torch.Tensor))
+    param_bytes = sum(
+        s.nbytes(a.meta["val"])
+        for a in node.all_input_nodes
+        if a.name in param_nodes and isinstance(a.meta.get("val"), torch.Tensor)
+    )
     if t in _VIEW_OPS:
         return 0, 0, 0, True
     out_bytes = sum(s.nbytes(v) for v in out_vals)
@@ -278,6 +407,12 @@ def _param_node_names(program: Program) -> set[str]:
 
 # ---- roles ------------------------------------------------------------------------------------
 
+
+def _as_int(value: Any) -> int:
+    """An FX argument known to be an int (dims, indices); SymInts are not expected here."""
+    return int(value)
+
+
 def _norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
@@ -288,25 +423,30 @@ def _keeps_rows(node: torch.fx.Node) -> bool:
     if t in _DIM_ARG:
         pos = _DIM_ARG[t]
         args = list(node.args)
-        dim = args[pos] if len(args) > pos else node.kwargs.get("dim", 0 if t is not aten.cat.default else 0)
+        dim = args[pos] if len(args) > pos else node.kwargs.get("dim", 0)
         first = args[0]
         if isinstance(first, list | tuple):
             first = first[0]
         val = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
         rank = val.dim() if isinstance(val, torch.Tensor) else 1
         if t is aten.transpose.int:
-            return 0 not in (_norm_dim(int(args[1]), rank), _norm_dim(int(args[2]), rank))  # type: ignore[call-overload]
+            return 0 not in (_norm_dim(_as_int(args[1]), rank), _norm_dim(_as_int(args[2]), rank))  # type: ignore[call-overload]
         if t is aten.unsqueeze.default:
             rank += 1
         if isinstance(dim, list | tuple):
-            return all(_norm_dim(int(d), rank) != 0 for d in dim)
-        return _norm_dim(int(dim), rank) != 0  # type: ignore[call-overload]
+            return all(_norm_dim(_as_int(d), rank) != 0 for d in dim)
+        return _norm_dim(_as_int(dim), rank) != 0  # type: ignore[call-overload]
     if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
         src, out = node.args[0].meta.get("val"), node.meta.get("val")  # type: ignore[union-attr]
-        return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() > 0
-                and out.dim() > 0 and _expr(src.shape[0]) == _expr(out.shape[0]))
+        return (
+            isinstance(src, torch.Tensor)
+            and isinstance(out, torch.Tensor)
+            and src.dim() > 0
+            and out.dim() > 0
+            and _expr(src.shape[0]) == _expr(out.shape[0])
+        )
     if t is aten.permute.default:
-        return int(node.args[1][0]) == 0  # type: ignore[index, call-overload]
+        return _as_int(node.args[1][0]) == 0  # type: ignore[index, call-overload]
     if t is aten.index.Tensor:
         return bool(node.args[1]) and node.args[1][0] is None  # type: ignore[index]
     if t in (aten.mm.default, aten.addmm.default):
@@ -340,7 +480,9 @@ def propagate_roles(program: Program) -> dict[str, Role]:
             roles[node.name] = _column_role(node, request_cols[node.args[0].name])  # type: ignore[union-attr]
         elif node.target in (aten.embedding_bag.padding_idx, aten.embedding_bag.default):
             # rows of the output are bags: request-level when the bag ids are request-level
-            roles[node.name] = Role.REQUEST if roles.get(node.args[1].name) is Role.REQUEST else Role.CANDIDATE  # type: ignore[union-attr]
+            roles[node.name] = (
+                Role.REQUEST if roles.get(node.args[1].name) is Role.REQUEST else Role.CANDIDATE
+            )  # type: ignore[union-attr]
         elif all(r is Role.PARAM for r in ins):
             roles[node.name] = Role.PARAM
         elif Role.CANDIDATE in ins or not _keeps_rows(node):
@@ -352,13 +494,13 @@ def propagate_roles(program: Program) -> dict[str, Role]:
 
 def _column_role(node: torch.fx.Node, ranges: Iterable[tuple[int, int]]) -> Role:
     args = list(node.args)
-    dim = int(args[1]) if len(args) > 1 else 0  # type: ignore[call-overload]
+    dim = _as_int(args[1]) if len(args) > 1 else 0  # type: ignore[call-overload]
     if dim != 1:
         return Role.CANDIDATE
     if node.target is aten.select.int:
-        lo, hi = int(args[2]), int(args[2]) + 1  # type: ignore[call-overload]
+        lo, hi = _as_int(args[2]), _as_int(args[2]) + 1  # type: ignore[call-overload]
     else:
-        lo = int(args[2]) if len(args) > 2 and args[2] is not None else 0  # type: ignore[call-overload]
+        lo = _as_int(args[2]) if len(args) > 2 and args[2] is not None else 0  # type: ignore[call-overload]
         out = node.meta["val"]
         hi = lo + int(out.shape[1])
     return Role.REQUEST if any(a <= lo and hi <= b for a, b in ranges) else Role.CANDIDATE
@@ -366,13 +508,15 @@ def _column_role(node: torch.fx.Node, ranges: Iterable[tuple[int, int]]) -> Role
 
 # ---- entry points -----------------------------------------------------------------------------
 
+
 def _split(candidates: int, requests: int) -> list[int]:
     base, extra = divmod(candidates, requests)
     return [base + (1 if i < extra else 0) for i in range(requests)]
 
 
-def analyze(program: Program, candidates: int | RequestBatch = 64, requests: int = 1,
-            *, seed: int = 0) -> ProgramAnalysis:
+def analyze(
+    program: Program, candidates: int | RequestBatch = 64, requests: int = 1, *, seed: int = 0
+) -> ProgramAnalysis:
     """Per-node FLOPs, bytes, parameter bytes and role at a concrete batch size.
 
     ``candidates`` is a total candidate count (split evenly over ``requests``) or a batch whose
@@ -394,12 +538,20 @@ def analyze(program: Program, candidates: int | RequestBatch = 64, requests: int
         flops, nbytes, pbytes, is_view = _node_cost(node, shapes, params)
         val = node.meta.get("val")
         first = val if isinstance(val, torch.Tensor) else next(iter(_tensor_vals(node)), None)
-        nodes.append(NodeCost(
-            name=node.name, op=_op_name(node), flops=int(flops), bytes=int(nbytes), param_bytes=int(pbytes),
-            dtype=str(first.dtype).removeprefix("torch.") if first is not None else "-",
-            role=roles.get(node.name, Role.CANDIDATE), is_view=is_view, module=_module_of(node),
-            out_shape=shapes.shape(first) if first is not None else (),
-        ))
+        nodes.append(
+            NodeCost(
+                name=node.name,
+                op=_op_name(node),
+                flops=int(flops),
+                bytes=int(nbytes),
+                param_bytes=int(pbytes),
+                dtype=str(first.dtype).removeprefix("torch.") if first is not None else "-",
+                role=roles.get(node.name, Role.CANDIDATE),
+                is_view=is_view,
+                module=_module_of(node),
+                out_shape=shapes.shape(first) if first is not None else (),
+            )
+        )
     seen: set[int] = set()
     param_bytes = 0
     for t in list(program.graph_module.parameters()) + list(program.graph_module.buffers()):
@@ -415,8 +567,11 @@ def to_networkx(program: Program, analysis: ProgramAnalysis | None = None) -> nx
     roles = propagate_roles(program)
     g = nx.DiGraph()
     for node in program.graph.nodes:
-        attrs: dict[str, Any] = {"op": node.op, "target": _op_name(node) if node.op == "call_function" else
-                                 str(node.target), "role": roles.get(node.name, Role.CANDIDATE).value}
+        attrs: dict[str, Any] = {
+            "op": node.op,
+            "target": _op_name(node) if node.op == "call_function" else str(node.target),
+            "role": roles.get(node.name, Role.CANDIDATE).value,
+        }
         if node.name in costs:
             c = costs[node.name]
             attrs.update(flops=c.flops, bytes=c.bytes, param_bytes=c.param_bytes, is_view=c.is_view)

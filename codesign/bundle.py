@@ -61,7 +61,9 @@ def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) 
     """Write ``variant`` to ``directory`` (see module docstring for the layout)."""
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
-            raise BundleError(f"{directory} exists and is not empty", fix="pass overwrite=True or pick a new folder")
+            raise BundleError(
+                f"{directory} exists and is not empty", fix="pass overwrite=True or pick a new folder"
+            )
         if not (directory / MANIFEST).is_file():
             raise BundleError(f"refusing to overwrite {directory}: it is not a codesign bundle")
         shutil.rmtree(directory)
@@ -71,21 +73,32 @@ def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) 
         shutil.copyfile(src, directory / name)
     ref = variant.reference_inputs
     leaves = {p: t for p, t in flatten_inputs(ref.inputs) if isinstance(t, torch.Tensor)}
-    torch.save({"inputs": leaves, "offsets": ref.offsets, "outputs": list(variant.reference_outputs)},
-               directory / REFERENCE)
+    torch.save(
+        {"inputs": leaves, "offsets": ref.offsets, "outputs": list(variant.reference_outputs)},
+        directory / REFERENCE,
+    )
     _, treespec = pytree.tree_flatten(dict(ref.inputs))
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    files = {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.name != MANIFEST
+    }
     manifest = {
         "format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "created_unix": int(time.time()),
-        "versions": {"codesign": codesign.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "codesign": codesign.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
         "name": variant.name,
         "target": variant.target.to_dict(),
-        "backend": {"name": variant.backend.name, "uuid": variant.backend.uuid(),
-                    "config": variant.backend.config.to_dict()},
+        "backend": {
+            "name": variant.backend.name,
+            "uuid": variant.backend.uuid(),
+            "config": variant.backend.config.to_dict(),
+        },
         "passes": variant.passes,
         "spec": variant.spec.to_dict(),
         "inputs": {"paths": list(leaves), "treespec": pytree.treespec_dumps(treespec)},
@@ -105,19 +118,26 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise BundleError(f"bundle folder {d} does not exist")
     path = d / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{d} is not a codesign bundle: it has no {MANIFEST}",
-                          fix="point at the folder written by variant.save() / codesign compile --out")
+        raise BundleError(
+            f"{d} is not a codesign bundle: it has no {MANIFEST}",
+            fix="point at the folder written by variant.save() / codesign compile --out",
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON (truncated or edited?): {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{d} is a foreign bundle: manifest format is {manifest.get('format')!r}"
-                          if isinstance(manifest, dict) else f"{path} is not a manifest object")
+        raise BundleError(
+            f"{d} is a foreign bundle: manifest format is {manifest.get('format')!r}"
+            if isinstance(manifest, dict)
+            else f"{path} is not a manifest object"
+        )
     version = manifest.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-        raise BundleError(f"bundle schema version {version!r} is not supported (this codesign reads 1..{SCHEMA_VERSION})",
-                          fix="upgrade codesign, or recompile the bundle with this version")
+        raise BundleError(
+            f"bundle schema version {version!r} is not supported (this codesign reads 1..{SCHEMA_VERSION})",
+            fix="upgrade codesign, or recompile the bundle with this version",
+        )
     missing = {"versions", "target", "backend", "passes", "spec", "inputs", "files", "name"} - manifest.keys()
     if missing:
         raise BundleError(f"{path} lacks required keys {sorted(missing)} (truncated or hand-edited)")
@@ -131,8 +151,10 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     present = {p.name for p in d.iterdir()} - {MANIFEST}
     extra = present - files.keys()
     if extra:
-        raise BundleError(f"bundle {d} holds files the manifest does not list: {sorted(extra)}",
-                          fix="a bundle is sealed at write time; remove the extra files or recompile")
+        raise BundleError(
+            f"bundle {d} holds files the manifest does not list: {sorted(extra)}",
+            fix="a bundle is sealed at write time; remove the extra files or recompile",
+        )
     out: dict[str, Path] = {}
     for name, meta in files.items():
         if "/" in name or "\\" in name or name.startswith("."):
@@ -142,11 +164,15 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
             raise BundleError(f"bundle {d} is missing {name}", fix="copy the whole bundle folder")
         size = p.stat().st_size
         if size != meta.get("bytes"):
-            raise BundleError(f"{name} is {size} bytes but the manifest says {meta.get('bytes')}: "
-                              "the file is truncated or was replaced")
+            raise BundleError(
+                f"{name} is {size} bytes but the manifest says {meta.get('bytes')}: "
+                "the file is truncated or was replaced"
+            )
         if _sha256(p) != meta.get("sha256"):
-            raise BundleError(f"{name} does not match its sha256 in the manifest: the bundle was tampered with",
-                              fix="recompile the bundle from the model; never edit bundle files by hand")
+            raise BundleError(
+                f"{name} does not match its sha256 in the manifest: the bundle was tampered with",
+                fix="recompile the bundle from the model; never edit bundle files by hand",
+            )
         out[name] = p
     return out
 
@@ -161,7 +187,9 @@ def _check_program_archive(path: Path) -> None:
         for name in z.namelist():
             base = name.rsplit("/", 1)[-1]
             if base.startswith(("custom_obj", "opaque_obj")):
-                raise BundleError(f"{path.name} holds a pickled object ({name}); codesign bundles carry tensors only")
+                raise BundleError(
+                    f"{path.name} holds a pickled object ({name}); codesign bundles carry tensors only"
+                )
             if name.endswith("_config.json"):
                 config = json.loads(z.read(name)).get("config", {})
                 if any(isinstance(v, dict) and v.get("use_pickle") for v in config.values()):
@@ -184,13 +212,17 @@ def load(directory: str | Path) -> Variant:
     versions = manifest["versions"]
     backend_rec = manifest["backend"]
     if backend_rec.get("name") not in backend_names():
-        raise BundleError(f"bundle backend {backend_rec.get('name')!r} is unknown", fix=f"known: {backend_names()}")
+        raise BundleError(
+            f"bundle backend {backend_rec.get('name')!r} is unknown", fix=f"known: {backend_names()}"
+        )
     built_with = str(versions.get("torch", "?"))
     if built_with != torch.__version__:
         if backend_rec["name"] in ABI_BOUND_BACKENDS:
-            raise BundleError(f"bundle was built with torch {built_with}; this is torch {torch.__version__} "
-                              f"and '{backend_rec['name']}' artifacts are tied to the torch build",
-                              fix=f"install torch=={built_with} or recompile the bundle")
+            raise BundleError(
+                f"bundle was built with torch {built_with}; this is torch {torch.__version__} "
+                f"and '{backend_rec['name']}' artifacts are tied to the torch build",
+                fix=f"install torch=={built_with} or recompile the bundle",
+            )
         log.warning("bundle built with torch %s, loading with %s", built_with, torch.__version__)
     if PROGRAM not in files or REFERENCE not in files:
         raise BundleError(f"bundle lacks {PROGRAM} or {REFERENCE}")
@@ -214,9 +246,18 @@ def load(directory: str | Path) -> Variant:
     artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE)}
     runner = backend.load(exported, artifacts)
     return Variant(
-        name=str(manifest["name"]), spec=spec, target=target, backend=backend, runner=runner, exported=exported,
-        artifacts=artifacts, passes=list(manifest["passes"]),
+        name=str(manifest["name"]),
+        spec=spec,
+        target=target,
+        backend=backend,
+        runner=runner,
+        exported=exported,
+        artifacts=artifacts,
+        passes=list(manifest["passes"]),
         reference_inputs=RequestBatch(inputs=inputs, offsets=ref["offsets"]),
-        reference_outputs=list(ref["outputs"]), cost=dict(manifest.get("cost") or {}),
-        report=manifest.get("compile_report"), program=None, cache_key=str(manifest.get("cache_key", "")),
+        reference_outputs=list(ref["outputs"]),
+        cost=dict(manifest.get("cost") or {}),
+        report=manifest.get("compile_report"),
+        program=None,
+        cache_key=str(manifest.get("cache_key", "")),
     )

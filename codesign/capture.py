@@ -155,13 +155,17 @@ def _explain_export_failure(exc: Exception, model: torch.nn.Module) -> CaptureEr
         fix = "use torch ops instead of numpy/Python-side computation inside forward()"
     else:
         kind = "torch.export could not trace the model"
-        fix = "make forward() traceable: tensor ops only, no data-dependent Python control flow or side effects"
+        fix = (
+            "make forward() traceable: tensor ops only, no data-dependent Python control flow or side effects"
+        )
     parts = [f"capture failed: {kind}"]
     if where_module is not None:
         parts.append(f"in module '{where_module[0]}' ({where_module[1]})")
     if where_line is not None:
         parts.append(f"at {where_line[0]}:{where_line[1]}: `{where_line[2]}`")
     first_lines = "\n    ".join(line for line in text.strip().splitlines()[:6] if line.strip())
-    err = CaptureError(" ".join(parts) + f"\n  torch.export said: {type(exc).__name__}: {first_lines}", fix=fix)
+    err = CaptureError(
+        " ".join(parts) + f"\n  torch.export said: {type(exc).__name__}: {first_lines}", fix=fix
+    )
     err.original = exc  # type: ignore[attr-defined]
     return err

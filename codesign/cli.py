@@ -66,10 +66,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     host = get_target("host")
     est_host = estimate_analysis(analysis, host)
     by_name = {o.name: o for o in est_host.ops}
-    console.print(f"[bold]{workload.name}[/]: {workload.description} — {len(analysis.kernels)} kernels, "
-                  f"params {_fmt_n(analysis.param_bytes, 'B')}, {_fmt_n(analysis.total_flops, 'FLOP')} at "
-                  f"{analysis.candidates} candidates / {analysis.requests} requests "
-                  f"({_fmt_n(analysis.flops_per_candidate(), 'FLOP')} per candidate)")
+    console.print(
+        f"[bold]{workload.name}[/]: {workload.description} — {len(analysis.kernels)} kernels, "
+        f"params {_fmt_n(analysis.param_bytes, 'B')}, {_fmt_n(analysis.total_flops, 'FLOP')} at "
+        f"{analysis.candidates} candidates / {analysis.requests} requests "
+        f"({_fmt_n(analysis.flops_per_candidate(), 'FLOP')} per candidate)"
+    )
     roles = analysis.flops_by_role()
     console.print("FLOPs by role: " + ", ".join(f"{r.value} {_fmt_n(v)}" for r, v in roles.items()))
     table = Table(title=f"top ops by predicted time on host ({host.hardware.source})")
@@ -78,18 +80,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     ranked = sorted(analysis.kernels, key=lambda n: by_name[n.name].time_s, reverse=True)[: args.top]
     for n in ranked:
         o = by_name[n.name]
-        table.add_row(n.name, n.op, n.module or "-", n.role.value, _fmt_n(n.flops), _fmt_n(n.bytes, "B"),
-                      o.bound, _fmt_s(o.time_s))
+        table.add_row(
+            n.name,
+            n.op,
+            n.module or "-",
+            n.role.value,
+            _fmt_n(n.flops),
+            _fmt_n(n.bytes, "B"),
+            o.bound,
+            _fmt_s(o.time_s),
+        )
     console.print(table)
-    per_target = Table(title="predicted latency per target (roofline model; 'codesign targets' cites sources)")
+    per_target = Table(
+        title="predicted latency per target (roofline model; 'codesign targets' cites sources)"
+    )
     for col in ("target", "latency", "compute", "memory", "launch", "footprint", "fits", "runs here"):
         per_target.add_column(col)
     for name in args.targets or target_names():
         tgt = get_target(name)
         e = estimate_analysis(analysis, tgt)
-        per_target.add_row(tgt.name, _fmt_s(e.latency_s), _fmt_s(e.compute_s), _fmt_s(e.memory_s),
-                           _fmt_s(e.launch_s), _fmt_n(e.memory_bytes, "B"), "yes" if e.fits_in_memory else "NO",
-                           "yes" if tgt.runs_here else "no (predicted)")
+        per_target.add_row(
+            tgt.name,
+            _fmt_s(e.latency_s),
+            _fmt_s(e.compute_s),
+            _fmt_s(e.memory_s),
+            _fmt_s(e.launch_s),
+            _fmt_n(e.memory_bytes, "B"),
+            "yes" if e.fits_in_memory else "NO",
+            "yes" if tgt.runs_here else "no (predicted)",
+        )
     console.print(per_target)
     return 0
 
@@ -104,19 +123,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for col in ("pass", "modified", "ops before", "ops after", "max abs err", "stats"):
         table.add_column(col)
     for rec in (variant.report or {}).get("passes", []):
-        table.add_row(rec["name"], str(rec["modified"]), str(rec["ops_before"]), str(rec["ops_after"]),
-                      f"{rec['max_abs_error']:.2g}", ", ".join(f"{k}={v}" for k, v in rec["stats"].items()))
+        table.add_row(
+            rec["name"],
+            str(rec["modified"]),
+            str(rec["ops_before"]),
+            str(rec["ops_after"]),
+            f"{rec['max_abs_error']:.2g}",
+            ", ".join(f"{k}={v}" for k, v in rec["stats"].items()),
+        )
     console.print(table)
-    console.print(f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s "
-                  f"(cache key {variant.cache_key[:12]})")
+    console.print(
+        f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s "
+        f"(cache key {variant.cache_key[:12]})"
+    )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     variant = load(args.bundle)
     ok, max_abs = variant.check_reference()
-    console.print(f"loaded {variant.name} ({variant.backend.name} for {variant.target.name}); checksums ok; "
-                  f"reference outputs {'match' if ok else 'DIFFER'} (max abs error {max_abs:.3g})")
+    console.print(
+        f"loaded {variant.name} ({variant.backend.name} for {variant.target.name}); checksums ok; "
+        f"reference outputs {'match' if ok else 'DIFFER'} (max abs error {max_abs:.3g})"
+    )
     counts = [args.candidates] * args.requests
     table = Table(title="scores on synthetic requests (resampled from the bundle's reference requests)")
     for col in ("batch", "requests", "candidates", "median latency", "score mean", "score min", "score max"):
@@ -129,8 +158,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = variant.score(batch)
             times.append(time.perf_counter() - t0)
         scores = torch.cat([t.reshape(-1).float() for t in flatten_outputs(out)])
-        table.add_row(str(i), str(batch.num_requests), str(batch.num_candidates), _fmt_s(statistics.median(times)),
-                      f"{scores.mean():.4f}", f"{scores.min():.4f}", f"{scores.max():.4f}")
+        table.add_row(
+            str(i),
+            str(batch.num_requests),
+            str(batch.num_candidates),
+            _fmt_s(statistics.median(times)),
+            f"{scores.mean():.4f}",
+            f"{scores.min():.4f}",
+            f"{scores.max():.4f}",
+        )
     console.print(table)
     if not ok:
         console.print("[red]reference outputs differ beyond tolerance[/]")
@@ -145,17 +181,24 @@ def cmd_targets(args: argparse.Namespace) -> int:
     for name in target_names():
         hw = get_target(name).hardware if name == "host" else CATALOGUE[name]
         rates = hw.matmul_flops_per_s
-        table.add_row(name, _fmt_n(rates.get("bf16", 0), "FLOP/s"), _fmt_n(rates["fp8"], "FLOP/s") if "fp8" in rates
-                      else "-", _fmt_n(rates.get("fp32", 0), "FLOP/s"), _fmt_n(hw.memory_bandwidth_bytes_per_s, "B/s"),
-                      _fmt_n(hw.memory_bytes, "B"), _fmt_n(hw.interconnect_bandwidth_bytes_per_s, "B/s"),
-                      hw.source)
+        table.add_row(
+            name,
+            _fmt_n(rates.get("bf16", 0), "FLOP/s"),
+            _fmt_n(rates["fp8"], "FLOP/s") if "fp8" in rates else "-",
+            _fmt_n(rates.get("fp32", 0), "FLOP/s"),
+            _fmt_n(hw.memory_bandwidth_bytes_per_s, "B/s"),
+            _fmt_n(hw.memory_bytes, "B"),
+            _fmt_n(hw.interconnect_bandwidth_bytes_per_s, "B/s"),
+            hw.source,
+        )
     console.print(table)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codesign", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="codesign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -194,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return int(args.func(args))
     except CodesignError as exc:

@@ -57,7 +57,9 @@ def register_config(cls: C) -> C:
     """Class decorator: allow ``cls`` to be loaded from JSON by its class name."""
     name = cls.__name__
     if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ConfigError(f"two config classes are named {name!r}", fix="give each config class a unique name")
+        raise ConfigError(
+            f"two config classes are named {name!r}", fix="give each config class a unique name"
+        )
     _REGISTRY[name] = cls
     return cls
 

@@ -16,8 +16,17 @@ from codesign.target import Target, get_target, rate_dtype
 
 __all__ = ["MATMUL_OPS", "CostEstimate", "OpEstimate", "estimate", "estimate_analysis"]
 
-MATMUL_OPS = frozenset({"linear.default", "mm.default", "addmm.default", "bmm.default", "baddbmm.default",
-                        "matmul.default", "scaled_dot_product_attention.default"})
+MATMUL_OPS = frozenset(
+    {
+        "linear.default",
+        "mm.default",
+        "addmm.default",
+        "bmm.default",
+        "baddbmm.default",
+        "matmul.default",
+        "scaled_dot_product_attention.default",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +98,20 @@ class CostEstimate:
         return self.memory_bytes <= self.memory_capacity_bytes
 
     def summary(self) -> dict[str, float | int | str | bool]:
-        return {"target": self.target, "candidates": self.candidates, "requests": self.requests,
-                "latency_s": self.latency_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
-                "launch_s": self.launch_s, "flops": self.flops, "bytes": self.bytes,
-                "param_bytes": self.param_bytes, "memory_bytes": self.memory_bytes,
-                "fits_in_memory": self.fits_in_memory}
+        return {
+            "target": self.target,
+            "candidates": self.candidates,
+            "requests": self.requests,
+            "latency_s": self.latency_s,
+            "compute_s": self.compute_s,
+            "memory_s": self.memory_s,
+            "launch_s": self.launch_s,
+            "flops": self.flops,
+            "bytes": self.bytes,
+            "param_bytes": self.param_bytes,
+            "memory_bytes": self.memory_bytes,
+            "fits_in_memory": self.fits_in_memory,
+        }
 
 
 def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
@@ -103,19 +121,35 @@ def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
     else:
         rate, used = hw.vector_flops_per_s * hw.compute_efficiency, "vector"
     bandwidth = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
-    return OpEstimate(name=node.name, op=node.op, module=node.module, flops=node.flops, bytes=node.bytes,
-                      compute_s=node.flops / rate if rate else 0.0, memory_s=node.bytes / bandwidth,
-                      launch_s=hw.launch_overhead_s, rate_dtype=used)
+    return OpEstimate(
+        name=node.name,
+        op=node.op,
+        module=node.module,
+        flops=node.flops,
+        bytes=node.bytes,
+        compute_s=node.flops / rate if rate else 0.0,
+        memory_s=node.bytes / bandwidth,
+        launch_s=hw.launch_overhead_s,
+        rate_dtype=used,
+    )
 
 
 def estimate_analysis(analysis: ProgramAnalysis, target: Target | str) -> CostEstimate:
     """Roofline estimate from an existing analysis (reuse one analysis for many targets)."""
     tgt = get_target(target)
     ops = tuple(_op_estimate(n, tgt) for n in analysis.kernels)
-    activation = sum(n.bytes for n in analysis.kernels if n.flops or n.bytes) // 2  # outputs ~ half of traffic
-    return CostEstimate(target=tgt.name, candidates=analysis.candidates, requests=analysis.requests, ops=ops,
-                        param_bytes=analysis.param_bytes, activation_bytes=activation,
-                        memory_capacity_bytes=tgt.hardware.memory_bytes * tgt.devices)
+    activation = (
+        sum(n.bytes for n in analysis.kernels if n.flops or n.bytes) // 2
+    )  # outputs ~ half of traffic
+    return CostEstimate(
+        target=tgt.name,
+        candidates=analysis.candidates,
+        requests=analysis.requests,
+        ops=ops,
+        param_bytes=analysis.param_bytes,
+        activation_bytes=activation,
+        memory_capacity_bytes=tgt.hardware.memory_bytes * tgt.devices,
+    )
 
 
 def estimate(program: Program, target: Target | str, candidates: int = 64, requests: int = 1) -> CostEstimate:

@@ -78,14 +78,14 @@ class Pass(abc.ABC):
     """Base of every graph pass. Subclasses set ``name``, ``Config`` and implement ``apply``."""
 
     name: ClassVar[str]
-    Config: ClassVar[type[Config]]
+    config_class: ClassVar[type[Config]]
     tolerance: ClassVar[Tolerance] = EXACT
     version: ClassVar[int] = 1
 
     def __init__(self, config: Config | None = None) -> None:
-        cfg = config if config is not None else self.Config()
-        if not isinstance(cfg, self.Config):
-            raise PassError(f"{self.name} takes a {self.Config.__name__}, got {type(cfg).__name__}")
+        cfg = config if config is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise PassError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
         for knob in self.knobs():
             knob.check(getattr(cfg, knob.name))
         self.config = cfg
@@ -131,8 +131,11 @@ class CompileReport:
     passes: list[PassRecord]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"program": self.program_name, "target": self.target,
-                "passes": [dataclasses.asdict(p) for p in self.passes]}
+        return {
+            "program": self.program_name,
+            "target": self.target,
+            "passes": [dataclasses.asdict(p) for p in self.passes],
+        }
 
 
 def compare_outputs(got: Any, want: Any, tol: Tolerance) -> tuple[bool, float, float]:
@@ -159,8 +162,9 @@ class PassManager:
     >>> program, report = PassManager([DeadCodeElimination(), ConstantFolding()], target).run(program)
     """
 
-    def __init__(self, passes: Sequence[Pass], target: Target, *, verify: bool = True,
-                 checks: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, passes: Sequence[Pass], target: Target, *, verify: bool = True, checks: int = 2, seed: int = 0
+    ) -> None:
         self.passes = list(passes)
         self.target = target
         self.verify = verify
@@ -170,8 +174,10 @@ class PassManager:
     def _check_batches(self, program: Program, index: int) -> list[Any]:
         # fresh requests per pass: jagged counts including a single-candidate request
         shapes = [[5, 1, 3], [2, 7]]
-        return [program.sample_batch(shapes[i % len(shapes)], seed=self.seed + 1000 * index + i)
-                for i in range(self.checks)]
+        return [
+            program.sample_batch(shapes[i % len(shapes)], seed=self.seed + 1000 * index + i)
+            for i in range(self.checks)
+        ]
 
     def run(self, program: Program) -> tuple[Program, CompileReport]:
         reference = program
@@ -184,6 +190,7 @@ class PassManager:
             try:
                 result = p.apply(current, self.target)
                 result.program.recompile()
+                result.program.verify()
             except PassError:
                 raise
             except Exception as exc:
@@ -209,9 +216,23 @@ class PassManager:
                             fix=f"disable '{p.name}' for this model or loosen its config",
                         )
             current = result.program
-            records.append(PassRecord(p.name, p.uuid(), p.config.to_dict()["fields"], result.modified,
-                                      ops_before, current.op_count(), max_abs, max_rel, seconds, result.stats))
-            log.info("pass %s: modified=%s ops %d -> %d", p.name, result.modified, ops_before, current.op_count())
+            records.append(
+                PassRecord(
+                    p.name,
+                    p.uuid(),
+                    p.config.to_dict()["fields"],
+                    result.modified,
+                    ops_before,
+                    current.op_count(),
+                    max_abs,
+                    max_rel,
+                    seconds,
+                    result.stats,
+                )
+            )
+            log.info(
+                "pass %s: modified=%s ops %d -> %d", p.name, result.modified, ops_before, current.op_count()
+            )
             done.append(p.name)
         current.metadata["passes"] = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
         return current, CompileReport(program.name, self.target.name, records)

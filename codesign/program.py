@@ -105,6 +105,34 @@ class Program:
         self.graph.lint()
         self.graph_module.recompile()
 
+    def verify(self) -> None:
+        """Check the IR is well formed: lint, one placeholder per input, values on every op, one output."""
+        from codesign.errors import PassError
+
+        self.graph.lint()
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.input_paths):
+            raise PassError(
+                f"program '{self.name}' has {len(placeholders)} placeholders for "
+                f"{len(self.input_paths)} inputs"
+            )
+        outputs = [n for n in self.graph.nodes if n.op == "output"]
+        if len(outputs) != 1:
+            raise PassError(f"program '{self.name}' has {len(outputs)} output nodes")
+        for node in self.graph.nodes:
+            if node.op == "call_function" and "val" not in node.meta:
+                raise PassError(
+                    f"node '{node.name}' ({node.target}) carries no meta['val']: a pass "
+                    "inserted it without shape metadata",
+                    fix="copy or compute node.meta['val']",
+                )
+            if node.op == "get_attr":
+                obj: Any = self.graph_module
+                for part in str(node.target).split("."):
+                    if not hasattr(obj, part):
+                        raise PassError(f"get_attr '{node.target}' names a missing attribute")
+                    obj = getattr(obj, part)
+
     def dynamic_shapes(self) -> dict[str, Any]:
         return dynamic_shapes_for(self.example.inputs, self.spec, self.max_candidates)
 

@@ -217,13 +217,17 @@ class RequestBatch:
                 )
         for values, offsets in spec.jagged.items():
             o = leaves[offsets]
-            if o.numel() and (int(o[0]) != 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > leaves[values].numel()):
+            if o.numel() and (
+                int(o[0]) != 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > leaves[values].numel()
+            ):
                 raise SpecError(f"jagged offsets {offsets!r} are not non-decreasing within len({values!r})")
         self._check_repeats(spec, leaves)
 
     def _check_repeats(self, spec: RequestSpec, leaves: Mapping[str, Any]) -> None:
         first_row = self.offsets[:-1].repeat_interleave(self.counts)
-        pieces: list[tuple[str, torch.Tensor]] = [(p, leaves[p]) for p in spec.request_inputs if p not in spec.jagged]
+        pieces: list[tuple[str, torch.Tensor]] = [
+            (p, leaves[p]) for p in spec.request_inputs if p not in spec.jagged
+        ]
         for name, ranges in spec.request_columns.items():
             pieces += [(f"{name}[:, {a}:{b}]", leaves[name][:, a:b]) for a, b in ranges]
         for label, t in pieces:
@@ -306,7 +310,7 @@ class StructuredBatch:
         idx = self.request_index
         counts = self.offsets[1:] - self.offsets[:-1]
         new: dict[str, Any] = {}
-        for path, t in template.leaves().items():
+        for path, _t in template.leaves().items():
             if path in spec.request_inputs and path in spec.jagged:
                 lengths = self.request[f"{path}#lengths"]
                 segs = _segments(self.request[path], offsets_from_counts(lengths)[:-1])
@@ -362,25 +366,23 @@ def resample_batch(
         if path in spec.jagged:
             off_path = spec.jagged[path]
             segs = _segments(t, leaves[off_path])
-            if path in spec.request_inputs:
-                # keep every bag of a request identical: take the first row of the source request
-                bag_rows = batch.offsets[src_req][req_of_row]
-            else:
-                bag_rows = rows
+            # request-level bags stay identical within a request: take the source request's first row
+            bag_rows = batch.offsets[src_req][req_of_row] if path in spec.request_inputs else rows
             bags = [segs[int(r)] for r in bag_rows]
             new[path] = torch.cat(bags) if bags else t[:0]
             new[off_path] = offsets_from_counts([b.numel() for b in bags])[:-1].to(leaves[off_path].dtype)
             continue
-        if path in spec.request_inputs:
-            out = t[batch.offsets[src_req][req_of_row]]
-        else:
-            out = t[rows]
+        out = t[batch.offsets[src_req][req_of_row]] if path in spec.request_inputs else t[rows]
         if out.is_floating_point() and noise > 0:
             eps = torch.randn(out.shape, generator=g, dtype=out.dtype) * noise
             if path in spec.request_inputs:
-                eps = torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+                eps = (
+                    torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+                )
             elif path in spec.request_columns:
-                shared = torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+                shared = (
+                    torch.randn((r_new, *out.shape[1:]), generator=g, dtype=out.dtype)[req_noise_rows] * noise
+                )
                 for a, b in spec.request_columns[path]:
                     eps[:, a:b] = shared[:, a:b]
             # columns holding integral values are ids stored as floats: leave them valid

@@ -20,8 +20,14 @@ __all__ = ["jagged_ids", "per_request", "repeat_bags", "zipf_ids"]
 DEFAULT_ZIPF_ALPHA = 1.05
 
 
-def zipf_ids(num_rows: int, shape: Sequence[int] | int, *, generator: torch.Generator,
-             alpha: float = DEFAULT_ZIPF_ALPHA, low: int = 0) -> torch.Tensor:
+def zipf_ids(
+    num_rows: int,
+    shape: Sequence[int] | int,
+    *,
+    generator: torch.Generator,
+    alpha: float = DEFAULT_ZIPF_ALPHA,
+    low: int = 0,
+) -> torch.Tensor:
     """Ids in ``[low, num_rows)`` with P(rank k) ∝ k^-alpha, hot ids scattered over the table.
 
     Sampled by inverting the continuous power-law CDF (exact enough, O(1) per id even for 40M-row
@@ -47,14 +53,17 @@ def per_request(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return values.repeat_interleave(counts, dim=0)
 
 
-def jagged_ids(num_rows: int, lengths: torch.Tensor, *, generator: torch.Generator,
-               alpha: float = DEFAULT_ZIPF_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+def jagged_ids(
+    num_rows: int, lengths: torch.Tensor, *, generator: torch.Generator, alpha: float = DEFAULT_ZIPF_ALPHA
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One bag of Zipf ids per entry of ``lengths``: flat values and EmbeddingBag start offsets."""
     values = zipf_ids(num_rows, int(lengths.sum()), generator=generator, alpha=alpha)
     return values, offsets_from_counts(lengths)[:-1]
 
 
-def repeat_bags(values: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def repeat_bags(
+    values: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat request r's bag (values[starts[r]:starts[r]+lengths[r]]) on its counts[r] candidate rows."""
     starts = offsets_from_counts(lengths)[:-1]
     row_len = lengths.repeat_interleave(counts)

@@ -90,8 +90,14 @@ _RATE_FALLBACK = {
     "int8": ("int8", "bf16", "fp32"),
 }
 
-_TORCH_DTYPE_RATE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8",
-                     "float8_e5m2": "fp8", "int8": "int8"}
+_TORCH_DTYPE_RATE = {
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8",
+    "int8": "int8",
+}
 
 
 def rate_dtype(torch_dtype: str) -> str:
@@ -99,71 +105,182 @@ def rate_dtype(torch_dtype: str) -> str:
     return _TORCH_DTYPE_RATE.get(torch_dtype, "fp32")
 
 
-def _gpu(name: str, vendor: str, rates: Mapping[str, float], vector: float, bw: float, mem: float,
-         link: float, source: str, notes: str = "", per_host: int = 8) -> HardwareSpec:
-    return HardwareSpec(name=name, vendor=vendor, kind="gpu", matmul_flops_per_s=rates,
-                        vector_flops_per_s=vector, memory_bandwidth_bytes_per_s=bw, memory_bytes=mem,
-                        interconnect_bandwidth_bytes_per_s=link, devices_per_host=per_host,
-                        launch_overhead_s=4e-6, source=source, notes=notes)
+def _gpu(
+    name: str,
+    vendor: str,
+    rates: Mapping[str, float],
+    vector: float,
+    bw: float,
+    mem: float,
+    link: float,
+    source: str,
+    notes: str = "",
+    per_host: int = 8,
+) -> HardwareSpec:
+    return HardwareSpec(
+        name=name,
+        vendor=vendor,
+        kind="gpu",
+        matmul_flops_per_s=rates,
+        vector_flops_per_s=vector,
+        memory_bandwidth_bytes_per_s=bw,
+        memory_bytes=mem,
+        interconnect_bandwidth_bytes_per_s=link,
+        devices_per_host=per_host,
+        launch_overhead_s=4e-6,
+        source=source,
+        notes=notes,
+    )
 
 
-_HOPPER = {"fp32": 67 * TERA, "tf32": 494.7 * TERA, "bf16": 989.4 * TERA, "fp16": 989.4 * TERA,
-           "fp8": 1978.9 * TERA, "int8": 1978.9 * TERA}
+_HOPPER = {
+    "fp32": 67 * TERA,
+    "tf32": 494.7 * TERA,
+    "bf16": 989.4 * TERA,
+    "fp16": 989.4 * TERA,
+    "fp8": 1978.9 * TERA,
+    "int8": 1978.9 * TERA,
+}
 
 CATALOGUE: dict[str, HardwareSpec] = {
-    "h100": _gpu("h100", "NVIDIA", _HOPPER, 67 * TERA, 3.35e12, 80 * GIGA, 900 * GIGA,
-                 "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5 column (sparsity figures halved)",
-                 "NVLink 4: 900 GB/s per GPU"),
-    "h200": _gpu("h200", "NVIDIA", _HOPPER, 67 * TERA, 4.8e12, 141 * GIGA, 900 * GIGA,
-                 "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (sparsity figures halved)",
-                 "same compute as H100 SXM; 141 GB HBM3e"),
-    "a100": _gpu("a100", "NVIDIA", {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA,
-                                    "fp16": 312 * TERA, "int8": 624 * TERA}, 19.5 * TERA, 2.039e12,
-                 80 * GIGA, 600 * GIGA, "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column",
-                 "no FP8 tensor cores"),
-    "a100-40gb": _gpu("a100-40gb", "NVIDIA", {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA,
-                                              "fp16": 312 * TERA, "int8": 624 * TERA}, 19.5 * TERA,
-                      1.555e12, 40 * GIGA, 600 * GIGA, "NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM",
-                      "no FP8 tensor cores"),
-    "l4": _gpu("l4", "NVIDIA", {"fp32": 30.3 * TERA, "tf32": 60 * TERA, "bf16": 121 * TERA, "fp16": 121 * TERA,
-                                "fp8": 242.5 * TERA, "int8": 242.5 * TERA}, 30.3 * TERA, 300 * GIGA,
-               24 * GIGA, 64 * GIGA, "NVIDIA L4 Tensor Core GPU datasheet (sparsity figures halved)",
-               "PCIe Gen4 x16 (64 GB/s) between devices"),
-    "mi300x": _gpu("mi300x", "AMD", {"fp32": 163.4 * TERA, "tf32": 653.7 * TERA, "bf16": 1307.4 * TERA,
-                                     "fp16": 1307.4 * TERA, "fp8": 2614.9 * TERA, "int8": 2614.9 * TERA},
-                   163.4 * TERA, 5.3e12, 192 * GIGA, 896 * GIGA,
-                   "AMD Instinct MI300X accelerator data sheet (dense figures)",
-                   "Infinity Fabric: 7 links x 128 GB/s"),
+    "h100": _gpu(
+        "h100",
+        "NVIDIA",
+        _HOPPER,
+        67 * TERA,
+        3.35e12,
+        80 * GIGA,
+        900 * GIGA,
+        "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5 column (sparsity figures halved)",
+        "NVLink 4: 900 GB/s per GPU",
+    ),
+    "h200": _gpu(
+        "h200",
+        "NVIDIA",
+        _HOPPER,
+        67 * TERA,
+        4.8e12,
+        141 * GIGA,
+        900 * GIGA,
+        "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (sparsity figures halved)",
+        "same compute as H100 SXM; 141 GB HBM3e",
+    ),
+    "a100": _gpu(
+        "a100",
+        "NVIDIA",
+        {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA, "fp16": 312 * TERA, "int8": 624 * TERA},
+        19.5 * TERA,
+        2.039e12,
+        80 * GIGA,
+        600 * GIGA,
+        "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column",
+        "no FP8 tensor cores",
+    ),
+    "a100-40gb": _gpu(
+        "a100-40gb",
+        "NVIDIA",
+        {"fp32": 19.5 * TERA, "tf32": 156 * TERA, "bf16": 312 * TERA, "fp16": 312 * TERA, "int8": 624 * TERA},
+        19.5 * TERA,
+        1.555e12,
+        40 * GIGA,
+        600 * GIGA,
+        "NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM",
+        "no FP8 tensor cores",
+    ),
+    "l4": _gpu(
+        "l4",
+        "NVIDIA",
+        {
+            "fp32": 30.3 * TERA,
+            "tf32": 60 * TERA,
+            "bf16": 121 * TERA,
+            "fp16": 121 * TERA,
+            "fp8": 242.5 * TERA,
+            "int8": 242.5 * TERA,
+        },
+        30.3 * TERA,
+        300 * GIGA,
+        24 * GIGA,
+        64 * GIGA,
+        "NVIDIA L4 Tensor Core GPU datasheet (sparsity figures halved)",
+        "PCIe Gen4 x16 (64 GB/s) between devices",
+    ),
+    "mi300x": _gpu(
+        "mi300x",
+        "AMD",
+        {
+            "fp32": 163.4 * TERA,
+            "tf32": 653.7 * TERA,
+            "bf16": 1307.4 * TERA,
+            "fp16": 1307.4 * TERA,
+            "fp8": 2614.9 * TERA,
+            "int8": 2614.9 * TERA,
+        },
+        163.4 * TERA,
+        5.3e12,
+        192 * GIGA,
+        896 * GIGA,
+        "AMD Instinct MI300X accelerator data sheet (dense figures)",
+        "Infinity Fabric: 7 links x 128 GB/s",
+    ),
     "tpu-v5e": HardwareSpec(
-        name="tpu-v5e", vendor="Google", kind="tpu",
+        name="tpu-v5e",
+        vendor="Google",
+        kind="tpu",
         matmul_flops_per_s={"bf16": 197 * TERA, "fp32": 197 * TERA, "int8": 393 * TERA},
-        vector_flops_per_s=197 * TERA / 16, memory_bandwidth_bytes_per_s=819 * GIGA, memory_bytes=16 * GIGA,
-        interconnect_bandwidth_bytes_per_s=400 * GIGA, devices_per_host=8, launch_overhead_s=1e-6,
+        vector_flops_per_s=197 * TERA / 16,
+        memory_bandwidth_bytes_per_s=819 * GIGA,
+        memory_bytes=16 * GIGA,
+        interconnect_bandwidth_bytes_per_s=400 * GIGA,
+        devices_per_host=8,
+        launch_overhead_s=1e-6,
         source="Google Cloud TPU v5e documentation (system architecture table)",
-        notes="fp32 matmuls run as bf16 passes (XLA default precision); no FP8; vector rate estimated"),
+        notes="fp32 matmuls run as bf16 passes (XLA default precision); no FP8; vector rate estimated",
+    ),
     "tpu-v5p": HardwareSpec(
-        name="tpu-v5p", vendor="Google", kind="tpu",
+        name="tpu-v5p",
+        vendor="Google",
+        kind="tpu",
         matmul_flops_per_s={"bf16": 459 * TERA, "fp32": 459 * TERA, "int8": 918 * TERA},
-        vector_flops_per_s=459 * TERA / 16, memory_bandwidth_bytes_per_s=2765 * GIGA, memory_bytes=95 * GIGA,
-        interconnect_bandwidth_bytes_per_s=1200 * GIGA, devices_per_host=4, launch_overhead_s=1e-6,
+        vector_flops_per_s=459 * TERA / 16,
+        memory_bandwidth_bytes_per_s=2765 * GIGA,
+        memory_bytes=95 * GIGA,
+        interconnect_bandwidth_bytes_per_s=1200 * GIGA,
+        devices_per_host=4,
+        launch_overhead_s=1e-6,
         source="Google Cloud TPU v5p documentation (system architecture table)",
-        notes="docs list FP8 at the bf16 rate (no gain), so FP8 is treated as absent; vector rate estimated"),
+        notes="docs list FP8 at the bf16 rate (no gain), so FP8 is treated as absent; vector rate estimated",
+    ),
     "tpu-v6e": HardwareSpec(
-        name="tpu-v6e", vendor="Google", kind="tpu",
+        name="tpu-v6e",
+        vendor="Google",
+        kind="tpu",
         matmul_flops_per_s={"bf16": 918 * TERA, "fp32": 918 * TERA, "int8": 1836 * TERA},
-        vector_flops_per_s=918 * TERA / 16, memory_bandwidth_bytes_per_s=1638 * GIGA, memory_bytes=32 * GIGA,
-        interconnect_bandwidth_bytes_per_s=800 * GIGA, devices_per_host=8, launch_overhead_s=1e-6,
+        vector_flops_per_s=918 * TERA / 16,
+        memory_bandwidth_bytes_per_s=1638 * GIGA,
+        memory_bytes=32 * GIGA,
+        interconnect_bandwidth_bytes_per_s=800 * GIGA,
+        devices_per_host=8,
+        launch_overhead_s=1e-6,
         source="Google Cloud TPU v6e (Trillium) documentation (system architecture table)",
-        notes="no FP8 listed; vector rate estimated"),
+        notes="no FP8 listed; vector rate estimated",
+    ),
     "mtia-v2": HardwareSpec(
-        name="mtia-v2", vendor="Meta", kind="asic",
+        name="mtia-v2",
+        vendor="Meta",
+        kind="asic",
         matmul_flops_per_s={"int8": 354 * TERA, "bf16": 177 * TERA, "fp16": 177 * TERA, "fp32": 2.76 * TERA},
-        vector_flops_per_s=2.76 * TERA, memory_bandwidth_bytes_per_s=204.8 * GIGA, memory_bytes=128 * GIGA,
-        interconnect_bandwidth_bytes_per_s=32 * GIGA, devices_per_host=24, launch_overhead_s=5e-6,
+        vector_flops_per_s=2.76 * TERA,
+        memory_bandwidth_bytes_per_s=204.8 * GIGA,
+        memory_bytes=128 * GIGA,
+        interconnect_bandwidth_bytes_per_s=32 * GIGA,
+        devices_per_host=24,
+        launch_overhead_s=5e-6,
         source="Meta, 'Our next generation Meta Training and Inference Accelerator' (2024-04-10): dense GEMM "
         "354 TOPS INT8 / 177 TFLOPS FP16-BF16, SIMD FP32 2.76 TFLOPS, 128 GB LPDDR5 at 204.8 GB/s",
         notes="fp32 rate is the SIMD rate (no fp32 GEMM listed); 256 MB on-chip SRAM at 2.7 TB/s not modeled; "
-        "no FP8; 2 chips per board, 12 boards per host over PCIe Gen5 x8"),
+        "no FP8; 2 chips per board, 12 boards per host over PCIe Gen5 x8",
+    ),
 }
 
 
@@ -217,6 +334,7 @@ def get_target(name: str | Target, devices: int = 1) -> Target:
 
 
 # ---- host calibration -------------------------------------------------------------------------
+
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("CODESIGN_CACHE_DIR", Path.home() / ".cache" / "codesign"))
@@ -274,7 +392,13 @@ def _measure_host() -> dict[str, float]:
         vec = torch.randn(64 * 1024)
         sigmoid_flops = FLOPS_PER_ELEMENT[torch.ops.aten.sigmoid.default]
         vector = sigmoid_flops * vec.numel() / _best_time(lambda: torch.sigmoid(vec), 20)
-    return {"fp32": fp32, "bf16": bf16, "bandwidth": bw, "launch": statistics.median(per_op), "vector": vector}
+    return {
+        "fp32": fp32,
+        "bf16": bf16,
+        "bandwidth": bw,
+        "launch": statistics.median(per_op),
+        "vector": vector,
+    }
 
 
 def calibrate_host(force: bool = False) -> HardwareSpec:
@@ -295,11 +419,18 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
             log.warning("could not cache host calibration at %s: %s", path, exc)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 16 * GIGA
     return HardwareSpec(
-        name="host", vendor=platform.machine(), kind="cpu",
+        name="host",
+        vendor=platform.machine(),
+        kind="cpu",
         matmul_flops_per_s={"fp32": data["fp32"], "bf16": data["bf16"]},
-        vector_flops_per_s=data["vector"], memory_bandwidth_bytes_per_s=data["bandwidth"],
-        memory_bytes=float(mem), interconnect_bandwidth_bytes_per_s=data["bandwidth"], devices_per_host=1,
-        launch_overhead_s=data["launch"], compute_efficiency=1.0, memory_efficiency=1.0,
+        vector_flops_per_s=data["vector"],
+        memory_bandwidth_bytes_per_s=data["bandwidth"],
+        memory_bytes=float(mem),
+        interconnect_bandwidth_bytes_per_s=data["bandwidth"],
+        devices_per_host=1,
+        launch_overhead_s=data["launch"],
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
         source=f"measured on this host ({torch.get_num_threads()} threads, torch {torch.__version__})",
         notes="median GEMM rate over ranking-shaped GEMMs, 64 MiB copy bandwidth, per-node dispatch time of an FX graph of tiny adds",
     )

@@ -69,7 +69,9 @@ class Variant:
 
     def check_reference(self) -> tuple[bool, float]:
         """Score the stored reference requests and compare with the reference outputs."""
-        ok, max_abs, _ = compare_outputs(self.score(self.reference_inputs), self.reference_outputs, self.tolerance)
+        ok, max_abs, _ = compare_outputs(
+            self.score(self.reference_inputs), self.reference_outputs, self.tolerance
+        )
         return ok, max_abs
 
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
@@ -105,7 +107,7 @@ def cache_key(program: Program, passes: Sequence[Pass], backend: Backend, target
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compile(  # noqa: A001 - the public verb of the API, like torch.compile
+def compile(
     model: torch.nn.Module | Workload | Program,
     example: RequestBatch | None = None,
     spec: RequestSpec | None = None,
@@ -130,10 +132,19 @@ def compile(  # noqa: A001 - the public verb of the API, like torch.compile
     lowered = be.lower(optimized, tgt, wd)
     reference_outputs = [t.detach().clone() for t in flatten_outputs(program.run(program.example))]
     variant = Variant(
-        name=program.name, spec=program.spec, target=tgt, backend=be, runner=lowered.runner,
-        exported=lowered.exported, artifacts=lowered.artifacts, passes=optimized.metadata.get("passes", []),
-        reference_inputs=program.example, reference_outputs=reference_outputs,
-        cost=_cost_figures(optimized, tgt), report=report.to_dict(), program=optimized,
+        name=program.name,
+        spec=program.spec,
+        target=tgt,
+        backend=be,
+        runner=lowered.runner,
+        exported=lowered.exported,
+        artifacts=lowered.artifacts,
+        passes=optimized.metadata.get("passes", []),
+        reference_inputs=program.example,
+        reference_outputs=reference_outputs,
+        cost=_cost_figures(optimized, tgt),
+        report=report.to_dict(),
+        program=optimized,
         cache_key=cache_key(program, pass_list, be, tgt),
     )
     if verify:
@@ -154,7 +165,7 @@ def _verify_backend(variant: Variant, reference: Program) -> None:
 
 
 def _cost_figures(program: Program, target: Target) -> dict[str, Any]:
-    return {"target": target.name,
-            "estimates": [estimate(program, target, n, max(1, n // 64)).summary() for n in COST_CANDIDATES]}
-
-
+    return {
+        "target": target.name,
+        "estimates": [estimate(program, target, n, max(1, n // 64)).summary() for n in COST_CANDIDATES],
+    }

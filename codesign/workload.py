@@ -81,7 +81,9 @@ def load_model_ref(ref: str, **factory_kwargs: Any) -> Workload:
         file_part, _, func_name = ref.rpartition(":")
         path = Path(file_part)
         if not path.is_file():
-            raise ModelRefError(f"model file {file_part!r} does not exist", fix="write path/to/file.py:factory")
+            raise ModelRefError(
+                f"model file {file_part!r} does not exist", fix="write path/to/file.py:factory"
+            )
     else:
         path = examples_dir() / f"{ref}.py"
         func_name = "build"
@@ -96,7 +98,9 @@ def load_model_ref(ref: str, **factory_kwargs: Any) -> Workload:
     module = _import_file(path)
     factory = getattr(module, func_name, None)
     if not callable(factory):
-        raise ModelRefError(f"{path} has no callable {func_name!r}", fix="name a function that returns a Workload")
+        raise ModelRefError(
+            f"{path} has no callable {func_name!r}", fix="name a function that returns a Workload"
+        )
     try:
         result = factory(**factory_kwargs)
     except TypeError as exc:

@@ -8,6 +8,7 @@ columns 0-5) repeat on every candidate row.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -18,19 +19,67 @@ from codesign.request import offsets_from_counts
 from codesign.synthetic import per_request, zipf_ids
 
 # MLPerf DLRMv2 (Criteo 1TB multi-hot) table rows and multi-hot sizes.
-MLPERF_ROWS = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
-               11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36)
+MLPERF_ROWS = (
+    40000000,
+    39060,
+    17295,
+    7424,
+    20265,
+    3,
+    7122,
+    1543,
+    63,
+    40000000,
+    3067956,
+    405282,
+    10,
+    2209,
+    11938,
+    155,
+    4,
+    976,
+    14,
+    40000000,
+    40000000,
+    40000000,
+    590152,
+    12973,
+    108,
+    36,
+)
 MLPERF_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 NUM_DENSE = 13
 USER_CATS = range(13)
 USER_DENSE_COLS = (0, 6)
 
 SIZES = {
-    "tiny": {"dim": 8, "bottom": (16,), "top": (32, 16), "rank": 8, "layers": 2, "max_rows": 100, "max_hot": 4},
-    "small": {"dim": 32, "bottom": (128, 64), "top": (256, 128, 64), "rank": 64, "layers": 3,
-              "max_rows": 10_000, "max_hot": 20},
-    "large": {"dim": 128, "bottom": (512, 256), "top": (1024, 1024, 512, 256), "rank": 512, "layers": 3,
-              "max_rows": 100_000, "max_hot": 100},
+    "tiny": {
+        "dim": 8,
+        "bottom": (16,),
+        "top": (32, 16),
+        "rank": 8,
+        "layers": 2,
+        "max_rows": 100,
+        "max_hot": 4,
+    },
+    "small": {
+        "dim": 32,
+        "bottom": (128, 64),
+        "top": (256, 128, 64),
+        "rank": 64,
+        "layers": 3,
+        "max_rows": 10_000,
+        "max_hot": 20,
+    },
+    "large": {
+        "dim": 128,
+        "bottom": (512, 256),
+        "top": (1024, 1024, 512, 256),
+        "rank": 512,
+        "layers": 3,
+        "max_rows": 100_000,
+        "max_hot": 100,
+    },
 }
 
 
@@ -47,12 +96,13 @@ class LowRankCross(nn.Module):
 
 
 class DCNv2(nn.Module):
-    def __init__(self, rows: Sequence[int], dim: int, bottom: Sequence[int], top: Sequence[int],
-                 rank: int, layers: int) -> None:
+    def __init__(
+        self, rows: Sequence[int], dim: int, bottom: Sequence[int], top: Sequence[int], rank: int, layers: int
+    ) -> None:
         super().__init__()
         sizes = [NUM_DENSE, *bottom, dim]
         blocks: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in itertools.pairwise(sizes):
             blocks += [nn.Linear(a, b), nn.ReLU()]
         self.bottom = nn.Sequential(*blocks)
         self.tables = nn.ModuleList(nn.EmbeddingBag(r, dim, mode="sum") for r in rows)
@@ -60,7 +110,7 @@ class DCNv2(nn.Module):
         self.cross = nn.ModuleList(LowRankCross(width, rank) for _ in range(layers))
         top_sizes = [width, *top, 1]
         blocks = []
-        for i, (a, b) in enumerate(zip(top_sizes[:-1], top_sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(top_sizes)):
             blocks.append(nn.Linear(a, b))
             if i < len(top_sizes) - 2:
                 blocks.append(nn.ReLU())
@@ -81,8 +131,14 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     rows = [min(r, int(cfg["max_rows"])) for r in MLPERF_ROWS]  # type: ignore[call-overload]
     hot = [min(h, int(cfg["max_hot"])) for h in MLPERF_HOT]  # type: ignore[call-overload]
-    model = DCNv2(rows, int(cfg["dim"]), cfg["bottom"], cfg["top"],  # type: ignore[arg-type]
-                  int(cfg["rank"]), int(cfg["layers"])).eval()  # type: ignore[call-overload]
+    model = DCNv2(
+        rows,
+        int(cfg["dim"]),
+        cfg["bottom"],
+        cfg["top"],  # type: ignore[arg-type]
+        int(cfg["rank"]),
+        int(cfg["layers"]),
+    ).eval()  # type: ignore[call-overload]
 
     def make_batch(candidates: Sequence[int], seed: int) -> RequestBatch:
         g = torch.Generator().manual_seed(seed)
@@ -90,7 +146,8 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
         r, n = counts.numel(), int(counts.sum())
         dense = torch.rand(n, NUM_DENSE, generator=g).mul_(4).log1p_()
         dense[:, slice(*USER_DENSE_COLS)] = per_request(
-            torch.rand(r, USER_DENSE_COLS[1] - USER_DENSE_COLS[0], generator=g).mul_(4).log1p_(), counts)
+            torch.rand(r, USER_DENSE_COLS[1] - USER_DENSE_COLS[0], generator=g).mul_(4).log1p_(), counts
+        )
         feats: dict[str, torch.Tensor] = {"dense": dense}
         for k in range(len(rows)):
             if k in USER_CATS:
@@ -103,5 +160,11 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
         request_inputs=tuple(f"features.cat_{k}" for k in USER_CATS),
         request_columns={"features.dense": (USER_DENSE_COLS,)},
     )
-    return Workload("dcnv2", model, spec, make_batch, description=f"DCNv2, MLPerf DLRMv2 shape ({size})",
-                    metadata={"size": size})
+    return Workload(
+        "dcnv2",
+        model,
+        spec,
+        make_batch,
+        description=f"DCNv2, MLPerf DLRMv2 shape ({size})",
+        metadata={"size": size},
+    )

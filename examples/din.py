@@ -7,6 +7,7 @@ Separate tensors per feature group, as DIN implementations take them: ``history`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +34,7 @@ class AttentionUnit(nn.Module):
         super().__init__()
         sizes = [4 * width, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.PReLU()]
         layers.append(nn.Linear(sizes[-1], 1))
         self.mlp = nn.Sequential(*layers)
@@ -54,13 +55,20 @@ class DIN(nn.Module):
         self.attention = AttentionUnit(2 * dim, attn)
         sizes = [dim + 2 * dim + 2 * dim + CONTEXT, *top]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.PReLU()]
         layers.append(nn.Linear(sizes[-1], 1))
         self.top = nn.Sequential(*layers)
 
-    def forward(self, history: torch.Tensor, history_cat: torch.Tensor, profile: torch.Tensor,
-                cand_item: torch.Tensor, cand_cat: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        history: torch.Tensor,
+        history_cat: torch.Tensor,
+        profile: torch.Tensor,
+        cand_item: torch.Tensor,
+        cand_cat: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
         hist = torch.cat([self.item(history), self.cat(history_cat)], dim=-1)
         cand = torch.cat([self.item(cand_item), self.cat(cand_cat)], dim=-1)
         interest = self.attention(hist, cand, (history > 0).to(hist.dtype))
@@ -96,5 +104,6 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
         return RequestBatch(inputs, offsets_from_counts(counts))
 
     spec = RequestSpec(request_inputs=("history", "history_cat", "profile"))
-    return Workload("din", model, spec, make_batch, description=f"DIN target attention ({size})",
-                    metadata={"size": size})
+    return Workload(
+        "din", model, spec, make_batch, description=f"DIN target attention ({size})", metadata={"size": size}
+    )

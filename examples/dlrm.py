@@ -7,6 +7,7 @@ features (dense columns 0-4, sparse features 0-12) are repeated on every candida
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,7 @@ SIZES = {
 
 def mlp(sizes: Sequence[int], final_act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if final_act or i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -38,7 +39,9 @@ def mlp(sizes: Sequence[int], final_act: bool = True) -> nn.Sequential:
 
 
 class DLRM(nn.Module):
-    def __init__(self, table_rows: Sequence[int], dim: int, bottom: Sequence[int], top: Sequence[int]) -> None:
+    def __init__(
+        self, table_rows: Sequence[int], dim: int, bottom: Sequence[int], top: Sequence[int]
+    ) -> None:
         super().__init__()
         self.bottom = mlp([NUM_DENSE, *bottom, dim])
         self.tables = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum") for rows in table_rows)
@@ -48,7 +51,9 @@ class DLRM(nn.Module):
         self.register_buffer("lj", lj, persistent=False)
         self.top = mlp([dim + n * (n - 1) // 2, *top, 1], final_act=False)
 
-    def forward(self, dense: torch.Tensor, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, dense: torch.Tensor, indices: list[torch.Tensor], offsets: list[torch.Tensor]
+    ) -> torch.Tensor:
         x = self.bottom(dense)
         pooled = [table(idx, off) for table, idx, off in zip(self.tables, indices, offsets, strict=True)]
         t = torch.stack([x, *pooled], dim=1)  # [N, 27, dim]
@@ -83,12 +88,15 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
                 idx, off = jagged_ids(rows[k], lengths, generator=g)
             indices.append(idx)
             offsets.append(off)
-        return RequestBatch({"dense": dense, "indices": indices, "offsets": offsets}, offsets_from_counts(counts))
+        return RequestBatch(
+            {"dense": dense, "indices": indices, "offsets": offsets}, offsets_from_counts(counts)
+        )
 
     spec = RequestSpec(
         request_inputs=tuple(f"indices.{k}" for k in USER_SPARSE),
         request_columns={"dense": (USER_DENSE_COLS,)},
         jagged={f"indices.{k}": f"offsets.{k}" for k in range(NUM_SPARSE)},
     )
-    return Workload("dlrm", model, spec, make_batch, description=f"DLRM dot interaction ({size})",
-                    metadata={"size": size})
+    return Workload(
+        "dlrm", model, spec, make_batch, description=f"DLRM dot interaction ({size})", metadata={"size": size}
+    )

@@ -62,8 +62,14 @@ class UserSequenceRanker(nn.Module):
         self.query = nn.Linear(dim, dim)
         self.head = nn.Sequential(nn.Linear(4 * dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
-    def forward(self, history: torch.Tensor, actions: torch.Tensor, user_dense: torch.Tensor,
-                cand_item: torch.Tensor, cand_dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        history: torch.Tensor,
+        actions: torch.Tensor,
+        user_dense: torch.Tensor,
+        cand_item: torch.Tensor,
+        cand_dense: torch.Tensor,
+    ) -> torch.Tensor:
         h = self.item(history) + self.action(actions) + self.position
         for block in self.encoder:
             h = block(h)
@@ -97,5 +103,11 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
         return RequestBatch(inputs, offsets_from_counts(counts))
 
     spec = RequestSpec(request_inputs=("history", "actions", "user_dense"))
-    return Workload("useq", model, spec, make_batch, description=f"user-sequence transformer ranker ({size})",
-                    metadata={"size": size})
+    return Workload(
+        "useq",
+        model,
+        spec,
+        make_batch,
+        description=f"user-sequence transformer ranker ({size})",
+        metadata={"size": size},
+    )

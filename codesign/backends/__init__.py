@@ -8,8 +8,17 @@ from codesign.backends.eager import EagerBackend
 from codesign.backends.inductor import InductorBackend, InductorConfig
 from codesign.errors import BackendError
 
-__all__ = ["AotiBackend", "Backend", "BackendConfig", "EagerBackend", "InductorBackend", "InductorConfig",
-           "Lowered", "backend_names", "get_backend"]
+__all__ = [
+    "AotiBackend",
+    "Backend",
+    "BackendConfig",
+    "EagerBackend",
+    "InductorBackend",
+    "InductorConfig",
+    "Lowered",
+    "backend_names",
+    "get_backend",
+]
 
 _BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend, InductorBackend, AotiBackend)}
 

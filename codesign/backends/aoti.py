@@ -39,8 +39,11 @@ class AotiBackend(Backend):
                 f"AOTInductor could not compile '{program.name}': {type(exc).__name__}: {str(exc)[:500]}",
                 fix="check that a C++ compiler is installed (gcc/g++) or use backend 'eager'/'inductor'",
             ) from exc
-        return Lowered(runner=self.load(exported, {AOTI_PACKAGE: path}), exported=exported,
-                       artifacts={AOTI_PACKAGE: path})
+        return Lowered(
+            runner=self.load(exported, {AOTI_PACKAGE: path}),
+            exported=exported,
+            artifacts={AOTI_PACKAGE: path},
+        )
 
     def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
         if AOTI_PACKAGE not in files:

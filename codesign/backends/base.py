@@ -41,13 +41,15 @@ class Lowered:
 
 class Backend(abc.ABC):
     name: ClassVar[str]
-    Config: ClassVar[type[Config]] = BackendConfig
+    config_class: ClassVar[type[Config]] = BackendConfig
     version: ClassVar[int] = 1
 
     def __init__(self, config: Config | None = None) -> None:
-        cfg = config if config is not None else self.Config()
-        if not isinstance(cfg, self.Config):
-            raise BackendError(f"backend {self.name} takes a {self.Config.__name__}, got {type(cfg).__name__}")
+        cfg = config if config is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise BackendError(
+                f"backend {self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}"
+            )
         for knob in self.knobs():
             knob.check(getattr(cfg, knob.name))
         self.config = cfg

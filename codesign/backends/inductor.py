@@ -32,7 +32,7 @@ class InductorConfig(Config):
 
 class InductorBackend(Backend):
     name = "inductor"
-    Config = InductorConfig
+    config_class = InductorConfig
 
     @classmethod
     def knobs(cls) -> tuple[Knob, ...]:

@@ -9,8 +9,13 @@ from codesign.passes.cleanup import (
     generic_passes,
 )
 
-__all__ = ["CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "generic_passes",
-           "pass_by_name"]
+__all__ = [
+    "CommonSubexpressionElimination",
+    "ConstantFolding",
+    "DeadCodeElimination",
+    "generic_passes",
+    "pass_by_name",
+]
 
 _PASSES = {p.name: p for p in (DeadCodeElimination, CommonSubexpressionElimination, ConstantFolding)}
 

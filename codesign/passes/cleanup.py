@@ -59,7 +59,7 @@ class DeadCodeElimination(Pass):
     """Remove nodes whose values nobody uses (side-effecting ops stay), and orphaned parameters."""
 
     name = "dce"
-    Config = DeadCodeConfig
+    config_class = DeadCodeConfig
 
     @classmethod
     def knobs(cls) -> tuple[Knob, ...]:
@@ -72,8 +72,11 @@ class DeadCodeElimination(Pass):
         params, freed = (0, 0)
         if self.config.remove_unused_params:  # type: ignore[attr-defined]
             params, freed = _remove_unused_params(program.graph_module)
-        return PassResult(program, removed_nodes > 0 or params > 0,
-                          {"nodes_removed": removed_nodes, "params_removed": params, "param_bytes_freed": freed})
+        return PassResult(
+            program,
+            removed_nodes > 0 or params > 0,
+            {"nodes_removed": removed_nodes, "params_removed": params, "param_bytes_freed": freed},
+        )
 
 
 @register_config
@@ -101,7 +104,7 @@ class CommonSubexpressionElimination(Pass):
     """Merge pure nodes that compute the same op on the same inputs (e.g. a shared embedding lookup)."""
 
     name = "cse"
-    Config = CseConfig
+    config_class = CseConfig
 
     def apply(self, program: Program, target: Target) -> PassResult:
         seen: dict[Any, torch.fx.Node] = {}
@@ -132,12 +135,20 @@ class ConstantFolding(Pass):
     """
 
     name = "constant_folding"
-    Config = ConstantFoldingConfig
+    config_class = ConstantFoldingConfig
 
     @classmethod
     def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("max_growth", "float", 1.0, low=0.0, high=16.0,
-                     doc="largest allowed ratio of folded bytes to the constant bytes it replaces"),)
+        return (
+            Knob(
+                "max_growth",
+                "float",
+                1.0,
+                low=0.0,
+                high=16.0,
+                doc="largest allowed ratio of folded bytes to the constant bytes it replaces",
+            ),
+        )
 
     def apply(self, program: Program, target: Target) -> PassResult:
         gm = program.graph_module
@@ -179,8 +190,11 @@ class ConstantFolding(Pass):
                 if node.op == "get_attr" and not node.users:
                     gm.graph.erase_node(node)
             _, freed = _remove_unused_params(gm)
-        return PassResult(program, folded > 0, {"nodes_folded": folded, "folds_refused_for_growth": grown_refused,
-                                                "param_bytes_freed": freed})
+        return PassResult(
+            program,
+            folded > 0,
+            {"nodes_folded": folded, "folds_refused_for_growth": grown_refused, "param_bytes_freed": freed},
+        )
 
 
 def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:

@@ -1,0 +1,62 @@
+"""Test helpers every pass and backend is held to: IR well-formedness, output closeness, SQNR.
+
+Shipped in the package (like ``optuna.testing``) so that out-of-tree passes and backends can run
+the same checks as the built-in ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
+from codesign.program import Program, flatten_outputs
+from codesign.target import Target
+
+__all__ = ["assert_outputs_close", "assert_sqnr", "check_pass_on_program", "sqnr_db", "verify_program"]
+
+
+def verify_program(program: Program) -> None:
+    """Raise if the program's IR is malformed (see ``Program.verify``)."""
+    program.verify()
+
+
+def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20·log10(‖ref‖ / ‖ref − other‖)."""
+    ref = reference.detach().double()
+    noise = (ref - other.detach().double()).norm()
+    if noise == 0:
+        return math.inf
+    return float(20 * torch.log10(ref.norm() / noise))
+
+
+def assert_sqnr(reference: Any, other: Any, min_db: float) -> None:
+    for i, (r, o) in enumerate(zip(flatten_outputs(reference), flatten_outputs(other), strict=True)):
+        got = sqnr_db(r, o)
+        if got < min_db:
+            raise AssertionError(f"output {i}: SQNR {got:.1f} dB < required {min_db} dB")
+
+
+def assert_outputs_close(got: Any, want: Any, tol: Tolerance) -> None:
+    ok, max_abs, max_rel = compare_outputs(got, want, tol)
+    if not ok:
+        raise AssertionError(f"outputs differ: max abs {max_abs:.3g}, max rel {max_rel:.3g} (tol {tol})")
+
+
+def check_pass_on_program(
+    program: Program,
+    passes: Sequence[Pass],
+    target: Target,
+    candidate_counts: Iterable[Sequence[int]] = ((1,), (3, 8, 1)),
+) -> Program:
+    """Run ``passes`` through the PassManager and re-check outputs on extra batch shapes."""
+    out, _ = PassManager(passes, target).run(program)
+    verify_program(out)
+    for i, counts in enumerate(candidate_counts):
+        batch = program.sample_batch(list(counts), seed=9000 + i)
+        tol = Tolerance(max(p.tolerance.rtol for p in passes), max(p.tolerance.atol for p in passes))
+        assert_outputs_close(out.run(batch), program.run(batch), tol)
+    return out
