@@ -557,7 +557,7 @@ def analyze(
     for t in list(program.graph_module.parameters()) + list(program.graph_module.buffers()):
         if t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
-            param_bytes += t.numel() * t.element_size()
+            param_bytes += t.untyped_storage().nbytes()  # views (e.g. unpacked index pairs) share storage
     return ProgramAnalysis(nodes, batch.num_candidates, batch.num_requests, param_bytes)
 
 

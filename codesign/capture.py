@@ -14,7 +14,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import sympy
 import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 
 from codesign.errors import CaptureError, SpecError
 from codesign.program import DEFAULT_MAX_CANDIDATES, Program, dynamic_shapes_for, flatten_outputs
@@ -30,6 +33,7 @@ CAPTURE_RTOL = 1e-5
 CAPTURE_ATOL = 1e-6
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_CODESIGN_DIR = str(Path(__file__).resolve().parent)
 
 
 def capture(
@@ -79,7 +83,10 @@ def capture(
         with torch.no_grad():
             exported = torch.export.export(model, (), dict(example.inputs), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
-        raise _explain_export_failure(exc, model) from None
+        where = None
+        if "constraint" in str(exc).lower() or "specializ" in str(exc).lower():
+            where = _locate_specialization(model, example, dynamic_shapes)
+        raise _explain_export_failure(exc, model, where) from None
     program = Program(
         graph_module=exported.module(),  # type: ignore[arg-type]
         spec=spec,
@@ -119,7 +126,50 @@ def _frames(tb: TracebackType | None) -> list[Any]:
     return frames
 
 
-def _explain_export_failure(exc: Exception, model: torch.nn.Module) -> CaptureError:
+def _shape_env(obj: Any) -> Any:
+    for leaf in pytree.tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            for d in leaf.shape:
+                if isinstance(d, torch.SymInt):
+                    return d.node.shape_env
+    return None
+
+
+class _SpecializationSpy(TorchFunctionMode):
+    """Records the first torch call after which a dynamic size became a constant, and its user frame."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: tuple[str, int, str, str] | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        env = _shape_env((args, kwargs)) if self.where is None else None
+        before = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)} if env else set()
+        out = func(*args, **(kwargs or {}))
+        if env is not None:
+            after = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)}
+            if after - before:
+                frames = [f for f in traceback.extract_stack()
+                          if not f.filename.startswith((_TORCH_DIR, _CODESIGN_DIR))]
+                if frames:
+                    f = frames[-1]
+                    self.where = (f.filename, f.lineno or 0, (f.line or "").strip(), getattr(func, "__name__", "?"))
+        return out
+
+
+def _locate_specialization(model: torch.nn.Module, example: RequestBatch, dynamic_shapes: Any) -> Any:
+    """Re-run export under a spy to find the line that fixed the candidate count (only on failure)."""
+    spy = _SpecializationSpy()
+    try:
+        with spy, torch.no_grad():
+            torch.export.export(model, (), dict(example.inputs), dynamic_shapes=dynamic_shapes)
+    except Exception:
+        pass
+    return spy.where
+
+
+def _explain_export_failure(exc: Exception, model: torch.nn.Module,
+                            specialized_at: tuple[str, int, str, str] | None = None) -> CaptureError:
     modules = {id(m): (name or "<root>", type(m).__name__) for name, m in model.named_modules()}
     where_module = None
     where_line = None
@@ -128,14 +178,16 @@ def _explain_export_failure(exc: Exception, model: torch.nn.Module) -> CaptureEr
         if self_obj is not None and id(self_obj) in modules:
             where_module = modules[id(self_obj)]
         filename = frame.f_code.co_filename
-        if not filename.startswith(_TORCH_DIR) and "site-packages" not in filename:
+        if not filename.startswith((_TORCH_DIR, _CODESIGN_DIR)) and "site-packages" not in filename:
             src = linecache.getline(filename, frame.f_lineno).strip()
             where_line = (filename, frame.f_lineno, src)
     text = str(exc)
+    if specialized_at is not None:
+        where_line = specialized_at[:3]
     if where_line is None:
         # strict export reports the user frame only in its message
         for summary in traceback.extract_tb(exc.__traceback__):
-            if not summary.filename.startswith(_TORCH_DIR):
+            if not summary.filename.startswith((_TORCH_DIR, _CODESIGN_DIR)):
                 where_line = (summary.filename, summary.lineno or 0, (summary.line or "").strip())
     lowered = text.lower()
     if "data-dependent" in lowered or "datadependent" in lowered or "guardondatadependent" in lowered:

@@ -226,10 +226,10 @@ class RequestBatch:
     def _check_repeats(self, spec: RequestSpec, leaves: Mapping[str, Any]) -> None:
         first_row = self.offsets[:-1].repeat_interleave(self.counts)
         pieces: list[tuple[str, torch.Tensor]] = [
-            (p, leaves[p]) for p in spec.request_inputs if p not in spec.jagged
+            (f"'{p}'", leaves[p]) for p in spec.request_inputs if p not in spec.jagged
         ]
         for name, ranges in spec.request_columns.items():
-            pieces += [(f"{name}[:, {a}:{b}]", leaves[name][:, a:b]) for a, b in ranges]
+            pieces += [(f"'{name}'[:, {a}:{b}]", leaves[name][:, a:b]) for a, b in ranges]
         for label, t in pieces:
             diff = t != t[first_row]
             if diff.any():

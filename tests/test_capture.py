@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import tiny_program, tiny_workload
+
+import codesign
+from codesign import RequestBatch, RequestSpec, offsets_from_counts
+from codesign.errors import CaptureError, SpecError
+from codesign.pipeline import Tolerance, compare_outputs
+
+EXACT = Tolerance(rtol=1e-5, atol=1e-6)
+
+
+def test_every_example_captures_with_dynamic_candidates(example_name: str) -> None:
+    w = tiny_workload(example_name)
+    program = tiny_program(example_name)
+    program.verify()
+    for counts in ([1], [2, 1, 30], [64] * 3):
+        batch = w.make_batch(counts, 42)
+        with torch.no_grad():
+            ok, err, _ = compare_outputs(program.run(batch), w.model(**batch.inputs), EXACT)
+        assert ok, (counts, err)
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tower(x)
+
+
+class _Gate(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent Python control flow
+            return x * 2
+        return x
+
+
+class _FixedBatch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).reshape(6, 2, 2).sum(-1)  # hard-codes 6 candidates
+
+
+def _batch(n: int = 6) -> RequestBatch:
+    return RequestBatch({"x": torch.randn(n, 4)}, offsets_from_counts([n]))
+
+
+def test_data_dependent_branch_names_module_line_and_fix() -> None:
+    with pytest.raises(CaptureError) as info:
+        codesign.capture(_Branchy(), _batch(), RequestSpec())
+    msg = str(info.value)
+    assert "module 'tower' (_Gate)" in msg
+    assert "if x.sum() > 0" in msg
+    assert "torch.where" in (info.value.fix or "")
+
+
+def test_hard_coded_batch_size_is_explained() -> None:
+    with pytest.raises(CaptureError) as info:
+        codesign.capture(_FixedBatch(), _batch(), RequestSpec())
+    assert "fixes the candidate count" in str(info.value)
+    assert "reshape(6, 2, 2)" in str(info.value)
+    assert "x.shape[0]" in (info.value.fix or "")
+
+
+def test_single_candidate_example_and_wrong_types_are_clear_errors() -> None:
+    with pytest.raises(SpecError, match="at least 2 candidate rows"):
+        codesign.capture(_FixedBatch(), _batch(1), RequestSpec())
+    with pytest.raises(SpecError, match="RequestBatch"):
+        codesign.capture(_FixedBatch(), {"x": torch.randn(3, 4)}, RequestSpec())  # type: ignore[arg-type]
+    with pytest.raises(CaptureError, match="nn.Module"):
+        codesign.capture(lambda x: x, _batch(), RequestSpec())  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="'nope'"):
+        codesign.capture(_FixedBatch(), _batch(), RequestSpec(request_inputs=("nope",)))
+
+
+def test_model_ref_from_file(tmp_path: pytest.TempPathFactory, repo_root: object) -> None:
+    path = tmp_path / "mymodel.py"  # type: ignore[operator]
+    path.write_text(
+        "import torch\nfrom codesign import Workload, RequestBatch, RequestSpec, offsets_from_counts\n"
+        "def make():\n"
+        "    m = torch.nn.Linear(3, 1)\n"
+        "    def batch(counts, seed):\n"
+        "        g = torch.Generator().manual_seed(seed)\n"
+        "        return RequestBatch({'input': torch.randn(sum(counts), 3, generator=g)}, offsets_from_counts(counts))\n"
+        "    return Workload('lin', m, RequestSpec(), batch)\n"
+        "def wrong():\n    return 3\n"
+    )
+    w = codesign.load_model_ref(f"{path}:make")
+    assert codesign.capture(w).op_count() > 0
+    from codesign.errors import ModelRefError
+
+    with pytest.raises(ModelRefError, match="not a codesign.Workload"):
+        codesign.load_model_ref(f"{path}:wrong")
+    with pytest.raises(ModelRefError, match="no callable 'missing'"):
+        codesign.load_model_ref(f"{path}:missing")
+    with pytest.raises(ModelRefError, match="examples"):
+        codesign.load_model_ref("no_such_example")

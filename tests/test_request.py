@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import EXAMPLES, tiny_workload
+
+from codesign import RequestBatch, RequestSpec, offsets_from_counts
+from codesign.config import config_from_json
+from codesign.errors import ConfigError, SpecError
+from codesign.request import flatten_inputs, resample_batch
+from codesign.synthetic import zipf_ids
+
+
+def _flat(batch: RequestBatch) -> list[torch.Tensor]:
+    return [t for _, t in flatten_inputs(batch.inputs)]
+
+
+def _simple_batch() -> RequestBatch:
+    counts = torch.tensor([2, 3])
+    user = torch.randn(2, 4).repeat_interleave(counts, 0)
+    x = torch.cat([user, torch.randn(5, 3)], 1)
+    return RequestBatch({"x": x, "ad": torch.randn(5, 2)}, offsets_from_counts(counts))
+
+
+def test_unknown_input_names_the_known_ones() -> None:
+    with pytest.raises(SpecError, match=r"'user'.*\['ad', 'x'\]"):
+        _simple_batch().validate(RequestSpec(request_inputs=("user",)))
+
+
+@pytest.mark.parametrize("ranges", [((0, 9),), ((-1, 2),), ((3, 3),)])
+def test_bad_column_range_is_rejected(ranges: tuple[tuple[int, int], ...]) -> None:
+    with pytest.raises(SpecError, match="outside the input's 7 columns"):
+        _simple_batch().validate(RequestSpec(request_columns={"x": ranges}))
+
+
+def test_overlapping_and_1d_column_ranges() -> None:
+    with pytest.raises(SpecError, match="overlap"):
+        _simple_batch().validate(RequestSpec(request_columns={"x": ((0, 3), (2, 4))}))
+    b = RequestBatch({"v": torch.randn(4)}, offsets_from_counts([4]))
+    with pytest.raises(SpecError, match="no column dimension"):
+        b.validate(RequestSpec(request_columns={"v": ((0, 1),)}))
+
+
+def test_request_level_data_must_repeat_within_a_request() -> None:
+    b = _simple_batch()
+    b.validate(RequestSpec(request_columns={"x": ((0, 4),)}))
+    with pytest.raises(SpecError, match=r"'x'\[:, 0:5\].*row 1.*request 0"):
+        b.validate(RequestSpec(request_columns={"x": ((0, 5),)}))
+    with pytest.raises(SpecError, match="'ad' is declared request-level"):
+        b.validate(RequestSpec(request_inputs=("ad",)))
+
+
+def test_bad_offsets_and_row_counts() -> None:
+    b = _simple_batch()
+    with pytest.raises(SpecError, match="at least|>= 1 candidate"):
+        RequestBatch(b.inputs, torch.tensor([0, 0, 5])).validate(RequestSpec())
+    with pytest.raises(SpecError, match="int64"):
+        RequestBatch(b.inputs, torch.tensor([0, 5], dtype=torch.int32)).validate(RequestSpec())
+    with pytest.raises(SpecError, match="6 candidate rows"):
+        RequestBatch(b.inputs, offsets_from_counts([3, 3])).validate(RequestSpec())
+
+
+def test_spec_round_trips_through_json_and_rejects_unknown_types() -> None:
+    spec = RequestSpec(request_inputs=("a",), request_columns={"x": ((0, 4),)}, jagged={"i": "o"})
+    assert config_from_json(spec.to_json()) == spec
+    with pytest.raises(ConfigError, match="allow-list"):
+        config_from_json('{"type": "os.system", "version": 1, "fields": {}}')
+    with pytest.raises(ConfigError, match="newer"):
+        config_from_json(spec.to_json().replace('"version": 1', '"version": 99'))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_structured_round_trip_and_resampling(name: str) -> None:
+    w = tiny_workload(name)
+    batch = w.make_batch([4, 1, 6], 3)
+    batch.validate(w.spec)
+    structured = batch.to_structured(w.spec)
+    for key, t in structured.request.items():
+        if not key.endswith("#lengths") and key.split("[")[0] not in w.spec.jagged:
+            assert t.shape[0] == 3, key  # one row per request
+    back = structured.to_flat(w.spec, batch)
+    assert all(torch.equal(a, b) for a, b in zip(_flat(back), _flat(batch), strict=True))
+    fresh = resample_batch(batch, w.spec, [2, 5, 1, 1], seed=1)
+    fresh.validate(w.spec)
+    assert fresh.num_requests == 4 and fresh.num_candidates == 9
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=6), st.integers(0, 10_000))
+def test_generators_honour_any_jagged_counts(counts: list[int], seed: int) -> None:
+    for name in ("dlrm", "multitask"):
+        w = tiny_workload(name)
+        batch = w.make_batch(counts, seed)
+        batch.validate(w.spec)
+        assert batch.counts.tolist() == counts
+        back = batch.to_structured(w.spec).to_flat(w.spec, batch)
+        assert all(torch.equal(a, b) for a, b in zip(_flat(back), _flat(batch), strict=True))
+
+
+def test_zipf_ids_are_heavy_tailed_and_in_range() -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = zipf_ids(100_000, 200_000, generator=g)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 100_000
+    counts = torch.bincount(ids, minlength=100_000).sort(descending=True).values
+    top1pct = counts[:1000].sum().item() / ids.numel()
+    assert top1pct > 0.4, top1pct  # power law: 1% of ids take far more than 1% of lookups
+    assert len(ids.unique()) > 10_000  # but the tail is still visited
