@@ -31,13 +31,13 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return not (schema is not None and schema.is_mutable)
 
 
-def _remove_unused_params(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """Delete parameters/buffers no get_attr reads; returns (count, bytes) freed."""
+def _remove_unused_params(gm: torch.fx.GraphModule, only: set[str] | None = None) -> tuple[int, int]:
+    """Delete parameters/buffers no get_attr reads (restricted to ``only`` if given); (count, bytes) freed."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     removed, freed = 0, 0
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in named:
-        if name in used:
+        if name in used or (only is not None and name not in only):
             continue
         owner_path, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -159,6 +159,7 @@ class ConstantFolding(Pass):
                 if isinstance(value, torch.Tensor):
                     constants[node.name] = value
         folded, grown_refused = 0, 0
+        orphan_candidates: set[torch.fx.Node] = set()
         max_growth = float(self.config.max_growth)  # type: ignore[attr-defined]
         for node in list(gm.graph.nodes):
             if not _is_pure(node) or node.target is torch.ops.aten._assert_tensor_metadata.default:
@@ -175,6 +176,7 @@ class ConstantFolding(Pass):
             if value.numel() * value.element_size() > max_growth * read:
                 grown_refused += 1
                 continue
+            orphan_candidates |= {a for a in inputs if a.op == "get_attr"}
             attr = _fresh_attr(gm, f"_folded_{node.name}")
             gm.register_buffer(attr, value.detach().clone().contiguous())
             with gm.graph.inserting_before(node):
@@ -185,11 +187,11 @@ class ConstantFolding(Pass):
             constants[new.name] = gm.get_buffer(attr)
             folded += 1
         freed = 0
-        if folded:  # drop only what folding orphaned: constants no node reads any more
-            for node in list(gm.graph.nodes):
-                if node.op == "get_attr" and not node.users:
-                    gm.graph.erase_node(node)
-            _, freed = _remove_unused_params(gm)
+        if folded:  # drop only what folding orphaned: constants it read that no node reads any more
+            orphaned = {str(n.target) for n in orphan_candidates if not n.users}
+            for node in [n for n in orphan_candidates if not n.users]:
+                gm.graph.erase_node(node)
+            _, freed = _remove_unused_params(gm, only=orphaned)
         return PassResult(
             program,
             folded > 0,
