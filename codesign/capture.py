@@ -149,11 +149,19 @@ class _SpecializationSpy(TorchFunctionMode):
         if env is not None:
             after = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)}
             if after - before:
-                frames = [f for f in traceback.extract_stack()
-                          if not f.filename.startswith((_TORCH_DIR, _CODESIGN_DIR))]
+                frames = [
+                    f
+                    for f in traceback.extract_stack()
+                    if not f.filename.startswith((_TORCH_DIR, _CODESIGN_DIR))
+                ]
                 if frames:
                     f = frames[-1]
-                    self.where = (f.filename, f.lineno or 0, (f.line or "").strip(), getattr(func, "__name__", "?"))
+                    self.where = (
+                        f.filename,
+                        f.lineno or 0,
+                        (f.line or "").strip(),
+                        getattr(func, "__name__", "?"),
+                    )
         return out
 
 
@@ -168,8 +176,9 @@ def _locate_specialization(model: torch.nn.Module, example: RequestBatch, dynami
     return spy.where
 
 
-def _explain_export_failure(exc: Exception, model: torch.nn.Module,
-                            specialized_at: tuple[str, int, str, str] | None = None) -> CaptureError:
+def _explain_export_failure(
+    exc: Exception, model: torch.nn.Module, specialized_at: tuple[str, int, str, str] | None = None
+) -> CaptureError:
     modules = {id(m): (name or "<root>", type(m).__name__) for name, m in model.named_modules()}
     where_module = None
     where_line = None

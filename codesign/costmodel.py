@@ -2,7 +2,8 @@
 
 Per kernel: time = max(FLOPs / achievable rate for its dtype, bytes / achievable bandwidth)
 + launch overhead. Matmul-class ops use the tensor (matrix) rate of their dtype; others the vector
-rate. Views launch nothing. Sums over kernels assume one kernel at a time, as eager and most
+rate. Views launch nothing on accelerators; where the target says views cost a dispatch (the host
+CPU running the graph op by op), each view adds ``view_overhead_s``. Sums over kernels assume one kernel at a time, as eager and most
 serving paths run them; fusion passes show up as fewer, larger kernels.
 """
 
@@ -138,6 +139,22 @@ def estimate_analysis(analysis: ProgramAnalysis, target: Target | str) -> CostEs
     """Roofline estimate from an existing analysis (reuse one analysis for many targets)."""
     tgt = get_target(target)
     ops = tuple(_op_estimate(n, tgt) for n in analysis.kernels)
+    if tgt.hardware.view_overhead_s:
+        views = [n for n in analysis.nodes if n.is_view]
+        ops += tuple(
+            OpEstimate(
+                name=n.name,
+                op=n.op,
+                module=n.module,
+                flops=0,
+                bytes=0,
+                compute_s=0.0,
+                memory_s=0.0,
+                launch_s=tgt.hardware.view_overhead_s,
+                rate_dtype="-",
+            )
+            for n in views
+        )
     activation = (
         sum(n.bytes for n in analysis.kernels if n.flops or n.bytes) // 2
     )  # outputs ~ half of traffic

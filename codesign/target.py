@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
@@ -52,6 +53,7 @@ class HardwareSpec:
     devices_per_host: int
     launch_overhead_s: float
     source: str
+    view_overhead_s: float = 0.0  # views launch no kernel on accelerators; on the host each is dispatched
     compute_efficiency: float = DATASHEET_COMPUTE_EFFICIENCY
     memory_efficiency: float = DATASHEET_MEMORY_EFFICIENCY
     notes: str = ""
@@ -369,6 +371,18 @@ def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
     return 2 * m * k * n / _best_time(lambda: torch.mm(a, b), 5)
 
 
+def _per_node_time(op: Any, args: Any, x: torch.Tensor) -> list[float]:
+    """Seconds per node of an FX graph chaining 100 calls of ``op``: dispatch as programs pay it."""
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    for _ in range(100):
+        node = graph.call_function(op, args(node))
+    graph.output(node)
+    chain = torch.fx.GraphModule(torch.nn.Module(), graph)
+    chain(x)
+    return [_best_time(lambda: chain(x), 3) / 100 for _ in range(5)]
+
+
 def _measure_host() -> dict[str, float]:
     with torch.no_grad():
         # median achieved rate over GEMM shapes typical of ranking towers (tall-skinny, narrow N)
@@ -379,15 +393,9 @@ def _measure_host() -> dict[str, float]:
         dst.copy_(src)
         bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), 10)
         # per-op cost as programs pay it: one FX graph node dispatching a tiny aten op
-        graph = torch.fx.Graph()
-        node = graph.placeholder("x")
-        for _ in range(100):
-            node = graph.call_function(torch.ops.aten.add.Tensor, (node, node))
-        graph.output(node)
-        chain = torch.fx.GraphModule(torch.nn.Module(), graph)
         x = torch.randn(2, 2)
-        chain(x)
-        per_op = [_best_time(lambda: chain(x), 3) / 100 for _ in range(5)]
+        per_op = _per_node_time(torch.ops.aten.add.Tensor, lambda n: (n, n), x)
+        per_view = _per_node_time(torch.ops.aten.view.default, lambda n: (n, [2, 2]), x)
         # cache-resident elementwise work, counted in the analysis' FLOPs-per-element units
         vec = torch.randn(64 * 1024)
         sigmoid_flops = FLOPS_PER_ELEMENT[torch.ops.aten.sigmoid.default]
@@ -398,6 +406,7 @@ def _measure_host() -> dict[str, float]:
         "bandwidth": bw,
         "launch": statistics.median(per_op),
         "vector": vector,
+        "view": statistics.median(per_view),
     }
 
 
@@ -410,7 +419,7 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             data = None
-    if data is None or not {"fp32", "bf16", "bandwidth", "launch", "vector"} <= data.keys():
+    if data is None or not {"fp32", "bf16", "bandwidth", "launch", "vector", "view"} <= data.keys():
         data = _measure_host()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,6 +438,7 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
         interconnect_bandwidth_bytes_per_s=data["bandwidth"],
         devices_per_host=1,
         launch_overhead_s=data["launch"],
+        view_overhead_s=data["view"],
         compute_efficiency=1.0,
         memory_efficiency=1.0,
         source=f"measured on this host ({torch.get_num_threads()} threads, torch {torch.__version__})",

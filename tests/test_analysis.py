@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-from tests.conftest import tiny_program, tiny_workload
 
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
@@ -14,10 +14,11 @@ from codesign.analysis import Role, analyze, propagate_roles, to_networkx
 from codesign.costmodel import estimate, estimate_analysis
 from codesign.errors import TargetError
 from codesign.target import CATALOGUE, HardwareSpec, Target, calibrate_host, get_target
+from tests.conftest import tiny_program, tiny_workload
 
 
 def _linear_flops(m: int, sizes: list[int], bias: bool = True) -> int:
-    return sum(2 * m * a * b + (m * b if bias else 0) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return sum(2 * m * a * b + (m * b if bias else 0) for a, b in itertools.pairwise(sizes))
 
 
 def test_dcnv2_dense_forward_is_32_mflop_per_sample_at_mlperf_shape() -> None:
@@ -95,10 +96,21 @@ def test_roofline_by_hand_on_a_round_number_target() -> None:
     lin = torch.nn.Linear(256, 512)
     batch = RequestBatch({"input": torch.randn(4, 256)}, offsets_from_counts([4]))
     program = codesign.capture(lin, batch, RequestSpec())
-    hw = HardwareSpec(name="toy", vendor="-", kind="gpu", matmul_flops_per_s={"fp32": 1e12},
-                      vector_flops_per_s=1e11, memory_bandwidth_bytes_per_s=1e11, memory_bytes=1e9,
-                      interconnect_bandwidth_bytes_per_s=1e10, devices_per_host=1, launch_overhead_s=2e-6,
-                      source="test", compute_efficiency=1.0, memory_efficiency=1.0)
+    hw = HardwareSpec(
+        name="toy",
+        vendor="-",
+        kind="gpu",
+        matmul_flops_per_s={"fp32": 1e12},
+        vector_flops_per_s=1e11,
+        memory_bandwidth_bytes_per_s=1e11,
+        memory_bytes=1e9,
+        interconnect_bandwidth_bytes_per_s=1e10,
+        devices_per_host=1,
+        launch_overhead_s=2e-6,
+        source="test",
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+    )
     est = estimate(program, Target(hw), candidates=1024)
     (op,) = est.ops
     flops = 2 * 1024 * 256 * 512 + 1024 * 512

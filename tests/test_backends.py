@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 import codesign
 from codesign.backends import InductorBackend, InductorConfig, get_backend
 from codesign.errors import BackendError, PassError
 from codesign.pipeline import compare_outputs
 from codesign.target import get_target
+from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 
 def test_unknown_backend_and_target_it_cannot_run() -> None:
@@ -46,8 +46,9 @@ def _aoti_round_trip(name: str, tmp_path: Path) -> None:
         "ok, err = v.check_reference()\n"
         "print('OK' if ok else f'BAD {err}')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert done.stdout.strip().endswith("OK"), done.stdout + done.stderr
     w = tiny_workload(name)
     loaded = codesign.load(bundle)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 import codesign
 from codesign.bundle import MANIFEST, PROGRAM, _sha256
 from codesign.errors import BundleError
 from codesign.pipeline import compare_outputs
+from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_tampered_file_is_refused(eager_bundles: dict[str, Path], tmp_path: Path
     data = bytearray((b / "reference.pt").read_bytes())
     data[-40] ^= 0xFF
     (b / "reference.pt").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="reference.pt does not match its sha256.*tampered"):
+    with pytest.raises(BundleError, match=r"reference.pt does not match its sha256.*tampered"):
         codesign.load(b)
 
 
@@ -93,7 +93,7 @@ def test_foreign_newer_missing_and_extra(eager_bundles: dict[str, Path], tmp_pat
         codesign.load(b)
     (b / "evil.so").unlink()
     (b / MANIFEST).unlink()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest.json"):
         codesign.load(b)
     with pytest.raises(BundleError, match="does not exist"):
         codesign.load(tmp_path / "nowhere")
@@ -108,7 +108,9 @@ def test_config_outside_the_allow_list_is_refused(eager_bundles: dict[str, Path]
         codesign.load(b)
 
 
-def test_pickled_payload_in_program_archive_is_refused(eager_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_pickled_payload_in_program_archive_is_refused(
+    eager_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     b = _copy(eager_bundles["multitask"], tmp_path)
     with zipfile.ZipFile(b / PROGRAM, "a") as z:
         root = z.namelist()[0].split("/")[0]
@@ -124,7 +126,7 @@ def test_abi_bound_backend_refuses_another_torch(eager_bundles: dict[str, Path],
     manifest["versions"]["torch"] = "2.0.0"
     manifest["backend"]["name"] = "aoti"
     (b / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="built with torch 2.0.0"):
+    with pytest.raises(BundleError, match=r"built with torch 2.0.0"):
         codesign.load(b)
 
 

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_program, tiny_workload
 
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.errors import CaptureError, SpecError
 from codesign.pipeline import Tolerance, compare_outputs
+from tests.conftest import tiny_program, tiny_workload
 
 EXACT = Tolerance(rtol=1e-5, atol=1e-6)
 
@@ -74,7 +74,7 @@ def test_single_candidate_example_and_wrong_types_are_clear_errors() -> None:
         codesign.capture(_FixedBatch(), _batch(1), RequestSpec())
     with pytest.raises(SpecError, match="RequestBatch"):
         codesign.capture(_FixedBatch(), {"x": torch.randn(3, 4)}, RequestSpec())  # type: ignore[arg-type]
-    with pytest.raises(CaptureError, match="nn.Module"):
+    with pytest.raises(CaptureError, match=r"nn.Module"):
         codesign.capture(lambda x: x, _batch(), RequestSpec())  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="'nope'"):
         codesign.capture(_FixedBatch(), _batch(), RequestSpec(request_inputs=("nope",)))
@@ -96,7 +96,7 @@ def test_model_ref_from_file(tmp_path: pytest.TempPathFactory, repo_root: object
     assert codesign.capture(w).op_count() > 0
     from codesign.errors import ModelRefError
 
-    with pytest.raises(ModelRefError, match="not a codesign.Workload"):
+    with pytest.raises(ModelRefError, match=r"not a codesign.Workload"):
         codesign.load_model_ref(f"{path}:wrong")
     with pytest.raises(ModelRefError, match="no callable 'missing'"):
         codesign.load_model_ref(f"{path}:missing")

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from tests.conftest import tiny_program
 
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
@@ -24,6 +23,7 @@ from codesign.pipeline import Pass, PassManager, PassResult
 from codesign.program import Program
 from codesign.target import Target, get_target
 from codesign.testing import check_pass_on_program
+from tests.conftest import tiny_program
 
 HOST = get_target("h100")  # passes plan for a target; numerics are checked on this CPU either way
 
@@ -118,7 +118,7 @@ class _BreakOutputs(Pass):
                 with program.graph.inserting_after(node):
                     scaled = program.graph.call_function(torch.ops.aten.mul.Tensor, (node, self.config.scale))  # type: ignore[attr-defined]
                 scaled.meta = dict(node.meta)
-                node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+                node.replace_all_uses_with(scaled, delete_user_cb=lambda u, s=scaled: u is not s)  # type: ignore[misc]
                 return PassResult(program, True)
         return PassResult(program, False)
 

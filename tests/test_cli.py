@@ -1,0 +1,78 @@
+"""The codesign command: profile, compile, run, targets, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codesign.cli import main
+
+
+def test_profile_prints_ops_and_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "profile",
+                "dcnv2",
+                "--size",
+                "tiny",
+                "--candidates",
+                "128",
+                "--requests",
+                "2",
+                "--targets",
+                "host",
+                "h100",
+                "mtia-v2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "top ops by predicted time" in out and "linear.default" in out
+    assert "h100" in out and "mtia-v2" in out and "no (predicted)" in out
+
+
+def test_compile_then_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "b"
+    assert (
+        main(
+            [
+                "compile",
+                "din",
+                "--size",
+                "tiny",
+                "--backend",
+                "eager",
+                "--out",
+                str(out_dir),
+                "--passes",
+                "cse,dce",
+            ]
+        )
+        == 0
+    )
+    assert (out_dir / "manifest.json").is_file()
+    assert main(["run", str(out_dir), "--requests", "2", "--candidates", "5", "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "reference outputs match" in out and "median latency" in out
+    assert main(["compile", "din", "--size", "tiny", "--out", str(out_dir)]) == 2  # refuses to clobber
+    assert "not empty" in capsys.readouterr().out
+
+
+def test_errors_are_one_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "no_such_model"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown model reference" in out and "fix:" in out and "Traceback" not in out
+    assert main(["run", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().out
+    assert main(["compile", "din", "--size", "tiny", "--target", "tpu-v9", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown target 'tpu-v9'" in capsys.readouterr().out
+
+
+def test_targets_lists_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("h100", "h200", "a100", "l4", "mi300x", "tpu-v5e", "tpu-v5p", "tpu-v6e", "mtia-v2", "host"):
+        assert name in out
