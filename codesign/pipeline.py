@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 import torch
 
 from codesign.config import Config
-from codesign.errors import NumericsError, PassError
+from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.program import Program, flatten_outputs
 from codesign.target import Target
 
-__all__ = ["CompileReport", "Knob", "Pass", "PassManager", "PassRecord", "PassResult", "Tolerance"]
+__all__ = ["CompileReport", "Knob", "Pass", "PassManager", "PassRecord", "PassResult", "Tolerance", "Tunable"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Knob:
             ok = (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
         if not ok:
             rng = self.choices if self.kind == "categorical" else f"[{self.low}, {self.high}]"
-            raise PassError(f"knob {self.name}={value!r} is not a valid {self.kind} in {rng}")
+            raise ConfigError(f"knob {self.name}={value!r} is not a valid {self.kind} in {rng}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +74,17 @@ class PassResult:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class Pass(abc.ABC):
-    """Base of every graph pass. Subclasses set ``name``, ``Config`` and implement ``apply``."""
+class Tunable:
+    """Shared by passes and backends: a typed config of knobs checked on construction, and a stable uuid."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[Config]]
-    tolerance: ClassVar[Tolerance] = EXACT
     version: ClassVar[int] = 1
 
     def __init__(self, config: Config | None = None) -> None:
         cfg = config if config is not None else self.config_class()
         if not isinstance(cfg, self.config_class):
-            raise PassError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
+            raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
         for knob in self.knobs():
             knob.check(getattr(cfg, knob.name))
         self.config = cfg
@@ -95,17 +94,23 @@ class Pass(abc.ABC):
         """The knobs search may tune (by default: none)."""
         return ()
 
-    @abc.abstractmethod
-    def apply(self, program: Program, target: Target) -> PassResult:
-        """Rewrite ``program`` (already a private copy) for ``target``."""
-
     def uuid(self) -> str:
-        """Stable id of this pass's code version and config, for cache keys."""
+        """Stable id of this code version and config, for cache keys."""
         raw = f"{type(self).__module__}.{type(self).__qualname__}:v{self.version}:{self.config.to_json()}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+class Pass(Tunable, abc.ABC):
+    """Base of every graph pass. Subclasses set ``name``, ``config_class`` and implement ``apply``."""
+
+    tolerance: ClassVar[Tolerance] = EXACT
+
+    @abc.abstractmethod
+    def apply(self, program: Program, target: Target) -> PassResult:
+        """Rewrite ``program`` (already a private copy) for ``target``."""
 
 
 @dataclasses.dataclass

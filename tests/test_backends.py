@@ -11,7 +11,7 @@ import torch
 
 import codesign
 from codesign.backends import InductorBackend, InductorConfig, get_backend
-from codesign.errors import BackendError, PassError
+from codesign.errors import BackendError, ConfigError
 from codesign.pipeline import compare_outputs
 from codesign.target import get_target
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
@@ -22,7 +22,7 @@ def test_unknown_backend_and_target_it_cannot_run() -> None:
         get_backend("tvm")
     with pytest.raises(BackendError, match="cannot run on target 'h100'"):
         codesign.compile(tiny_program("din"), target="h100", backend="eager")
-    with pytest.raises(PassError, match="not a valid categorical"):
+    with pytest.raises(ConfigError, match="not a valid categorical"):
         InductorBackend(InductorConfig(mode="fastest"))
 
 

@@ -10,7 +10,7 @@ import torch
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.config import Config, register_config
-from codesign.errors import NumericsError, PassError
+from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.passes import (
     CommonSubexpressionElimination,
     ConstantFolding,
@@ -144,9 +144,9 @@ def test_numerics_failure_names_the_pass_and_what_ran_before() -> None:
 def test_knobs_are_typed_and_checked() -> None:
     (knob,) = ConstantFolding.knobs()
     assert (knob.name, knob.kind, knob.low, knob.high) == ("max_growth", "float", 0.0, 16.0)
-    with pytest.raises(PassError, match="max_growth=-1"):
+    with pytest.raises(ConfigError, match="max_growth=-1"):
         ConstantFolding(ConstantFoldingConfig(max_growth=-1.0))
-    with pytest.raises(PassError, match="takes a ConstantFoldingConfig"):
+    with pytest.raises(ConfigError, match="takes a ConstantFoldingConfig"):
         ConstantFolding(_BreakConfig())  # type: ignore[arg-type]
     with pytest.raises(PassError, match="unknown pass 'fuse_all'"):
         pass_by_name("fuse_all")

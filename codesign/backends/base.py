@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +16,7 @@ import torch
 
 from codesign.config import Config, register_config
 from codesign.errors import BackendError
-from codesign.pipeline import Knob
+from codesign.pipeline import Tunable
 from codesign.program import Program
 from codesign.target import Target
 
@@ -39,24 +38,10 @@ class Lowered:
     artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # bundle-relative name -> file
 
 
-class Backend(abc.ABC):
-    name: ClassVar[str]
+class Backend(Tunable, abc.ABC):
+    """Base of every backend. Subclasses set ``name`` (and ``config_class`` when they have options)."""
+
     config_class: ClassVar[type[Config]] = BackendConfig
-    version: ClassVar[int] = 1
-
-    def __init__(self, config: Config | None = None) -> None:
-        cfg = config if config is not None else self.config_class()
-        if not isinstance(cfg, self.config_class):
-            raise BackendError(
-                f"backend {self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}"
-            )
-        for knob in self.knobs():
-            knob.check(getattr(cfg, knob.name))
-        self.config = cfg
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return ()
 
     def runs_on(self, target: Target) -> bool:
         """True when this backend can execute on ``target`` from this machine."""
@@ -77,7 +62,3 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
         """Rebuild the runner from a bundle's exported program and verified artifact files."""
-
-    def uuid(self) -> str:
-        raw = f"{type(self).__module__}.{type(self).__qualname__}:v{self.version}:{self.config.to_json()}"
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
