@@ -21,8 +21,8 @@ import sympy
 import torch
 import torch.fx
 
-from codesign.program import Program
-from codesign.request import RequestBatch
+from codesign.program import REQUEST_OFFSETS, Program
+from codesign.request import RequestBatch, flatten_inputs
 
 __all__ = [
     "FLOPS_PER_ELEMENT",
@@ -257,20 +257,21 @@ _ELEMENTWISE_OR_ROWWISE = {
 # ---- shapes -----------------------------------------------------------------------------------
 
 
-def _expr(d: Any) -> Any:
+def symbolic_dim(d: Any) -> Any:
+    """The sympy expression of a (possibly symbolic) size: compare dims across nodes with ``==``."""
     return d.node.expr if isinstance(d, torch.SymInt) else d
 
 
 def _symbol_env(program: Program, batch: RequestBatch) -> dict[Any, int]:
     env: dict[Any, int] = {}
-    leaves = batch.leaves()
+    leaves = dict(flatten_inputs(program.call_inputs(batch)))
     for path, node in program.placeholders().items():
         val = node.meta.get("val")
         actual = leaves.get(path)
         if not isinstance(val, torch.Tensor) or not isinstance(actual, torch.Tensor):
             continue
         for d, size in zip(val.shape, actual.shape, strict=False):
-            e = _expr(d)
+            e = symbolic_dim(d)
             if isinstance(e, sympy.Symbol):
                 env[e] = int(size)
     return env
@@ -286,7 +287,7 @@ class _Shapes:
     def dim(self, d: Any) -> int:
         if isinstance(d, int):
             return d
-        e = _expr(d)
+        e = symbolic_dim(d)
         if not isinstance(e, sympy.Basic) or isinstance(e, sympy.Integer):
             return int(e)
         value = e.xreplace(self.env)
@@ -443,7 +444,7 @@ def _keeps_rows(node: torch.fx.Node) -> bool:
             and isinstance(out, torch.Tensor)
             and src.dim() > 0
             and out.dim() > 0
-            and _expr(src.shape[0]) == _expr(out.shape[0])
+            and symbolic_dim(src.shape[0]) == symbolic_dim(out.shape[0])
         )
     if t is aten.permute.default:
         return _as_int(node.args[1][0]) == 0  # type: ignore[index, call-overload]
@@ -461,7 +462,9 @@ def propagate_roles(program: Program) -> dict[str, Role]:
     roles: dict[str, Role] = {}
     request_cols: dict[str, tuple[tuple[int, int], ...]] = {}
     for path, node in program.placeholders().items():
-        if path in spec.static_inputs or path in spec.jagged.values():
+        if path == REQUEST_OFFSETS:
+            roles[node.name] = Role.PARAM
+        elif path in spec.static_inputs or path in spec.jagged.values():
             roles[node.name] = Role.PARAM if path in spec.static_inputs else Role.CANDIDATE
         elif path in spec.request_inputs:
             roles[node.name] = Role.REQUEST
@@ -476,7 +479,9 @@ def propagate_roles(program: Program) -> dict[str, Role]:
             roles[node.name] = Role.PARAM if node.op == "get_attr" else Role.CANDIDATE
             continue
         ins = [roles.get(a.name, Role.CANDIDATE) for a in node.all_input_nodes]
-        if node.target in (aten.slice.Tensor, aten.select.int) and node.args[0].name in request_cols:  # type: ignore[union-attr]
+        if node.target is aten.sym_size.int and len(node.args) > 1 and node.args[1] != 0:
+            roles[node.name] = Role.PARAM  # a size other than the row count is the same for every row
+        elif node.target in (aten.slice.Tensor, aten.select.int) and node.args[0].name in request_cols:  # type: ignore[union-attr]
             roles[node.name] = _column_role(node, request_cols[node.args[0].name])  # type: ignore[union-attr]
         elif node.target in (aten.embedding_bag.padding_idx, aten.embedding_bag.default):
             # rows of the output are bags: request-level when the bag ids are request-level

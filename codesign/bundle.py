@@ -105,6 +105,7 @@ def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) 
         "cost": variant.cost,
         "compile_report": variant.report,
         "cache_key": variant.cache_key,
+        "takes_request_offsets": variant.takes_request_offsets,
         "files": files,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
@@ -260,4 +261,5 @@ def load(directory: str | Path) -> Variant:
         report=manifest.get("compile_report"),
         program=None,
         cache_key=str(manifest.get("cache_key", "")),
+        takes_request_offsets=bool(manifest.get("takes_request_offsets", False)),
     )

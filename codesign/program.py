@@ -15,14 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch
 
-__all__ = ["CANDIDATES_DIM", "Program", "dynamic_shapes_for", "flatten_outputs"]
+__all__ = ["CANDIDATES_DIM", "REQUEST_OFFSETS", "Program", "dynamic_shapes_for", "flatten_outputs"]
 
 CANDIDATES_DIM = "candidates"
+REQUEST_OFFSETS = "request_offsets"  # extra keyword input of request-centric programs: offsets[R+1]
 DEFAULT_MAX_CANDIDATES = 1 << 20
 
 
@@ -31,10 +33,20 @@ def _dim_name(path: str) -> str:
 
 
 def dynamic_shapes_for(
-    inputs: Mapping[str, Any], spec: RequestSpec, max_candidates: int = DEFAULT_MAX_CANDIDATES
+    inputs: Mapping[str, Any],
+    spec: RequestSpec,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    request_offsets: bool = False,
 ) -> dict[str, Any]:
-    """The ``dynamic_shapes`` tree for torch.export: candidate inputs share one ``candidates`` dim."""
+    """The ``dynamic_shapes`` tree for torch.export: candidate inputs share one ``candidates`` dim.
+
+    With ``request_offsets`` the tree also covers the ``request_offsets`` input (R+1 entries).
+    """
     candidates = Dim(CANDIDATES_DIM, min=1, max=max_candidates)
+    if request_offsets:
+        shapes = dynamic_shapes_for(inputs, spec, max_candidates)
+        shapes[REQUEST_OFFSETS] = {0: Dim("requests_plus_one", min=2, max=max_candidates + 1)}
+        return shapes
     leaves, tree = pytree.tree_flatten_with_path(dict(inputs))
     shapes: list[Any] = []
     for path, value in flatten_inputs(inputs):
@@ -64,14 +76,21 @@ class Program:
     make_batch: Callable[[Sequence[int], int], RequestBatch] | None = None
     max_candidates: int = DEFAULT_MAX_CANDIDATES
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    takes_request_offsets: bool = False  # request-centric programs also take ``request_offsets``
 
     # ---- running -------------------------------------------------------------------------
     def __call__(self, **inputs: Any) -> Any:
         return self.graph_module(**inputs)
 
+    def call_inputs(self, batch: RequestBatch) -> dict[str, Any]:
+        """The keyword inputs of one call: the model's inputs, plus the request offsets if the program takes them."""
+        if self.takes_request_offsets:
+            return {**batch.inputs, REQUEST_OFFSETS: batch.offsets}
+        return dict(batch.inputs)
+
     def run(self, batch: RequestBatch) -> Any:
         with torch.no_grad():
-            return self.graph_module(**batch.inputs)
+            return self.graph_module(**self.call_inputs(batch))
 
     def sample_batch(self, candidates: Sequence[int], seed: int) -> RequestBatch:
         """Fresh requests: the workload's generator when known, else resampled from the example."""
@@ -86,7 +105,7 @@ class Program:
 
     @property
     def input_paths(self) -> list[str]:
-        return [p for p, _ in flatten_inputs(self.example.inputs)]
+        return [p for p, _ in flatten_inputs(self.call_inputs(self.example))]
 
     def placeholders(self) -> dict[str, torch.fx.Node]:
         """Input path -> placeholder node (graph placeholders follow the flattened input order)."""
@@ -134,14 +153,21 @@ class Program:
                     obj = getattr(obj, part)
 
     def dynamic_shapes(self) -> dict[str, Any]:
-        return dynamic_shapes_for(self.example.inputs, self.spec, self.max_candidates)
+        return dynamic_shapes_for(
+            self.example.inputs, self.spec, self.max_candidates, self.takes_request_offsets
+        )
 
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (possibly rewritten) graph with the same dynamic dimensions."""
-        with torch.no_grad():
+        # size-oblivious: a request count of 1 must not be specialized away (R is a size here)
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             return torch.export.export(
-                self.graph_module, (), dict(self.example.inputs), dynamic_shapes=self.dynamic_shapes()
+                self.graph_module, (), self.call_inputs(self.example), dynamic_shapes=self.dynamic_shapes()
             )
+
+    def reexported(self) -> Program:
+        """A copy whose graph is re-traced by torch.export: fresh shapes and metadata after a rewrite."""
+        return dataclasses.replace(self, graph_module=self.export().module(), metadata=dict(self.metadata))
 
     def graph_hash(self) -> str:
         """Stable hash of graph code, parameter metadata and a sample of parameter values."""

@@ -20,7 +20,7 @@ from codesign.costmodel import estimate
 from codesign.errors import NumericsError, PassError
 from codesign.passes import generic_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
-from codesign.program import Program, flatten_outputs
+from codesign.program import REQUEST_OFFSETS, Program, flatten_outputs
 from codesign.request import RequestBatch, RequestSpec
 from codesign.target import Target, get_target
 from codesign.workload import Workload
@@ -55,12 +55,16 @@ class Variant:
     report: dict[str, Any] | None = None
     program: Program | None = None  # present when compiled in this process, absent when loaded
     cache_key: str = ""
+    takes_request_offsets: bool = False  # request-centric variants also take the batch's request offsets
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():
             return self.runner(**inputs)
 
     def score(self, batch: RequestBatch) -> Any:
+        """Scores of a request batch (flat inputs; request offsets are passed when the variant uses them)."""
+        if self.takes_request_offsets:
+            return self(**batch.inputs, **{REQUEST_OFFSETS: batch.offsets})
         return self(**batch.inputs)
 
     @property
@@ -146,6 +150,7 @@ def compile(
         report=report.to_dict(),
         program=optimized,
         cache_key=cache_key(program, pass_list, be, tgt),
+        takes_request_offsets=optimized.takes_request_offsets,
     )
     if verify:
         _verify_backend(variant, program)

@@ -8,6 +8,7 @@ from codesign.passes.cleanup import (
     DeadCodeElimination,
     generic_passes,
 )
+from codesign.passes.request_sharing import RequestSharing, RequestSharingConfig
 
 __all__ = [
     "CommonSubexpressionElimination",
@@ -17,11 +18,13 @@ __all__ = [
     "pass_by_name",
 ]
 
-_PASSES = {p.name: p for p in (DeadCodeElimination, CommonSubexpressionElimination, ConstantFolding)}
+_PASSES = {
+    p.name: p for p in (DeadCodeElimination, CommonSubexpressionElimination, ConstantFolding, RequestSharing)
+}
 
 
 def pass_by_name(name: str) -> type:
-    """The pass class registered under ``name`` (``dce``, ``cse``, ``constant_folding``)."""
+    """The pass class registered under ``name`` (``dce``, ``cse``, ``constant_folding``, ``request_sharing``)."""
     from codesign.errors import PassError
 
     if name not in _PASSES:

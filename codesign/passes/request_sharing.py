@@ -1,0 +1,200 @@
+"""Request-centric computation: user work once per request, shared by all of its candidates.
+
+Flat ranking models repeat the user's features on every candidate row, so the user tower runs N
+times for one user. This pass uses the roles from ``codesign.analysis.propagate_roles``:
+
+* the program gains an input ``request_offsets`` (R+1 entries, as in ``RequestBatch.offsets``);
+* every request-level *source* (a request-level input, a request-column slice, a lookup over
+  request-level ids) is compressed to one row per request: ``index_select(x, 0, offsets[:-1])``;
+* request-level nodes that depend only on compressed values and parameters are recomputed on the
+  R compressed rows instead of N;
+* where a request-level value meets candidate-level work, it is expanded back with
+  ``index_select(v, 0, request_index)``, ``request_index = searchsorted(offsets[1:], arange(N), right)``.
+
+Numerics are unchanged up to fp32 rounding (the same ops run on fewer rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from codesign.analysis import Role, analyze, propagate_roles, symbolic_dim
+from codesign.config import Config, register_config
+from codesign.costmodel import estimate_analysis
+from codesign.pipeline import Knob, Pass, PassResult
+from codesign.program import REQUEST_OFFSETS, Program
+from codesign.target import Target
+
+__all__ = ["RequestSharing", "RequestSharingConfig"]
+
+aten = torch.ops.aten
+
+# Candidate and request counts at which the pass reports predicted savings.
+REPORT_CANDIDATES = 1024
+REPORT_REQUESTS = 16
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class RequestSharingConfig(Config):
+    min_request_fraction: float = 0.0  # rewrite only if at least this share of FLOPs is request-level
+
+
+class RequestSharing(Pass):
+    """Compute request-level work on one row per request; gather it back where candidates need it."""
+
+    name = "request_sharing"
+    config_class = RequestSharingConfig
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (
+            Knob(
+                "min_request_fraction",
+                "float",
+                0.0,
+                low=0.0,
+                high=1.0,
+                doc="skip the rewrite when request-level FLOPs are below this share of the total",
+            ),
+        )
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        if program.takes_request_offsets:
+            return PassResult(program, False, {"reason": "already request-centric"})
+        before = analyze(program, REPORT_CANDIDATES, REPORT_REQUESTS)
+        by_role = before.flops_by_role()
+        fraction = by_role[Role.REQUEST] / max(1, before.total_flops)
+        if by_role[Role.REQUEST] == 0 or fraction < self.config.min_request_fraction:  # type: ignore[attr-defined]
+            return PassResult(
+                program, False, {"request_flops_fraction": fraction, "reason": "no request-level work"}
+            )
+        work = program.copy()
+        compressed, expanded = _rewrite(work)
+        if compressed == 0:
+            return PassResult(
+                program,
+                False,
+                {"request_flops_fraction": fraction, "reason": "request-level values feed no shareable op"},
+            )
+        work.takes_request_offsets = True
+        work.recompile()
+        out = work.reexported()
+        after = analyze(out, REPORT_CANDIDATES, REPORT_REQUESTS)
+        stats: dict[str, Any] = {
+            "nodes_shared": compressed,
+            "expansions": expanded,
+            "request_flops_fraction": round(fraction, 4),
+            "flops_before": before.total_flops,
+            "flops_after": after.total_flops,
+            "flops_moved_to_request_level": before.total_flops - after.total_flops,
+            "at": f"{REPORT_CANDIDATES} candidates / {REPORT_REQUESTS} requests",
+            "predicted_latency_before_s": estimate_analysis(before, target).latency_s,
+            "predicted_latency_after_s": estimate_analysis(after, target).latency_s,
+        }
+        return PassResult(out, True, stats)
+
+
+def _tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+
+
+def _rewrite(program: Program) -> tuple[int, int]:
+    """Rewrite ``program.graph`` in place; returns (request nodes recomputed on R rows, expansions)."""
+    graph = program.graph
+    roles = propagate_roles(program)
+    placeholders = program.placeholders()
+    row_source = next(
+        node for path, node in placeholders.items() if path in program.spec.candidate_dim_inputs([path])
+    )
+    last_placeholder = list(placeholders.values())[-1]
+    device = program.example.offsets.device
+
+    with graph.inserting_after(last_placeholder):
+        offsets = graph.placeholder(REQUEST_OFFSETS)
+    with graph.inserting_after(offsets):
+        first_rows = graph.call_function(aten.slice.Tensor, (offsets, 0, 0, -1))
+    with graph.inserting_after(first_rows):
+        ends = graph.call_function(aten.slice.Tensor, (offsets, 0, 1, 9223372036854775807))
+    with graph.inserting_after(ends):
+        n_rows = graph.call_function(aten.sym_size.int, (row_source, 0))
+    with graph.inserting_after(n_rows):
+        rows = graph.call_function(aten.arange.default, (n_rows,), {"dtype": torch.int64, "device": device})
+    with graph.inserting_after(rows):
+        request_index = graph.call_function(aten.searchsorted.Tensor, (ends, rows), {"right": True})
+    helpers = {offsets, first_rows, ends, n_rows, rows, request_index}
+
+    rows_expr = symbolic_dim(row_source.meta["val"].shape[0])
+
+    def on_rows(node: torch.fx.Node) -> bool:
+        """Request-level tensor with one row per candidate (jagged values and tuples do not qualify)."""
+        val = _tensor_val(node)
+        return (
+            roles.get(node.name) is Role.REQUEST
+            and val is not None
+            and symbolic_dim(val.shape[0]) == rows_expr
+        )
+
+    compressed: dict[torch.fx.Node, torch.fx.Node] = {}
+    copied: set[torch.fx.Node] = set()
+
+    def compress(node: torch.fx.Node) -> torch.fx.Node:
+        if (
+            node not in compressed
+        ):  # a source: keep its N rows for candidate users, gather one row per request
+            with graph.inserting_after(request_index if node.op == "placeholder" else node):
+                compressed[node] = graph.call_function(aten.index_select.default, (node, 0, first_rows))
+            compressed[node].meta = dict(node.meta)
+        return compressed[node]
+
+    for node in list(graph.nodes):
+        if node in helpers or node.op != "call_function" or not on_rows(node):
+            continue
+        inputs = node.all_input_nodes
+        if not all(on_rows(a) or roles.get(a.name) is Role.PARAM for a in inputs) or not any(
+            map(on_rows, inputs)
+        ):
+            continue
+        with graph.inserting_after(node):
+            new = graph.node_copy(node, lambda a: compress(a) if on_rows(a) else a)
+        new.meta = dict(node.meta)
+        compressed[node] = new
+        copied.add(node)
+
+    expansions: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in copied:
+        for user in list(node.users):
+            if user in compressed.values() or user in compressed:
+                continue
+            if user.op == "call_module":
+                continue
+            if node not in expansions:
+                with graph.inserting_after(compressed[node]):
+                    expansions[node] = graph.call_function(
+                        aten.index_select.default, (compressed[node], 0, request_index)
+                    )
+                expansions[node].meta = dict(node.meta)
+            user.replace_input_with(node, expansions[node])
+    for node in reversed(list(graph.nodes)):  # the N-row originals of shared nodes are now unused
+        if node in copied and not node.users:
+            graph.erase_node(node)
+    _add_offsets_to_signature(program)
+    return len(copied), len(expansions)
+
+
+def _add_offsets_to_signature(program: Program) -> None:
+    """Extend the graph's pytree calling convention with the ``request_offsets`` keyword input."""
+    codegen = program.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None:
+        return
+    inputs = {**program.example.inputs, REQUEST_OFFSETS: program.example.offsets}
+    _, in_spec = pytree.tree_flatten(((), inputs))
+    codegen.pytree_info = info._replace(orig_args=[*info.orig_args, REQUEST_OFFSETS], in_spec=in_spec)  # type: ignore[attr-defined]
+    program.graph_module._in_spec = in_spec
