@@ -44,9 +44,9 @@ def dynamic_shapes_for(
     """
     candidates = Dim(CANDIDATES_DIM, min=1, max=max_candidates)
     if request_offsets:
-        shapes = dynamic_shapes_for(inputs, spec, max_candidates)
-        shapes[REQUEST_OFFSETS] = {0: Dim("requests_plus_one", min=2, max=max_candidates + 1)}
-        return shapes
+        with_offsets = dynamic_shapes_for(inputs, spec, max_candidates)
+        with_offsets[REQUEST_OFFSETS] = {0: Dim("requests_plus_one", min=2, max=max_candidates + 1)}
+        return with_offsets
     leaves, tree = pytree.tree_flatten_with_path(dict(inputs))
     shapes: list[Any] = []
     for path, value in flatten_inputs(inputs):
@@ -160,7 +160,7 @@ class Program:
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (possibly rewritten) graph with the same dynamic dimensions."""
         # size-oblivious: a request count of 1 must not be specialized away (R is a size here)
-        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
             return torch.export.export(
                 self.graph_module, (), self.call_inputs(self.example), dynamic_shapes=self.dynamic_shapes()
             )

@@ -14,6 +14,8 @@ __all__ = [
     "CommonSubexpressionElimination",
     "ConstantFolding",
     "DeadCodeElimination",
+    "RequestSharing",
+    "RequestSharingConfig",
     "generic_passes",
     "pass_by_name",
 ]
