@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costmodel.py
+	$(BIN)/python benchmarks/request_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
