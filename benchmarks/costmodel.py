@@ -13,8 +13,8 @@ import argparse
 import json
 import platform
 import statistics
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,21 +23,11 @@ import codesign
 from codesign.analysis import analyze
 from codesign.costmodel import estimate_analysis
 from codesign.target import get_target
+from codesign.timing import median_latency
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
 EXAMPLES = ("dlrm", "dcnv2", "din", "multitask", "useq")
-
-
-def measure(program: codesign.Program, batch: codesign.RequestBatch, repeats: int) -> float:
-    with torch.no_grad():
-        program.run(batch)  # warm-up: allocator, lazy init
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            program.run(batch)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
             counts = [n // requests + (1 if i < n % requests else 0) for i in range(requests)]
             batch = workload.make_batch(counts, seed=1)
             predicted = estimate_analysis(analyze(program, batch), host)
-            measured = measure(program, batch, args.repeats)
+            measured = median_latency(partial(program.run, batch), args.repeats)
             ratio = predicted.latency_s / measured
             rows.append(
                 {

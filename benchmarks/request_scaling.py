@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,24 +21,13 @@ import torch
 import codesign
 from codesign.passes import DeadCodeElimination, RequestSharing
 from codesign.pipeline import EXACT, PassManager, compare_outputs
-from codesign.program import Program
 from codesign.target import get_target
+from codesign.timing import median_latency
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
 CANDIDATES = (1, 16, 64, 256, 1024, 4096)
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_latency(program: Program, batch: codesign.RequestBatch, repeats: int) -> float:
-    with torch.no_grad():
-        program.run(batch)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            program.run(batch)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,8 +52,8 @@ def main() -> None:
         stats = report.passes[0].stats
         for n in args.candidates:
             batch = workload.make_batch([n], seed=n)
-            t_orig = median_latency(original, batch, args.repeats)
-            t_shared = median_latency(shared, batch, args.repeats)
+            t_orig = median_latency(partial(original.run, batch), args.repeats)
+            t_shared = median_latency(partial(shared.run, batch), args.repeats)
             _, diff, _ = compare_outputs(shared.run(batch), original.run(batch), EXACT)
             rows.append(
                 {

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import networkx as nx
@@ -584,7 +584,3 @@ def to_networkx(program: Program, analysis: ProgramAnalysis | None = None) -> nx
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
     return g
-
-
-def top_nodes(analysis: ProgramAnalysis, key: str = "flops", k: int = 10) -> Sequence[NodeCost]:
-    return sorted(analysis.kernels, key=lambda n: getattr(n, key), reverse=True)[:k]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from codesign.passes import pass_by_name
 from codesign.program import flatten_outputs
 from codesign.request import resample_batch
 from codesign.target import CATALOGUE, get_target, target_names
+from codesign.timing import median_latency
 from codesign.variant import compile
 from codesign.workload import Workload, load_model_ref
 
@@ -152,17 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_column(col)
     for i in range(args.batches):
         batch = resample_batch(variant.reference_inputs, variant.spec, counts, seed=args.seed + i)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = variant.score(batch)
-            times.append(time.perf_counter() - t0)
-        scores = torch.cat([t.reshape(-1).float() for t in flatten_outputs(out)])
+        latency = median_latency(partial(variant.score, batch), args.repeats)
+        scores = torch.cat([t.reshape(-1).float() for t in flatten_outputs(variant.score(batch))])
         table.add_row(
             str(i),
             str(batch.num_requests),
             str(batch.num_candidates),
-            _fmt_s(statistics.median(times)),
+            _fmt_s(latency),
             f"{scores.mean():.4f}",
             f"{scores.min():.4f}",
             f"{scores.max():.4f}",

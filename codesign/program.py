@@ -19,6 +19,7 @@ import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from codesign.errors import PassError
 from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch
 
 __all__ = ["CANDIDATES_DIM", "REQUEST_OFFSETS", "Program", "dynamic_shapes_for", "flatten_outputs"]
@@ -126,8 +127,6 @@ class Program:
 
     def verify(self) -> None:
         """Check the IR is well formed: lint, one placeholder per input, values on every op, one output."""
-        from codesign.errors import PassError
-
         self.graph.lint()
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.input_paths):
