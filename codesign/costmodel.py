@@ -20,6 +20,7 @@ __all__ = ["MATMUL_OPS", "CostEstimate", "OpEstimate", "estimate", "estimate_ana
 MATMUL_OPS = frozenset(
     {
         "linear.default",
+        "broadcast_linear.default",
         "mm.default",
         "addmm.default",
         "bmm.default",

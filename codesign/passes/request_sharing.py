@@ -23,6 +23,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+import codesign.ops  # noqa: F401  (registers codesign::broadcast_linear, the op this pass rewrites to)
 from codesign.analysis import Role, analyze, propagate_roles, symbolic_dim
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis
@@ -43,6 +44,10 @@ REPORT_REQUESTS = 16
 @dataclasses.dataclass(frozen=True)
 class RequestSharingConfig(Config):
     min_request_fraction: float = 0.0  # rewrite only if at least this share of FLOPs is request-level
+    split_concat_linears: bool = True  # Linear(concat(user, cand)) -> W_u·u (per request) + W_c·c
+    fuse_broadcast: bool = (
+        True  # add the per-request row inside the candidate GEMM (codesign::broadcast_linear)
+    )
 
 
 class RequestSharing(Pass):
@@ -62,26 +67,38 @@ class RequestSharing(Pass):
                 high=1.0,
                 doc="skip the rewrite when request-level FLOPs are below this share of the total",
             ),
+            Knob(
+                "split_concat_linears", "bool", True, doc="split Linear over concat(user, candidate) features"
+            ),
+            Knob(
+                "fuse_broadcast", "bool", True, doc="fuse the per-request row gather into the candidate GEMM"
+            ),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
         if program.takes_request_offsets:
             return PassResult(program, False, {"reason": "already request-centric"})
         before = analyze(program, REPORT_CANDIDATES, REPORT_REQUESTS)
-        by_role = before.flops_by_role()
-        fraction = by_role[Role.REQUEST] / max(1, before.total_flops)
-        if by_role[Role.REQUEST] == 0 or fraction < self.config.min_request_fraction:  # type: ignore[attr-defined]
+        work = program.copy()
+        split = _split_concat_linears(work) if self.config.split_concat_linears else 0  # type: ignore[attr-defined]
+        if split:
+            work.recompile()
+            work = work.reexported()  # fresh shapes for the new nodes before roles are recomputed
+        split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS) if split else before
+        request_flops = split_analysis.flops_by_role()[Role.REQUEST]
+        fraction = request_flops / max(1, split_analysis.total_flops)
+        if request_flops == 0 or fraction < self.config.min_request_fraction:  # type: ignore[attr-defined]
             return PassResult(
                 program, False, {"request_flops_fraction": fraction, "reason": "no request-level work"}
             )
-        work = program.copy()
-        compressed, expanded = _rewrite(work)
+        compressed, expanded, request_index = _rewrite(work)
         if compressed == 0:
             return PassResult(
                 program,
                 False,
                 {"request_flops_fraction": fraction, "reason": "request-level values feed no shareable op"},
             )
+        fused = _fuse_broadcast_linear(work, request_index) if self.config.fuse_broadcast else 0  # type: ignore[attr-defined]
         work.takes_request_offsets = True
         work.recompile()
         out = work.reexported()
@@ -89,6 +106,8 @@ class RequestSharing(Pass):
         stats: dict[str, Any] = {
             "nodes_shared": compressed,
             "expansions": expanded,
+            "linears_split": split,
+            "broadcast_linears": fused,
             "request_flops_fraction": round(fraction, 4),
             "flops_before": before.total_flops,
             "flops_after": after.total_flops,
@@ -105,8 +124,8 @@ def _tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) and val.dim() > 0 else None
 
 
-def _rewrite(program: Program) -> tuple[int, int]:
-    """Rewrite ``program.graph`` in place; returns (request nodes recomputed on R rows, expansions)."""
+def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
+    """Rewrite ``program.graph`` in place; returns (nodes recomputed on R rows, expansions, request_index)."""
     graph = program.graph
     roles = propagate_roles(program)
     placeholders = program.placeholders()
@@ -185,7 +204,138 @@ def _rewrite(program: Program) -> tuple[int, int]:
         if node in copied and not node.users:
             graph.erase_node(node)
     _add_offsets_to_signature(program)
-    return len(copied), len(expansions)
+    return len(copied), len(expansions), request_index
+
+
+def _rows_of_candidates(program: Program) -> Any:
+    placeholders = program.placeholders()
+    source = next(
+        node for path, node in placeholders.items() if path in program.spec.candidate_dim_inputs([path])
+    )
+    return symbolic_dim(source.meta["val"].shape[0])
+
+
+def _split_concat_linears(program: Program) -> int:
+    """``linear(cat([u..., c...], -1), W, b)`` -> ``linear(cat(c), W_c, b) + linear(cat(u), W_u)``.
+
+    Only where the concat mixes request-level parts (one row per candidate) with candidate-level
+    parts: the ``W_u`` product becomes request-level work that sharing then computes once per request.
+    """
+    graph, gm = program.graph, program.graph_module
+    roles = propagate_roles(program)
+    rows = _rows_of_candidates(program)
+    tensors = dict(gm.named_parameters()) | dict(gm.named_buffers())
+
+    def request_on_rows(node: Any) -> bool:
+        val = _tensor_val(node) if isinstance(node, torch.fx.Node) else None
+        return roles.get(node.name) is Role.REQUEST and val is not None and symbolic_dim(val.shape[0]) == rows
+
+    split = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.linear.default or len(node.args) < 2:
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if (
+            not isinstance(x, torch.fx.Node)
+            or x.target is not aten.cat.default
+            or not isinstance(w, torch.fx.Node)
+        ):
+            continue
+        if w.op != "get_attr" or str(w.target) not in tensors or roles.get(x.name) is not Role.CANDIDATE:
+            continue
+        parts = list(x.args[0])  # type: ignore[arg-type]
+        rank = x.meta["val"].dim()
+        dim = int(x.args[1]) if len(x.args) > 1 else 0  # type: ignore[arg-type]
+        if dim % rank != rank - 1 or not all(
+            isinstance(p, torch.fx.Node) and _tensor_val(p) is not None for p in parts
+        ):
+            continue
+        is_req = [request_on_rows(p) for p in parts]
+        if not any(is_req) or all(is_req):
+            continue
+        widths = [int(p.meta["val"].shape[-1]) for p in parts]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        spans = list(zip(starts, widths, is_req, strict=True))
+        req_cols = torch.cat([torch.arange(a, a + wd) for a, wd, r in spans if r])
+        cand_cols = torch.cat([torch.arange(a, a + wd) for a, wd, r in spans if not r])
+        weight = tensors[str(w.target)].detach()
+        names = []
+        for suffix, cols in (("request", req_cols), ("candidate", cand_cols)):
+            name = f"_split_{node.name}_{suffix}"
+            gm.register_buffer(name, weight[:, cols].contiguous())
+            names.append(name)
+        req_parts = [p for p, r in zip(parts, is_req, strict=True) if r]
+        cand_parts = [p for p, r in zip(parts, is_req, strict=True) if not r]
+        with graph.inserting_before(node):
+            w_req, w_cand = graph.get_attr(names[0]), graph.get_attr(names[1])
+            u = (
+                req_parts[0]
+                if len(req_parts) == 1
+                else graph.call_function(aten.cat.default, (req_parts, -1))
+            )
+            c = (
+                cand_parts[0]
+                if len(cand_parts) == 1
+                else graph.call_function(aten.cat.default, (cand_parts, -1))
+            )
+            user_part = graph.call_function(aten.linear.default, (u, w_req))
+            cand_part = graph.call_function(aten.linear.default, (c, w_cand, bias))
+            total = graph.call_function(aten.add.Tensor, (cand_part, user_part))
+        total.meta = dict(node.meta)
+        node.replace_all_uses_with(total)
+        graph.erase_node(node)
+        split += 1
+    if split:
+        graph.eliminate_dead_code()
+    return split
+
+
+_FUSABLE_ACTIVATIONS = {
+    aten.relu.default: "relu",
+    aten.sigmoid.default: "sigmoid",
+    aten.tanh.default: "tanh",
+    aten.gelu.default: "gelu",
+}
+
+
+def _fuse_broadcast_linear(program: Program, request_index: torch.fx.Node) -> int:
+    """``act(linear(c, W, b) + index_select(u_r, 0, request_index))`` -> ``codesign::broadcast_linear``."""
+    graph = program.graph
+    fused = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.add.Tensor or len(node.args) != 2:
+            continue
+        lin, gather = node.args
+        if getattr(gather, "target", None) is aten.linear.default:
+            lin, gather = gather, lin
+        if not (isinstance(lin, torch.fx.Node) and isinstance(gather, torch.fx.Node)):
+            continue
+        if lin.target is not aten.linear.default or len(lin.users) != 1 or _tensor_val(lin) is None:
+            continue
+        if gather.target is not aten.index_select.default or gather.args[2] is not request_index:
+            continue
+        if lin.meta["val"].dim() != 2 or len(gather.users) != 1:
+            continue
+        last, activation = node, "none"
+        if len(node.users) == 1:
+            (user,) = node.users
+            act = _FUSABLE_ACTIVATIONS.get(user.target)
+            if act is not None and (act != "gelu" or user.kwargs.get("approximate", "none") == "none"):
+                activation, last = act, user
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        with graph.inserting_before(last):
+            op = graph.call_function(
+                torch.ops.codesign.broadcast_linear.default,
+                (lin.args[0], lin.args[1], bias, gather.args[0], request_index, activation),
+            )
+        op.meta = dict(last.meta)
+        last.replace_all_uses_with(op)
+        for dead in (last, node, lin, gather):
+            if not dead.users:
+                graph.erase_node(dead)
+        fused += 1
+    return fused
 
 
 def _add_offsets_to_signature(program: Program) -> None:

@@ -1,0 +1,73 @@
+"""``codesign::broadcast_linear``: candidate GEMM + a gathered per-request row + bias + activation.
+
+    out[n] = act(x[n] @ weight.T + row[row_index[n]] + bias)
+
+After request sharing splits a Linear over ``concat(user, candidate)`` into ``W_u·u`` (computed once
+per request, R rows) and ``W_c·c`` (per candidate), this op adds the request's row inside the
+candidate GEMM's epilogue, so the [N, out] user tensor is never materialized. The CPU reference
+composes aten ops; on CUDA a Triton kernel does the gather in the epilogue (``broadcast_linear_triton``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ACTIVATIONS", "broadcast_linear", "broadcast_linear_reference"]
+
+ACTIVATIONS = ("none", "relu", "sigmoid", "gelu", "tanh")
+
+
+def _activate(out: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(out)
+    if activation == "sigmoid":
+        return torch.sigmoid(out)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(out)
+    if activation == "tanh":
+        return torch.tanh(out)
+    if activation == "none":
+        return out
+    raise ValueError(f"broadcast_linear: unknown activation {activation!r}; choose from {ACTIVATIONS}")
+
+
+def broadcast_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row: torch.Tensor,
+    row_index: torch.Tensor,
+    activation: str = "none",
+) -> torch.Tensor:
+    """Reference semantics in plain torch (also the CPU implementation)."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    return _activate(out + row.index_select(0, row_index), activation)
+
+
+@torch.library.custom_op("codesign::broadcast_linear", mutates_args=())
+def broadcast_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row: torch.Tensor,
+    row_index: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    if x.is_cuda:
+        from codesign.ops.broadcast_linear_triton import broadcast_linear_triton
+
+        return broadcast_linear_triton(x, weight, bias, row, row_index, activation)
+    return broadcast_linear_reference(x, weight, bias, row, row_index, activation)
+
+
+@broadcast_linear.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row: torch.Tensor,
+    row_index: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    torch._check(row_index.shape[0] == x.shape[0])
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
