@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv first.
+# The `gpu` extra (triton) is installed on CPU machines too: its kernels are tested there with TRITON_INTERPRET=1.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench,gpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)
