@@ -21,7 +21,7 @@ from codesign.errors import NumericsError, PassError
 from codesign.passes import generic_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
 from codesign.program import REQUEST_OFFSETS, Program, flatten_outputs
-from codesign.request import RequestBatch, RequestSpec
+from codesign.request import RequestBatch, RequestSpec, StructuredBatch
 from codesign.target import Target, get_target
 from codesign.workload import Workload
 
@@ -61,8 +61,15 @@ class Variant:
         with torch.no_grad():
             return self.runner(**inputs)
 
-    def score(self, batch: RequestBatch) -> Any:
-        """Scores of a request batch (flat inputs; request offsets are passed when the variant uses them)."""
+    def score(self, batch: RequestBatch | StructuredBatch) -> Any:
+        """Scores of a request batch: flat rows (``RequestBatch``) or request-centric (``StructuredBatch``).
+
+        A structured batch holds user features once per request; it is laid out as the model's flat
+        inputs (user rows repeated by ``request_index``) and request offsets are passed when the
+        variant uses them, so a request-sharing variant reads one row per request again.
+        """
+        if isinstance(batch, StructuredBatch):
+            batch = batch.to_flat(self.spec, self.reference_inputs)
         if self.takes_request_offsets:
             return self(**batch.inputs, **{REQUEST_OFFSETS: batch.offsets})
         return self(**batch.inputs)

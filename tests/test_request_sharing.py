@@ -108,6 +108,9 @@ def test_compiled_bundle_takes_offsets(tmp_path: object) -> None:
     assert loaded.takes_request_offsets
     batch = w.make_batch([2, 1, 6], 4)
     assert_outputs_close(loaded.score(batch), w.model(**batch.inputs), SHARED)
+    structured = batch.to_structured(w.spec)  # user features once per request
+    assert structured.request["history"].shape[0] == 3
+    assert_outputs_close(loaded.score(structured), w.model(**batch.inputs), SHARED)
 
 
 @settings(max_examples=12, deadline=None)
