@@ -10,7 +10,11 @@ composes aten ops; on CUDA a Triton kernel does the gather in the epilogue (``br
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ACTIVATIONS", "broadcast_linear", "broadcast_linear_reference"]
 
@@ -71,3 +75,11 @@ def _(
 ) -> torch.Tensor:
     torch._check(row_index.shape[0] == x.shape[0])
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.codesign.broadcast_linear)
+def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """GEMM plus the gathered row and bias in the epilogue (as ``codesign.analysis`` counts it)."""
+    m = math.prod(x_shape[:-1])
+    n_out, k = w_shape
+    return 2 * m * k * n_out + 2 * m * n_out
