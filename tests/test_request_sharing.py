@@ -92,10 +92,17 @@ def test_concatenated_feature_tensor_model() -> None:
 
 
 def test_no_request_work_leaves_program_untouched() -> None:
-    # DLRM's user features only meet candidate features in the dot interaction (not yet split)
-    program = tiny_program("dlrm")
+    model = _ConcatRanker().eval()
+    program = codesign.capture(model, _concat_batch([3, 4], 0), RequestSpec(), make_batch=_concat_batch)
     out, report = PassManager([RequestSharing()], HOST).run(program)
     assert not report.passes[0].modified and not out.takes_request_offsets
+
+
+def test_dlrm_user_by_user_dot_products_are_request_level() -> None:
+    shared, stats = _share(tiny_program("dlrm"))
+    assert stats["pairwise_interactions_split"] == 1 and stats["nodes_shared"] >= 1
+    assert "bmm" in shared.graph_module.code
+    assert stats["flops_after"] < stats["flops_before"]  # type: ignore[operator]
     _, report = PassManager([RequestSharing(RequestSharingConfig(min_request_fraction=0.99))], HOST).run(
         tiny_program("useq")
     )

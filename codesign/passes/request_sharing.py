@@ -48,7 +48,7 @@ MEASURE_REQUESTS = 4
 @dataclasses.dataclass(frozen=True)
 class RequestSharingConfig(Config):
     min_request_fraction: float = 0.0  # rewrite only if at least this share of FLOPs is request-level
-    split_concat_linears: bool = True  # Linear(concat(user, cand)) -> W_u·u (per request) + W_c·c
+    split_concat_linears: bool = True  # Linear(concat(user, cand)) -> W_u·u + W_c·c; user x user dot products
     fuse_broadcast: bool = (
         True  # add the per-request row inside the candidate GEMM (codesign::broadcast_linear)
     )
@@ -84,11 +84,14 @@ class RequestSharing(Pass):
             return PassResult(program, False, {"reason": "already request-centric"})
         before = analyze(program, REPORT_CANDIDATES, REPORT_REQUESTS)
         work = program.copy()
-        split = _split_concat_linears(work) if self.config.split_concat_linears else 0  # type: ignore[attr-defined]
-        if split:
+        split, pairwise = 0, 0
+        if self.config.split_concat_linears:  # type: ignore[attr-defined]
+            split = _split_concat_linears(work)
+            pairwise = _split_pairwise_interactions(work)
+        if split or pairwise:
             work.recompile()
             work = work.reexported()  # fresh shapes for the new nodes before roles are recomputed
-        split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS) if split else before
+        split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS) if split or pairwise else before
         request_flops = split_analysis.flops_by_role()[Role.REQUEST]
         fraction = request_flops / max(1, split_analysis.total_flops)
         if request_flops == 0 or fraction < self.config.min_request_fraction:  # type: ignore[attr-defined]
@@ -111,6 +114,7 @@ class RequestSharing(Pass):
             "nodes_shared": compressed,
             "expansions": expanded,
             "linears_split": split,
+            "pairwise_interactions_split": pairwise,
             "broadcast_linears": fused,
             "request_flops_fraction": round(fraction, 4),
             "flops_before": before.total_flops,
@@ -133,6 +137,16 @@ def _measured_matmul_flops(program: Program) -> int:
     with FlopCounterMode(display=False) as counter:
         program.run(batch)
     return int(counter.get_total_flops())
+
+
+def _int_arg(value: Any) -> int:
+    """An FX argument known to be a Python int (a dim)."""
+    return int(value)
+
+
+def _is_matrix(node: Any) -> bool:
+    val = _tensor_val(node) if isinstance(node, torch.fx.Node) else None
+    return val is not None and val.dim() == 2
 
 
 def _tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
@@ -262,7 +276,7 @@ def _split_concat_linears(program: Program) -> int:
             continue
         parts = list(x.args[0])  # type: ignore[arg-type]
         rank = x.meta["val"].dim()
-        dim = int(x.args[1]) if len(x.args) > 1 else 0  # type: ignore[arg-type]
+        dim = _int_arg(x.args[1]) if len(x.args) > 1 else 0
         if dim % rank != rank - 1 or not all(
             isinstance(p, torch.fx.Node) and _tensor_val(p) is not None for p in parts
         ):
@@ -300,6 +314,74 @@ def _split_concat_linears(program: Program) -> int:
             total = graph.call_function(aten.add.Tensor, (cand_part, user_part))
         total.meta = dict(node.meta)
         node.replace_all_uses_with(total)
+        graph.erase_node(node)
+        split += 1
+    if split:
+        graph.eliminate_dead_code()
+    return split
+
+
+def _split_pairwise_interactions(program: Program) -> int:
+    """``bmm(T, T^T)`` over ``T = stack([user..., cand...], 1)``: user x user dot products become request-level.
+
+    The stacked feature rows are reordered user-first, the Gram matrix is built from three blocks
+    (``T_u T_u^T`` -- request-level, shared by the next step -- ``T_u T_c^T`` and ``T_c T_c^T``) and put back
+    in the original row/column order, so everything downstream (e.g. DLRM's lower-triangle gather) is unchanged.
+    """
+    graph, gm = program.graph, program.graph_module
+    roles = propagate_roles(program)
+    rows = _rows_of_candidates(program)
+
+    def request_on_rows(node: Any) -> bool:
+        val = _tensor_val(node) if isinstance(node, torch.fx.Node) else None
+        return roles.get(node.name) is Role.REQUEST and val is not None and symbolic_dim(val.shape[0]) == rows
+
+    split = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.bmm.default:
+            continue
+        left, right = node.args[0], node.args[1]
+        if not (isinstance(left, torch.fx.Node) and isinstance(right, torch.fx.Node)):
+            continue
+        if (
+            left.target is not aten.stack.default
+            or right.target is not aten.transpose.int
+            or right.args[0] is not left
+        ):
+            continue
+        if sorted(_int_arg(d) % 3 for d in right.args[1:3]) != [1, 2]:
+            continue
+        dim = _int_arg(left.args[1]) if len(left.args) > 1 else 0
+        parts = list(left.args[0])  # type: ignore[arg-type]
+        if dim % 3 != 1 or not all(_is_matrix(p) for p in parts):
+            continue
+        is_req = [request_on_rows(p) for p in parts]
+        if sum(is_req) < 2 or all(is_req):
+            continue
+        order = [i for i, r in enumerate(is_req) if r] + [i for i, r in enumerate(is_req) if not r]
+        inverse = torch.empty(len(order), dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inv_name = f"_pairwise_{node.name}_inverse"
+        gm.register_buffer(inv_name, inverse)
+        user = [parts[i] for i in order if is_req[i]]
+        cand = [parts[i] for i in order if not is_req[i]]
+        with graph.inserting_before(node):
+            inv = graph.get_attr(inv_name)
+            t_u = graph.call_function(aten.stack.default, (user, 1))
+            t_c = graph.call_function(aten.stack.default, (cand, 1))
+            t_u_t = graph.call_function(aten.transpose.int, (t_u, 1, 2))
+            t_c_t = graph.call_function(aten.transpose.int, (t_c, 1, 2))
+            uu = graph.call_function(aten.bmm.default, (t_u, t_u_t))
+            uc = graph.call_function(aten.bmm.default, (t_u, t_c_t))
+            cu = graph.call_function(aten.transpose.int, (uc, 1, 2))
+            cc = graph.call_function(aten.bmm.default, (t_c, t_c_t))
+            top = graph.call_function(aten.cat.default, ([uu, uc], 2))
+            bottom = graph.call_function(aten.cat.default, ([cu, cc], 2))
+            permuted = graph.call_function(aten.cat.default, ([top, bottom], 1))
+            rows_back = graph.call_function(aten.index_select.default, (permuted, 1, inv))
+            gram = graph.call_function(aten.index_select.default, (rows_back, 2, inv))
+        gram.meta = dict(node.meta)
+        node.replace_all_uses_with(gram)
         graph.erase_node(node)
         split += 1
     if split:
