@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import codesign
-from codesign.passes import DeadCodeElimination, RequestSharing
+from codesign.passes import DeadCodeElimination, RequestSharing, RequestSharingConfig
 from codesign.pipeline import EXACT, PassManager, compare_outputs
 from codesign.target import get_target
 from codesign.timing import median_latency
@@ -49,6 +49,13 @@ def main() -> None:
         # both sides get the same cleanup so the difference is the sharing alone
         original, _ = PassManager([DeadCodeElimination()], host).run(captured)
         shared, report = PassManager([RequestSharing(), DeadCodeElimination()], host).run(captured)
+        was_forced = not report.passes[0].modified
+        if was_forced:  # the cost model declined: measure the forced rewrite to show why
+            print(
+                f"{name}: request_sharing declined ({report.passes[0].stats.get('reason')}); timing it forced"
+            )
+            forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))
+            shared, report = PassManager([forced, DeadCodeElimination()], host).run(captured)
         stats = report.passes[0].stats
         for n in args.candidates:
             batch = workload.make_batch([n], seed=n)
@@ -65,6 +72,7 @@ def main() -> None:
                     "speedup": t_orig / t_shared,
                     "max_abs_diff": diff,
                     "nodes_shared": stats.get("nodes_shared", 0),
+                    "forced": was_forced,
                 }
             )
             print(

@@ -49,9 +49,10 @@ MEASURE_REQUESTS = 4
 class RequestSharingConfig(Config):
     min_request_fraction: float = 0.0  # rewrite only if at least this share of FLOPs is request-level
     split_concat_linears: bool = True  # Linear(concat(user, cand)) -> W_u·u + W_c·c; user x user dot products
-    fuse_broadcast: bool = (
-        True  # add the per-request row inside the candidate GEMM (codesign::broadcast_linear)
-    )
+    # add the per-request row inside the candidate GEMM (codesign::broadcast_linear)
+    fuse_broadcast: bool = True
+    # keep the rewrite only if the cost model predicts it faster on the target
+    require_predicted_gain: bool = True
 
 
 class RequestSharing(Pass):
@@ -77,57 +78,93 @@ class RequestSharing(Pass):
             Knob(
                 "fuse_broadcast", "bool", True, doc="fuse the per-request row gather into the candidate GEMM"
             ),
+            Knob(
+                "require_predicted_gain",
+                "bool",
+                True,
+                doc="keep the rewrite only when the cost model predicts lower latency on the target",
+            ),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
         if program.takes_request_offsets:
             return PassResult(program, False, {"reason": "already request-centric"})
+        cfg: RequestSharingConfig = self.config  # type: ignore[assignment]
         before = analyze(program, REPORT_CANDIDATES, REPORT_REQUESTS)
-        work = program.copy()
-        split, pairwise = 0, 0
-        if self.config.split_concat_linears:  # type: ignore[attr-defined]
-            split = _split_concat_linears(work)
-            pairwise = _split_pairwise_interactions(work)
-        if split or pairwise:
-            work.recompile()
-            work = work.reexported()  # fresh shapes for the new nodes before roles are recomputed
-        split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS) if split or pairwise else before
-        request_flops = split_analysis.flops_by_role()[Role.REQUEST]
-        fraction = request_flops / max(1, split_analysis.total_flops)
-        if request_flops == 0 or fraction < self.config.min_request_fraction:  # type: ignore[attr-defined]
-            return PassResult(
-                program, False, {"request_flops_fraction": fraction, "reason": "no request-level work"}
-            )
-        compressed, expanded, request_index = _rewrite(work)
-        if compressed == 0:
-            return PassResult(
+        predicted_before = estimate_analysis(before, target).latency_s
+        # algebraic splits trade FLOPs for extra ops and copies: try them, keep what the cost model prefers
+        splits = cfg.split_concat_linears
+        plans = list(dict.fromkeys([(splits, splits), (splits, False), (False, False)]))
+        built: list[tuple[float, Program, dict[str, Any]]] = []
+        reason = "no request-level work"
+        for linears, pairwise in plans:
+            result = _build(
                 program,
-                False,
-                {"request_flops_fraction": fraction, "reason": "request-level values feed no shareable op"},
+                linears=linears,
+                pairwise=pairwise,
+                fuse=cfg.fuse_broadcast,
+                min_fraction=cfg.min_request_fraction,
             )
-        fused = _fuse_broadcast_linear(work, request_index) if self.config.fuse_broadcast else 0  # type: ignore[attr-defined]
-        work.takes_request_offsets = True
-        work.recompile()
-        out = work.reexported()
-        after = analyze(out, REPORT_CANDIDATES, REPORT_REQUESTS)
-        stats: dict[str, Any] = {
-            "nodes_shared": compressed,
-            "expansions": expanded,
-            "linears_split": split,
-            "pairwise_interactions_split": pairwise,
-            "broadcast_linears": fused,
-            "request_flops_fraction": round(fraction, 4),
-            "flops_before": before.total_flops,
-            "flops_after": after.total_flops,
-            "flops_moved_to_request_level": before.total_flops - after.total_flops,
-            "at": f"{REPORT_CANDIDATES} candidates / {REPORT_REQUESTS} requests",
-            "measured_matmul_flops_before": _measured_matmul_flops(program),
-            "measured_matmul_flops_after": _measured_matmul_flops(out),
-            "measured_at": f"{MEASURE_CANDIDATES} candidates / {MEASURE_REQUESTS} requests",
-            "predicted_latency_before_s": estimate_analysis(before, target).latency_s,
-            "predicted_latency_after_s": estimate_analysis(after, target).latency_s,
-        }
+            if isinstance(result, str):
+                reason = result
+                continue
+            out, stats = result
+            after = analyze(out, REPORT_CANDIDATES, REPORT_REQUESTS)
+            stats["flops_after"] = after.total_flops
+            built.append((estimate_analysis(after, target).latency_s, out, stats))
+        if not built:
+            return PassResult(program, False, {"reason": reason})
+        predicted_after, out, stats = min(built, key=lambda b: b[0])
+        stats.update(
+            {
+                "flops_before": before.total_flops,
+                "flops_moved_to_request_level": before.total_flops - stats["flops_after"],
+                "at": f"{REPORT_CANDIDATES} candidates / {REPORT_REQUESTS} requests on {target.name}",
+                "predicted_latency_before_s": predicted_before,
+                "predicted_latency_after_s": predicted_after,
+            }
+        )
+        if cfg.require_predicted_gain and predicted_after >= predicted_before:
+            stats["reason"] = "the cost model predicts no gain on this target"
+            return PassResult(program, False, stats)
+        stats["measured_matmul_flops_before"] = _measured_matmul_flops(program)
+        stats["measured_matmul_flops_after"] = _measured_matmul_flops(out)
+        stats["measured_at"] = f"{MEASURE_CANDIDATES} candidates / {MEASURE_REQUESTS} requests"
         return PassResult(out, True, stats)
+
+
+def _build(
+    program: Program, *, linears: bool, pairwise: bool, fuse: bool, min_fraction: float
+) -> tuple[Program, dict[str, Any]] | str:
+    """One request-centric rewrite of ``program``; a string says why there is nothing to share."""
+    work = program.copy()
+    n_linears = _split_concat_linears(work) if linears else 0
+    n_pairwise = _split_pairwise_interactions(work) if pairwise else 0
+    if n_linears or n_pairwise:
+        work.recompile()
+        work = work.reexported()  # fresh shapes for the new nodes before roles are recomputed
+    split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS)
+    request_flops = split_analysis.flops_by_role()[Role.REQUEST]
+    fraction = request_flops / max(1, split_analysis.total_flops)
+    if request_flops == 0:
+        return "no request-level work"
+    if fraction < min_fraction:
+        return f"request-level FLOPs {fraction:.1%} < min_request_fraction {min_fraction:.1%}"
+    compressed, expanded, request_index = _rewrite(work)
+    if compressed == 0:
+        return "request-level values feed no shareable op"
+    fused = _fuse_broadcast_linear(work, request_index) if fuse else 0
+    work.takes_request_offsets = True
+    work.recompile()
+    stats: dict[str, Any] = {
+        "nodes_shared": compressed,
+        "expansions": expanded,
+        "linears_split": n_linears,
+        "pairwise_interactions_split": n_pairwise,
+        "broadcast_linears": fused,
+        "request_flops_fraction": round(fraction, 4),
+    }
+    return work.reexported(), stats
 
 
 def _measured_matmul_flops(program: Program) -> int:
