@@ -462,6 +462,24 @@ def _keeps_rows(node: torch.fx.Node) -> bool:
     return t in _ELEMENTWISE_OR_ROWWISE or t in (aten.embedding_bag.padding_idx, aten.embedding_bag.default)
 
 
+def is_row_view(node: torch.fx.Node) -> bool:
+    """A view op that leaves dim 0 (the candidate rows) alone: applying it before or after a row gather agrees."""
+    if node.op != "call_function" or node.target not in _VIEW_OPS or node.target is operator.getitem:
+        return False
+    if node.target in (
+        aten.sym_size.int,
+        aten.sym_numel.default,
+        aten.sym_stride.int,
+        aten._assert_tensor_metadata.default,
+        aten.split.Tensor,
+        aten.chunk.default,
+        aten.unbind.int,
+        aten.split_with_sizes.default,
+    ):
+        return False
+    return _keeps_rows(node)
+
+
 def propagate_roles(program: Program) -> dict[str, Role]:
     """Role of every node from the RequestSpec (request-level inputs or column ranges)."""
     spec = program.spec

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 import codesign.ops  # noqa: F401  (registers codesign::broadcast_linear, the op this pass rewrites to)
-from codesign.analysis import Role, analyze, propagate_roles, symbolic_dim
+from codesign.analysis import Role, analyze, is_row_view, propagate_roles, symbolic_dim
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis
 from codesign.pipeline import Knob, Pass, PassResult
@@ -219,16 +219,22 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
     rows_expr = symbolic_dim(row_source.meta["val"].shape[0])
 
     def on_rows(node: torch.fx.Node) -> bool:
-        """Request-level tensor with one row per candidate (jagged values and tuples do not qualify)."""
-        val = _tensor_val(node)
-        return (
-            roles.get(node.name) is Role.REQUEST
-            and val is not None
-            and symbolic_dim(val.shape[0]) == rows_expr
+        """Request-level value whose tensors have one row per candidate (lists: every element)."""
+        if roles.get(node.name) is not Role.REQUEST:
+            return False
+        val = node.meta.get("val")
+        vals = list(val) if isinstance(val, list | tuple) else [val]
+        return bool(vals) and all(
+            isinstance(v, torch.Tensor) and v.dim() > 0 and symbolic_dim(v.shape[0]) == rows_expr
+            for v in vals
         )
 
     compressed: dict[torch.fx.Node, torch.fx.Node] = {}
     copied: set[torch.fx.Node] = set()
+
+    def compressible(node: torch.fx.Node) -> bool:
+        # a list value (chunk, split) can only be shared by recomputing it, never gathered
+        return node in compressed or (on_rows(node) and _tensor_val(node) is not None)
 
     def compress(node: torch.fx.Node) -> torch.fx.Node:
         if (
@@ -243,9 +249,10 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
         if node in helpers or node.op != "call_function" or not on_rows(node):
             continue
         inputs = node.all_input_nodes
-        if not all(on_rows(a) or roles.get(a.name) is Role.PARAM for a in inputs) or not any(
-            map(on_rows, inputs)
-        ):
+        row_inputs = [a for a in inputs if on_rows(a)]
+        if not row_inputs or not all(on_rows(a) or roles.get(a.name) is Role.PARAM for a in inputs):
+            continue
+        if not all(compressible(a) for a in row_inputs):
             continue
         with graph.inserting_after(node):
             new = graph.node_copy(node, lambda a: compress(a) if on_rows(a) else a)
@@ -254,19 +261,36 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
         copied.add(node)
 
     expansions: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in copied:
+
+    def expand(node: torch.fx.Node) -> torch.fx.Node:
+        """N-row value of a shared node: gather its R rows by request_index.
+
+        A row-preserving view of a shared value is replayed on the gathered base instead, so the gather
+        copies contiguous rows rather than a strided view (much faster, same values).
+        """
+        if node in expansions:
+            return expansions[node]
+        base = node.args[0] if is_row_view(node) else None
+        if isinstance(base, torch.fx.Node) and base in copied:
+            gathered = expand(base)
+            with graph.inserting_after(node):
+                new = graph.node_copy(node, lambda a: gathered if a is base else a)
+        else:
+            with graph.inserting_after(compressed[node]):
+                new = graph.call_function(aten.index_select.default, (compressed[node], 0, request_index))
+        new.meta = dict(node.meta)
+        expansions[node] = new
+        return new
+
+    for node in list(copied):
+        if _tensor_val(node) is None:
+            continue  # list values reach candidates only through their (shared) getitems
         for user in list(node.users):
-            if user in compressed.values() or user in compressed:
+            if user in compressed.values() or user in compressed or user.op == "call_module":
                 continue
-            if user.op == "call_module":
+            if user in expansions.values():
                 continue
-            if node not in expansions:
-                with graph.inserting_after(compressed[node]):
-                    expansions[node] = graph.call_function(
-                        aten.index_select.default, (compressed[node], 0, request_index)
-                    )
-                expansions[node].meta = dict(node.meta)
-            user.replace_input_with(node, expansions[node])
+            user.replace_input_with(node, expand(node))
     for node in reversed(list(graph.nodes)):  # the N-row originals of shared nodes are now unused
         if node in copied and not node.users:
             graph.erase_node(node)
