@@ -17,6 +17,7 @@ Numerics are unchanged up to fp32 rounding (the same ops run on fewer rows).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -196,9 +197,8 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
     graph = program.graph
     roles = propagate_roles(program)
     placeholders = program.placeholders()
-    row_source = next(
-        node for path, node in placeholders.items() if path in program.spec.candidate_dim_inputs([path])
-    )
+    row_source = _row_source(program)
+    on_rows = _request_rows(program)
     last_placeholder = list(placeholders.values())[-1]
     device = program.example.offsets.device
 
@@ -215,19 +215,6 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
     with graph.inserting_after(rows):
         request_index = graph.call_function(aten.searchsorted.Tensor, (ends, rows), {"right": True})
     helpers = {offsets, first_rows, ends, n_rows, rows, request_index}
-
-    rows_expr = symbolic_dim(row_source.meta["val"].shape[0])
-
-    def on_rows(node: torch.fx.Node) -> bool:
-        """Request-level value whose tensors have one row per candidate (lists: every element)."""
-        if roles.get(node.name) is not Role.REQUEST:
-            return False
-        val = node.meta.get("val")
-        vals = list(val) if isinstance(val, list | tuple) else [val]
-        return bool(vals) and all(
-            isinstance(v, torch.Tensor) and v.dim() > 0 and symbolic_dim(v.shape[0]) == rows_expr
-            for v in vals
-        )
 
     compressed: dict[torch.fx.Node, torch.fx.Node] = {}
     copied: set[torch.fx.Node] = set()
@@ -298,12 +285,29 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
     return len(copied), len(expansions), request_index
 
 
-def _rows_of_candidates(program: Program) -> Any:
+def _row_source(program: Program) -> torch.fx.Node:
+    """A placeholder whose dim 0 is the candidate count."""
     placeholders = program.placeholders()
-    source = next(
+    return next(
         node for path, node in placeholders.items() if path in program.spec.candidate_dim_inputs([path])
     )
-    return symbolic_dim(source.meta["val"].shape[0])
+
+
+def _request_rows(program: Program) -> Callable[[Any], bool]:
+    """Predicate: a request-level value whose tensors have one row per candidate (lists: every element)."""
+    roles = propagate_roles(program)
+    rows = symbolic_dim(_row_source(program).meta["val"].shape[0])
+
+    def on_rows(node: Any) -> bool:
+        if not isinstance(node, torch.fx.Node) or roles.get(node.name) is not Role.REQUEST:
+            return False
+        val = node.meta.get("val")
+        vals = list(val) if isinstance(val, list | tuple) else [val]
+        return bool(vals) and all(
+            isinstance(v, torch.Tensor) and v.dim() > 0 and symbolic_dim(v.shape[0]) == rows for v in vals
+        )
+
+    return on_rows
 
 
 def _split_concat_linears(program: Program) -> int:
@@ -314,12 +318,8 @@ def _split_concat_linears(program: Program) -> int:
     """
     graph, gm = program.graph, program.graph_module
     roles = propagate_roles(program)
-    rows = _rows_of_candidates(program)
+    request_on_rows = _request_rows(program)
     tensors = dict(gm.named_parameters()) | dict(gm.named_buffers())
-
-    def request_on_rows(node: Any) -> bool:
-        val = _tensor_val(node) if isinstance(node, torch.fx.Node) else None
-        return roles.get(node.name) is Role.REQUEST and val is not None and symbolic_dim(val.shape[0]) == rows
 
     split = 0
     for node in list(graph.nodes):
@@ -390,12 +390,7 @@ def _split_pairwise_interactions(program: Program) -> int:
     in the original row/column order, so everything downstream (e.g. DLRM's lower-triangle gather) is unchanged.
     """
     graph, gm = program.graph, program.graph_module
-    roles = propagate_roles(program)
-    rows = _rows_of_candidates(program)
-
-    def request_on_rows(node: Any) -> bool:
-        val = _tensor_val(node) if isinstance(node, torch.fx.Node) else None
-        return roles.get(node.name) is Role.REQUEST and val is not None and symbolic_dim(val.shape[0]) == rows
+    request_on_rows = _request_rows(program)
 
     split = 0
     for node in list(graph.nodes):
