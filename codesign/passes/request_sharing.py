@@ -485,7 +485,7 @@ def _fuse_broadcast_linear(program: Program, request_index: torch.fx.Node) -> in
             )
         op.meta = dict(last.meta)
         last.replace_all_uses_with(op)
-        for dead in (last, node, lin, gather):
+        for dead in dict.fromkeys((last, node, lin, gather)):  # last is node when no activation was fused
             if not dead.users:
                 graph.erase_node(dead)
         fused += 1
