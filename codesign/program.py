@@ -22,7 +22,14 @@ from torch.export import Dim
 from codesign.errors import PassError
 from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch
 
-__all__ = ["CANDIDATES_DIM", "REQUEST_OFFSETS", "Program", "dynamic_shapes_for", "flatten_outputs"]
+__all__ = [
+    "CANDIDATES_DIM",
+    "REQUEST_OFFSETS",
+    "Program",
+    "call_inputs",
+    "dynamic_shapes_for",
+    "flatten_outputs",
+]
 
 CANDIDATES_DIM = "candidates"
 REQUEST_OFFSETS = "request_offsets"  # extra keyword input of request-centric programs: offsets[R+1]
@@ -44,11 +51,7 @@ def dynamic_shapes_for(
     With ``request_offsets`` the tree also covers the ``request_offsets`` input (R+1 entries).
     """
     candidates = Dim(CANDIDATES_DIM, min=1, max=max_candidates)
-    if request_offsets:
-        with_offsets = dynamic_shapes_for(inputs, spec, max_candidates)
-        with_offsets[REQUEST_OFFSETS] = {0: Dim("requests_plus_one", min=2, max=max_candidates + 1)}
-        return with_offsets
-    leaves, tree = pytree.tree_flatten_with_path(dict(inputs))
+    _, tree = pytree.tree_flatten(dict(inputs))
     shapes: list[Any] = []
     for path, value in flatten_inputs(inputs):
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or path in spec.static_inputs:
@@ -57,8 +60,17 @@ def dynamic_shapes_for(
             shapes.append({0: Dim(_dim_name(path), min=0, max=max_candidates * 1024)})
         else:
             shapes.append({0: candidates})
-    del leaves
-    return pytree.tree_unflatten(shapes, tree)
+    tree_shapes: dict[str, Any] = pytree.tree_unflatten(shapes, tree)
+    if request_offsets:
+        tree_shapes[REQUEST_OFFSETS] = {0: Dim("requests_plus_one", min=2, max=max_candidates + 1)}
+    return tree_shapes
+
+
+def call_inputs(batch: RequestBatch, with_request_offsets: bool) -> dict[str, Any]:
+    """Keyword inputs of one call: the model's inputs, plus ``request_offsets`` for request-centric programs."""
+    if with_request_offsets:
+        return {**batch.inputs, REQUEST_OFFSETS: batch.offsets}
+    return dict(batch.inputs)
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -85,9 +97,7 @@ class Program:
 
     def call_inputs(self, batch: RequestBatch) -> dict[str, Any]:
         """The keyword inputs of one call: the model's inputs, plus the request offsets if the program takes them."""
-        if self.takes_request_offsets:
-            return {**batch.inputs, REQUEST_OFFSETS: batch.offsets}
-        return dict(batch.inputs)
+        return call_inputs(batch, self.takes_request_offsets)
 
     def run(self, batch: RequestBatch) -> Any:
         with torch.no_grad():
@@ -145,11 +155,16 @@ class Program:
                     fix="copy or compute node.meta['val']",
                 )
             if node.op == "get_attr":
-                obj: Any = self.graph_module
-                for part in str(node.target).split("."):
-                    if not hasattr(obj, part):
-                        raise PassError(f"get_attr '{node.target}' names a missing attribute")
-                    obj = getattr(obj, part)
+                self.fetch_attr(str(node.target))
+
+    def fetch_attr(self, target: str) -> Any:
+        """The module attribute a ``get_attr`` node names (a parameter, buffer or submodule)."""
+        obj: Any = self.graph_module
+        for part in target.split("."):
+            if not hasattr(obj, part):
+                raise PassError(f"get_attr '{target}' names a missing attribute")
+            obj = getattr(obj, part)
+        return obj
 
     def dynamic_shapes(self) -> dict[str, Any]:
         return dynamic_shapes_for(

@@ -20,7 +20,7 @@ from codesign.costmodel import estimate
 from codesign.errors import NumericsError, PassError
 from codesign.passes import generic_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
-from codesign.program import REQUEST_OFFSETS, Program, flatten_outputs
+from codesign.program import Program, call_inputs, flatten_outputs
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch
 from codesign.target import Target, get_target
 from codesign.workload import Workload
@@ -70,9 +70,7 @@ class Variant:
         """
         if isinstance(batch, StructuredBatch):
             batch = batch.to_flat(self.spec, self.reference_inputs)
-        if self.takes_request_offsets:
-            return self(**batch.inputs, **{REQUEST_OFFSETS: batch.offsets})
-        return self(**batch.inputs)
+        return self(**call_inputs(batch, self.takes_request_offsets))
 
     @property
     def tolerance(self) -> Tolerance:

@@ -155,7 +155,7 @@ class ConstantFolding(Pass):
         constants: dict[str, torch.Tensor] = {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                value = _fetch_attr(gm, str(node.target))
+                value = program.fetch_attr(str(node.target))
                 if isinstance(value, torch.Tensor):
                     constants[node.name] = value
         folded, grown_refused = 0, 0
@@ -197,13 +197,6 @@ class ConstantFolding(Pass):
             folded > 0,
             {"nodes_folded": folded, "folds_refused_for_growth": grown_refused, "param_bytes_freed": freed},
         )
-
-
-def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _fresh_attr(gm: torch.fx.GraphModule, base: str) -> str:

@@ -98,7 +98,13 @@ class RequestSharing(Pass):
         plans = list(dict.fromkeys([(splits, splits), (splits, False), (False, False)]))
         built: list[tuple[float, Program, dict[str, Any]]] = []
         reason = "no request-level work"
+        found: tuple[int, int] | None = None  # splits the fullest plan found; later plans skip repeats of it
+        seen: set[tuple[bool, bool]] = set()
         for linears, pairwise in plans:
+            if found is not None:
+                effective = (linears and found[0] > 0, pairwise and found[1] > 0)
+                if effective in seen:
+                    continue  # would rebuild a rewrite already built (the split found nothing to split)
             result = _build(
                 program,
                 linears=linears,
@@ -110,6 +116,9 @@ class RequestSharing(Pass):
                 reason = result
                 continue
             out, stats = result
+            n_linears, n_pairwise = stats["linears_split"], stats["pairwise_interactions_split"]
+            found = found or (n_linears, n_pairwise)
+            seen.add((n_linears > 0, n_pairwise > 0))
             after = analyze(out, REPORT_CANDIDATES, REPORT_REQUESTS)
             stats["flops_after"] = after.total_flops
             built.append((estimate_analysis(after, target).latency_s, out, stats))
