@@ -36,6 +36,11 @@ _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _CODESIGN_DIR = str(Path(__file__).resolve().parent)
 
 
+def _is_user_file(filename: str) -> bool:
+    """A frame of the user's model code (not torch, codesign or another installed package)."""
+    return not filename.startswith((_TORCH_DIR, _CODESIGN_DIR)) and "site-packages" not in filename
+
+
 def capture(
     model: torch.nn.Module | Workload,
     example: RequestBatch | None = None,
@@ -140,7 +145,7 @@ class _SpecializationSpy(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.where: tuple[str, int, str, str] | None = None
+        self.where: tuple[str, int, str] | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         env = _shape_env((args, kwargs)) if self.where is None else None
@@ -149,19 +154,10 @@ class _SpecializationSpy(TorchFunctionMode):
         if env is not None:
             after = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)}
             if after - before:
-                frames = [
-                    f
-                    for f in traceback.extract_stack()
-                    if not f.filename.startswith((_TORCH_DIR, _CODESIGN_DIR))
-                ]
+                frames = [f for f in traceback.extract_stack() if _is_user_file(f.filename)]
                 if frames:
                     f = frames[-1]
-                    self.where = (
-                        f.filename,
-                        f.lineno or 0,
-                        (f.line or "").strip(),
-                        getattr(func, "__name__", "?"),
-                    )
+                    self.where = (f.filename, f.lineno or 0, (f.line or "").strip())
         return out
 
 
@@ -177,7 +173,7 @@ def _locate_specialization(model: torch.nn.Module, example: RequestBatch, dynami
 
 
 def _explain_export_failure(
-    exc: Exception, model: torch.nn.Module, specialized_at: tuple[str, int, str, str] | None = None
+    exc: Exception, model: torch.nn.Module, specialized_at: tuple[str, int, str] | None = None
 ) -> CaptureError:
     modules = {id(m): (name or "<root>", type(m).__name__) for name, m in model.named_modules()}
     where_module = None
@@ -187,16 +183,16 @@ def _explain_export_failure(
         if self_obj is not None and id(self_obj) in modules:
             where_module = modules[id(self_obj)]
         filename = frame.f_code.co_filename
-        if not filename.startswith((_TORCH_DIR, _CODESIGN_DIR)) and "site-packages" not in filename:
+        if _is_user_file(filename):
             src = linecache.getline(filename, frame.f_lineno).strip()
             where_line = (filename, frame.f_lineno, src)
     text = str(exc)
     if specialized_at is not None:
-        where_line = specialized_at[:3]
+        where_line = specialized_at
     if where_line is None:
         # strict export reports the user frame only in its message
         for summary in traceback.extract_tb(exc.__traceback__):
-            if not summary.filename.startswith((_TORCH_DIR, _CODESIGN_DIR)):
+            if _is_user_file(summary.filename):
                 where_line = (summary.filename, summary.lineno or 0, (summary.line or "").strip())
     lowered = text.lower()
     if "data-dependent" in lowered or "datadependent" in lowered or "guardondatadependent" in lowered:
