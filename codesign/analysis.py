@@ -31,6 +31,7 @@ __all__ = [
     "ProgramAnalysis",
     "Role",
     "analyze",
+    "count_kernels",
     "propagate_roles",
     "to_networkx",
 ]
@@ -342,6 +343,11 @@ def _matmul_flops(node: torch.fx.Node, s: _Shapes) -> int | None:
         k = s.dim(a.meta["val"].shape[-1])  # type: ignore[union-attr]
         extra = s.numel(out) if t in (aten.addmm.default, aten.baddbmm.default) else 0
         return 2 * s.numel(out) * k + extra
+    if t is torch.ops.codesign.fused_linear.default:
+        x, w = node.args[0], node.args[1]
+        m = s.numel(x.meta["val"]) // s.dim(x.meta["val"].shape[-1])  # type: ignore[union-attr]
+        n_out, k = s.shape(w.meta["val"])  # type: ignore[union-attr]
+        return 2 * m * k * n_out + 2 * m * n_out  # GEMM + bias and activation in the epilogue
     if t is torch.ops.codesign.broadcast_linear.default:
         x, w = node.args[0], node.args[1]
         m = s.numel(x.meta["val"]) // s.dim(x.meta["val"].shape[-1])  # type: ignore[union-attr]
@@ -380,6 +386,13 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
         meta = s.nbytes(idx) + (s.nbytes(offsets) if offsets is not None else 0)
         main_out = s.nbytes(out_vals[0]) if out_vals else 0
         return looked_up, meta + looked_up * weight.dtype.itemsize + main_out, 0, False
+    if t is torch.ops.codesign.grouped_embedding_bag.default:
+        weight = node.args[0].meta["val"]  # type: ignore[union-attr]
+        dim = s.dim(weight.shape[-1])
+        ids = sum(s.numel(v) for v in _tensor_vals(node.args[1]))
+        meta = sum(s.nbytes(v) for v in _tensor_vals(list(node.args[1:3])))
+        looked_up = ids * dim
+        return looked_up, 2 * meta + looked_up * weight.dtype.itemsize + out_bytes, 0, False
     in_bytes = sum(s.nbytes(v) for v in in_vals)
     flops = _matmul_flops(node, s)
     if flops is None:
@@ -588,6 +601,11 @@ def analyze(
             seen.add(t.untyped_storage().data_ptr())
             param_bytes += t.untyped_storage().nbytes()  # views (e.g. unpacked index pairs) share storage
     return ProgramAnalysis(nodes, batch.num_candidates, batch.num_requests, param_bytes)
+
+
+def count_kernels(program: Program) -> int:
+    """Ops that launch work: call_function nodes other than views and shape bookkeeping."""
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target not in _VIEW_OPS)
 
 
 def to_networkx(program: Program, analysis: ProgramAnalysis | None = None) -> nx.DiGraph:

@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size")
     p.add_argument("--target", default="host", help=f"one of {target_names()}")
     p.add_argument("--backend", default="eager", choices=backend_names())
-    p.add_argument("--passes", help="comma-separated pass names (default: cse,constant_folding,dce)")
+    p.add_argument(
+        "--passes",
+        help="comma-separated pass names (default: all: request_sharing, cse, the fusion passes, cleanup)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_compile)

@@ -21,6 +21,7 @@ MATMUL_OPS = frozenset(
     {
         "linear.default",
         "broadcast_linear.default",
+        "fused_linear.default",
         "mm.default",
         "addmm.default",
         "bmm.default",

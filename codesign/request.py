@@ -192,6 +192,14 @@ class RequestBatch:
     def leaves(self) -> dict[str, Any]:
         return dict(flatten_inputs(self.inputs))
 
+    def to(self, device: torch.device | str) -> RequestBatch:
+        """The same batch with every tensor (offsets included) on ``device``."""
+
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        return RequestBatch(pytree.tree_map(move, self.inputs), self.offsets.to(device))
+
     def validate(self, spec: RequestSpec) -> None:
         """Check offsets, shapes and that request-level data really repeats within each request."""
         off = self.offsets

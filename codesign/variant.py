@@ -18,7 +18,7 @@ from codesign.backends import Backend, get_backend
 from codesign.capture import capture
 from codesign.costmodel import estimate
 from codesign.errors import NumericsError, PassError
-from codesign.passes import generic_passes, pass_by_name
+from codesign.passes import all_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
 from codesign.program import Program, call_inputs, flatten_outputs
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch
@@ -92,7 +92,7 @@ class Variant:
 
 def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
     if passes is None:
-        return generic_passes()
+        return all_passes()
     out: list[Pass] = []
     for p in passes:
         if isinstance(p, str):
@@ -128,6 +128,9 @@ def compile(
     verify: bool = True,
 ) -> Variant:
     """Capture (unless given a Program), run passes with verified numerics, lower on a backend.
+
+    ``passes=None`` runs ``codesign.passes.all_passes()`` (request sharing, fusion, cleanup); each
+    pass that the cost model gates keeps the program unchanged where it predicts no gain.
 
     >>> variant = codesign.compile(model, batch, spec, target="host", backend="aoti")
     >>> scores = variant.score(batch)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import codesign
-from codesign.backends import InductorBackend, InductorConfig, get_backend
+from codesign.backends import InductorBackend, InductorConfig, TensorRTBackend, TensorRTConfig, get_backend
+from codesign.backends.tensorrt import import_torch_tensorrt
 from codesign.errors import BackendError, ConfigError
 from codesign.pipeline import compare_outputs
 from codesign.target import get_target
@@ -67,3 +68,37 @@ def test_aoti_package_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", [n for n in EXAMPLES if n != "dlrm"])
 def test_aoti_round_trip_every_example(name: str, tmp_path: Path) -> None:
     _aoti_round_trip(name, tmp_path)
+
+
+def test_tensorrt_declares_nvidia_gpus_and_says_what_is_missing() -> None:
+    trt = get_backend("tensorrt")
+    assert trt.supports(get_target("h100")) and trt.supports(get_target("l4"))
+    assert not trt.supports(get_target("host")) and not trt.supports(get_target("mi300x"))
+    with pytest.raises(BackendError, match=r"does not support target .host.*runs on gpu devices from NVIDIA"):
+        codesign.compile(tiny_program("din"), backend="tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="cannot run on target 'h100'"):
+            codesign.compile(tiny_program("din"), target="h100", backend="tensorrt")
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match=r"needs torch-tensorrt.*pip install 'codesign\[tensorrt\]'"):
+            import_torch_tensorrt()
+    with pytest.raises(ConfigError, match="precision='int4'"):
+        TensorRTBackend(TensorRTConfig(precision="int4"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensorrt_round_trip_on_gpu(tmp_path: Path) -> None:
+    pytest.importorskip("torch_tensorrt", reason="the tensorrt extra is not installed")
+    name = torch.cuda.get_device_name().lower().replace(" ", "")
+    target = next((t for t in ("h100", "h200", "a100", "l4") if t in name), None)
+    if target is None:
+        pytest.skip(f"no catalogue target for {name}")
+    w = tiny_workload("multitask")
+    variant = codesign.compile(tiny_program("multitask"), target=target, backend="tensorrt")
+    loaded = codesign.load(variant.save(tmp_path / "trt"))
+    batch = w.make_batch([3, 40], 2)
+    ok, err, _ = compare_outputs(loaded.score(batch), w.model(**batch.inputs), loaded.tolerance)
+    assert ok, err

@@ -14,7 +14,12 @@ import textwrap
 import pytest
 import torch
 
-from codesign.ops import ACTIVATIONS, broadcast_linear_reference
+from codesign.ops import (
+    ACTIVATIONS,
+    EMBEDDING_BAG_MODES,
+    broadcast_linear_reference,
+    grouped_embedding_bag_reference,
+)
 
 
 def test_reference_matches_the_unfused_computation() -> None:
@@ -92,3 +97,117 @@ def test_triton_kernel_on_cuda() -> None:
     torch.testing.assert_close(
         got, broadcast_linear_reference(x, w, b, row, idx, "relu"), rtol=1e-4, atol=1e-4
     )
+
+
+# ---- codesign::fused_linear and codesign::grouped_embedding_bag ---------------------------------
+
+
+def test_fused_linear_matches_linear_then_activation() -> None:
+    x, w, b = torch.randn(9, 6), torch.randn(4, 6), torch.randn(4)
+    got = torch.ops.codesign.fused_linear(x, w, b, "gelu")
+    torch.testing.assert_close(got, torch.nn.functional.gelu(x @ w.T + b))
+    torch.testing.assert_close(torch.ops.codesign.fused_linear(x, w, None, "none"), x @ w.T)
+
+
+def _tables() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.randn(r, 5, generator=g) for r in (7, 1, 12)]
+    ids = [torch.randint(0, t.shape[0], (n,), generator=g) for t, n in zip(tables, (9, 0, 4), strict=True)]
+    offsets = [torch.tensor([0, 3, 3, 8]), torch.tensor([0, 0]), torch.tensor([0])]  # empty bags included
+    return tables, ids, offsets
+
+
+def test_grouped_embedding_bag_equals_one_lookup_per_table() -> None:
+    tables, ids, offsets = _tables()
+    starts = [0, 7, 8, 20]
+    for mode, name in EMBEDDING_BAG_MODES.items():
+        got = torch.ops.codesign.grouped_embedding_bag(torch.cat(tables), ids, offsets, starts, mode)
+        want = torch.cat(
+            [
+                torch.nn.functional.embedding_bag(i, t, o, mode=name)
+                for t, i, o in zip(tables, ids, offsets, strict=True)
+            ]
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected T, T and T\\+1"):
+        grouped_embedding_bag_reference(torch.cat(tables), ids, offsets, starts[:-1], 0)
+    with pytest.raises(ValueError, match="mode 3"):
+        grouped_embedding_bag_reference(torch.cat(tables), ids, offsets, starts, 3)
+
+
+def test_grouped_embedding_bag_exports_with_dynamic_bags() -> None:
+    class Lookup(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(20, 5))
+
+        def forward(
+            self, a: torch.Tensor, oa: torch.Tensor, b: torch.Tensor, ob: torch.Tensor
+        ) -> torch.Tensor:
+            return torch.ops.codesign.grouped_embedding_bag(self.weight, [a, b], [oa, ob], [0, 8, 20], 0)
+
+    n, la, lb = torch.export.Dim("n"), torch.export.Dim("la"), torch.export.Dim("lb")
+    args = (
+        torch.randint(0, 8, (6,)),
+        torch.tensor([0, 2, 4]),
+        torch.randint(0, 12, (5,)),
+        torch.tensor([0, 1, 3]),
+    )
+    ep = torch.export.export(Lookup(), args, dynamic_shapes=({0: la}, {0: n}, {0: lb}, {0: n}))
+    more = (
+        torch.randint(0, 8, (9,)),
+        torch.tensor([0, 2, 4, 4, 7]),
+        torch.randint(0, 12, (2,)),
+        torch.tensor([0, 1, 1, 1, 2]),
+    )
+    assert ep.module()(*more).shape == (10, 5)
+
+
+_INTERPRETED_FUSION = textwrap.dedent("""
+    import torch
+    from codesign.ops import EMBEDDING_BAG_MODES, fused_linear_reference, grouped_embedding_bag_reference
+    from codesign.ops.broadcast_linear_triton import fused_linear_triton
+    from codesign.ops.grouped_embedding_bag_triton import grouped_embedding_bag_triton
+    torch.manual_seed(0)
+    for act in ("none", "relu", "sigmoid", "gelu", "tanh"):
+        for m, k, n, bias in ((37, 20, 33, True), (1, 16, 16, False)):
+            x, w = torch.randn(m, k), torch.randn(n, k)
+            b = torch.randn(n) if bias else None
+            got = fused_linear_triton(x, w, b, act, blocks=(16, 16, 16))
+            torch.testing.assert_close(got, fused_linear_reference(x, w, b, act), rtol=1e-5, atol=1e-5)
+    tables = [torch.randn(r, 37) for r in (7, 1, 12)]
+    ids = [torch.randint(0, t.shape[0], (n,)) for t, n in zip(tables, (9, 0, 4))]
+    offsets = [torch.tensor([0, 3, 3, 8]), torch.tensor([0, 0]), torch.tensor([0])]
+    for mode in EMBEDDING_BAG_MODES:
+        args = (torch.cat(tables), ids, offsets, [0, 7, 8, 20], mode)
+        got = grouped_embedding_bag_triton(*args, block_d=16)
+        torch.testing.assert_close(got, grouped_embedding_bag_reference(*args), rtol=1e-6, atol=1e-6)
+    print("OK")
+""")
+
+
+def test_fusion_kernels_under_the_interpreter() -> None:
+    pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_FUSION], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.stdout.strip().endswith("OK"), done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fusion_kernels_on_cuda() -> None:
+    x, w, b = (
+        torch.randn(513, 256, device="cuda"),
+        torch.randn(128, 256, device="cuda"),
+        torch.randn(128, device="cuda"),
+    )
+    torch.testing.assert_close(
+        torch.ops.codesign.fused_linear(x, w, b, "relu"), torch.relu(x @ w.T + b), rtol=1e-4, atol=1e-4
+    )
+    tables, ids, offsets = _tables()
+    cuda = [t.cuda() for t in ids], [o.cuda() for o in offsets]
+    got = torch.ops.codesign.grouped_embedding_bag(torch.cat(tables).cuda(), *cuda, [0, 7, 8, 20], 0)
+    want = grouped_embedding_bag_reference(torch.cat(tables), ids, offsets, [0, 7, 8, 20], 0)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

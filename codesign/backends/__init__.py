@@ -6,6 +6,7 @@ from codesign.backends.aoti import AotiBackend
 from codesign.backends.base import Backend, BackendConfig, Lowered
 from codesign.backends.eager import EagerBackend
 from codesign.backends.inductor import InductorBackend, InductorConfig
+from codesign.backends.tensorrt import TensorRTBackend, TensorRTConfig
 from codesign.errors import BackendError
 
 __all__ = [
@@ -16,11 +17,15 @@ __all__ = [
     "InductorBackend",
     "InductorConfig",
     "Lowered",
+    "TensorRTBackend",
+    "TensorRTConfig",
     "backend_names",
     "get_backend",
 ]
 
-_BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (EagerBackend, InductorBackend, AotiBackend)}
+_BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (EagerBackend, InductorBackend, AotiBackend, TensorRTBackend)
+}
 
 
 def backend_names() -> list[str]:
@@ -28,7 +33,7 @@ def backend_names() -> list[str]:
 
 
 def get_backend(name: str | Backend) -> Backend:
-    """A backend instance by name (``eager``, ``inductor``, ``aoti``) with its default config."""
+    """A backend instance by name (``eager``, ``inductor``, ``aoti``, ``tensorrt``) with its default config."""
     if isinstance(name, Backend):
         return name
     if name not in _BACKENDS:

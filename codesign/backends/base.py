@@ -42,12 +42,28 @@ class Backend(Tunable, abc.ABC):
     """Base of every backend. Subclasses set ``name`` (and ``config_class`` when they have options)."""
 
     config_class: ClassVar[type[Config]] = BackendConfig
+    # which targets the backend can ever lower for: hardware kinds and, if set, vendors
+    device_kinds: ClassVar[tuple[str, ...]] = ("cpu", "gpu")
+    vendors: ClassVar[tuple[str, ...] | None] = None
+
+    def supports(self, target: Target) -> bool:
+        """True when this backend can lower for ``target`` on a machine that has it."""
+        hw = target.hardware
+        return hw.kind in self.device_kinds and (self.vendors is None or hw.vendor in self.vendors)
 
     def runs_on(self, target: Target) -> bool:
         """True when this backend can execute on ``target`` from this machine."""
-        return target.runs_here
+        return self.supports(target) and target.runs_here
 
     def check_target(self, target: Target) -> None:
+        if not self.supports(target):
+            kinds = "/".join(self.device_kinds)
+            vendors = f" from {', '.join(self.vendors)}" if self.vendors else ""
+            raise BackendError(
+                f"backend '{self.name}' does not support target '{target.name}' "
+                f"({target.hardware.vendor} {target.hardware.kind}); it runs on {kinds} devices{vendors}",
+                fix="choose another backend ('codesign targets' lists which backend supports which target)",
+            )
         if not self.runs_on(target):
             raise BackendError(
                 f"backend '{self.name}' cannot run on target '{target.name}' from this machine",

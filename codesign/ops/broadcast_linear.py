@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["ACTIVATIONS", "broadcast_linear", "broadcast_linear_reference"]
+__all__ = ["ACTIVATIONS", "activate", "broadcast_linear", "broadcast_linear_reference"]
 
 ACTIVATIONS = ("none", "relu", "sigmoid", "gelu", "tanh")
 
 
-def _activate(out: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(out: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.relu(out)
     if activation == "sigmoid":
@@ -45,7 +45,7 @@ def broadcast_linear_reference(
 ) -> torch.Tensor:
     """Reference semantics in plain torch (also the CPU implementation)."""
     out = torch.nn.functional.linear(x, weight, bias)
-    return _activate(out + row.index_select(0, row_index), activation)
+    return activate(out + row.index_select(0, row_index), activation)
 
 
 @torch.library.custom_op("codesign::broadcast_linear", mutates_args=())

@@ -1,10 +1,12 @@
-"""Triton kernel for ``codesign::broadcast_linear``: the request row is gathered in the GEMM epilogue.
+"""Triton GEMM with a fused epilogue, for ``codesign::broadcast_linear`` and ``codesign::fused_linear``.
 
     out[m, n] = act(sum_k x[m, k] * w[n, k] + row[row_index[m], n] + bias[n])
 
 Each program computes a BLOCK_M x BLOCK_N tile; after the K loop it loads ``row_index`` for its
 rows and adds the matching per-request rows, so the [M, N] user tensor never exists in memory.
-Imported lazily (CUDA path only); tested on CPU with ``TRITON_INTERPRET=1``.
+Without a row (``fused_linear``) the epilogue is bias + activation only: one kernel where eager
+PyTorch launches a GEMM and a separate pointwise kernel. Imported lazily (CUDA path only);
+tested on CPU with ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATION_CODES", "broadcast_linear_triton"]
+__all__ = ["ACTIVATION_CODES", "broadcast_linear_triton", "fused_linear_triton"]
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "sigmoid": 2, "gelu": 3, "tanh": 4}
 
@@ -50,6 +52,7 @@ def _broadcast_linear_kernel(
     stride_om,
     stride_on,
     HAS_BIAS: tl.constexpr,
+    HAS_ROW: tl.constexpr,
     ACT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -78,10 +81,11 @@ def _broadcast_linear_kernel(
         else:
             acc += tl.dot(a, b)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    req = tl.load(idx_ptr + rm, mask=rm < M, other=0)
-    acc += tl.load(row_ptr + req[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(
-        tl.float32
-    )
+    if HAS_ROW:
+        req = tl.load(idx_ptr + rm, mask=rm < M, other=0)
+        acc += tl.load(row_ptr + req[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(
+            tl.float32
+        )
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
@@ -102,17 +106,15 @@ def _broadcast_linear_kernel(
 _autotuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])(_broadcast_linear_kernel)
 
 
-def broadcast_linear_triton(
+def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    row: torch.Tensor,
-    row_index: torch.Tensor,
-    activation: str = "none",
-    *,
-    blocks: tuple[int, int, int] | None = None,
+    row: torch.Tensor | None,
+    row_index: torch.Tensor | None,
+    activation: str,
+    blocks: tuple[int, int, int] | None,
 ) -> torch.Tensor:
-    """Run the kernel; ``blocks=(BLOCK_M, BLOCK_N, BLOCK_K)`` skips autotuning (tests, interpreter)."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATION_CODES)}")
     lead = x.shape[:-1]
@@ -120,13 +122,15 @@ def broadcast_linear_triton(
     m, k = x2.shape
     n = weight.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    idx = row_index.contiguous()
-    bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
+    # absent operands get a placeholder pointer that the kernel never reads (HAS_BIAS / HAS_ROW off)
+    bias_arg = bias if bias is not None else out
+    row_arg = row if row is not None else out
+    idx = row_index.contiguous() if row_index is not None else out
     args = (
         x2,
         weight,
         bias_arg,
-        row,
+        row_arg,
         idx,
         out,
         m,
@@ -136,13 +140,14 @@ def broadcast_linear_triton(
         x2.stride(1),
         weight.stride(0),
         weight.stride(1),
-        row.stride(0),
-        row.stride(1),
+        row_arg.stride(0),
+        row_arg.stride(1),
         out.stride(0),
         out.stride(1),
     )
     flags = {
         "HAS_BIAS": bias is not None,
+        "HAS_ROW": row is not None,
         "ACT": ACTIVATION_CODES[activation],
         "IEEE": x.dtype == torch.float32,
     }
@@ -157,3 +162,29 @@ def broadcast_linear_triton(
 
         _autotuned[grid](*args, **flags)
     return out.reshape(*lead, n)
+
+
+def broadcast_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row: torch.Tensor,
+    row_index: torch.Tensor,
+    activation: str = "none",
+    *,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Run the kernel; ``blocks=(BLOCK_M, BLOCK_N, BLOCK_K)`` skips autotuning (tests, interpreter)."""
+    return _launch(x, weight, bias, row, row_index, activation, blocks)
+
+
+def fused_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str = "none",
+    *,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """``act(x @ weight.T + bias)`` in one kernel (the same GEMM, no per-request row)."""
+    return _launch(x, weight, bias, None, None, activation, blocks)

@@ -8,27 +8,61 @@ from codesign.passes.cleanup import (
     DeadCodeElimination,
     generic_passes,
 )
+from codesign.passes.fusion import (
+    EmbeddingGrouping,
+    LinearEpilogueFusion,
+    ParallelLinearFusion,
+    SharedInputLinearFusion,
+    fusion_passes,
+)
 from codesign.passes.request_sharing import RequestSharing, RequestSharingConfig
+from codesign.pipeline import Pass
 
 __all__ = [
     "CommonSubexpressionElimination",
     "ConstantFolding",
     "DeadCodeElimination",
+    "EmbeddingGrouping",
+    "LinearEpilogueFusion",
+    "ParallelLinearFusion",
     "RequestSharing",
     "RequestSharingConfig",
+    "SharedInputLinearFusion",
+    "all_passes",
+    "fusion_passes",
     "generic_passes",
     "pass_by_name",
+    "pass_names",
 ]
 
-_PASSES = {
-    p.name: p for p in (DeadCodeElimination, CommonSubexpressionElimination, ConstantFolding, RequestSharing)
+_PASSES: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (
+        DeadCodeElimination,
+        CommonSubexpressionElimination,
+        ConstantFolding,
+        RequestSharing,
+        EmbeddingGrouping,
+        SharedInputLinearFusion,
+        ParallelLinearFusion,
+        LinearEpilogueFusion,
+    )
 }
 
 
-def pass_by_name(name: str) -> type:
-    """The pass class registered under ``name`` (``dce``, ``cse``, ``constant_folding``, ``request_sharing``)."""
+def pass_names() -> list[str]:
+    return sorted(_PASSES)
+
+
+def pass_by_name(name: str) -> type[Pass]:
+    """The pass class registered under ``name`` (see ``pass_names()``)."""
     from codesign.errors import PassError
 
     if name not in _PASSES:
-        raise PassError(f"unknown pass {name!r}", fix=f"choose from {sorted(_PASSES)}")
+        raise PassError(f"unknown pass {name!r}", fix=f"choose from {pass_names()}")
     return _PASSES[name]
+
+
+def all_passes() -> list[Pass]:
+    """Every optimization in order: share request work, merge the duplicates it leaves, fuse, clean up."""
+    return [RequestSharing(), CommonSubexpressionElimination(), *fusion_passes(), *generic_passes()]

@@ -18,7 +18,13 @@ from codesign.pipeline import Knob, Pass, PassResult
 from codesign.program import Program
 from codesign.target import Target
 
-__all__ = ["CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "generic_passes"]
+__all__ = [
+    "CommonSubexpressionElimination",
+    "ConstantFolding",
+    "DeadCodeElimination",
+    "generic_passes",
+    "remove_unused_params",
+]
 
 
 def _is_pure(node: torch.fx.Node) -> bool:
@@ -31,7 +37,7 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return not (schema is not None and schema.is_mutable)
 
 
-def _remove_unused_params(gm: torch.fx.GraphModule, only: set[str] | None = None) -> tuple[int, int]:
+def remove_unused_params(gm: torch.fx.GraphModule, only: set[str] | None = None) -> tuple[int, int]:
     """Delete parameters/buffers no get_attr reads (restricted to ``only`` if given); (count, bytes) freed."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     removed, freed = 0, 0
@@ -71,7 +77,7 @@ class DeadCodeElimination(Pass):
         removed_nodes = before - len(program.graph.nodes)
         params, freed = (0, 0)
         if self.config.remove_unused_params:  # type: ignore[attr-defined]
-            params, freed = _remove_unused_params(program.graph_module)
+            params, freed = remove_unused_params(program.graph_module)
         return PassResult(
             program,
             removed_nodes > 0 or params > 0,
@@ -191,7 +197,7 @@ class ConstantFolding(Pass):
             orphaned = {str(n.target) for n in orphan_candidates if not n.users}
             for node in [n for n in orphan_candidates if not n.users]:
                 gm.graph.erase_node(node)
-            _, freed = _remove_unused_params(gm, only=orphaned)
+            _, freed = remove_unused_params(gm, only=orphaned)
         return PassResult(
             program,
             folded > 0,

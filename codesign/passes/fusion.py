@@ -1,0 +1,732 @@
+"""Graph-kernel fusion: fewer, larger kernels for models made of many small ones.
+
+Ranking models are many narrow layers: tens of embedding tables, several heads and experts on the
+same features, one tower per task. Each is a kernel launch (a dispatch on CPU) doing little work.
+Inductor fuses pointwise work into GEMM epilogues but keeps the model's structure; these passes
+change the structure:
+
+* ``group_embedding_bags``: EmbeddingBag lookups of equal width and dtype become one
+  ``codesign::grouped_embedding_bag`` over a concatenated table (the TBE idea);
+* ``fuse_shared_input_linears``: Linears that read the same input become one GEMM and a split
+  (multi-task heads, MMoE experts and gates, separate Q/K/V projections);
+* ``fuse_parallel_linears``: Linears of equal shape on different, independent inputs become one
+  batched GEMM (``baddbmm``) over stacked inputs; identical activations after them are applied
+  once to the batch and a stack of the batch's own slices is the batch again, so whole parallel
+  towers run as one chain of batched kernels;
+* ``fuse_linear_epilogue``: Linear + activation become ``codesign::fused_linear`` (one Triton
+  kernel on CUDA) where the backend does not fuse the epilogue itself.
+
+Every pass keeps numerics (fp32 sums may reorder: tolerance ``REORDERED``), reports kernels before
+and after, and leaves graphs without its pattern untouched. Grouping never mixes request-level and
+candidate-level lookups, so running after ``request_sharing`` keeps its work shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+import codesign.ops
+from codesign.analysis import analyze, count_kernels, propagate_roles
+from codesign.config import Config, register_config
+from codesign.costmodel import estimate_analysis
+from codesign.passes.cleanup import remove_unused_params
+from codesign.pipeline import Knob, Pass, PassResult, Tolerance
+from codesign.program import Program
+from codesign.target import Target
+
+__all__ = [
+    "REORDERED",
+    "EmbeddingGrouping",
+    "EmbeddingGroupingConfig",
+    "LinearEpilogueConfig",
+    "LinearEpilogueFusion",
+    "ParallelLinearConfig",
+    "ParallelLinearFusion",
+    "SharedInputLinearConfig",
+    "SharedInputLinearFusion",
+    "fusion_passes",
+]
+
+aten = torch.ops.aten
+
+# A fused GEMM sums the same products in another blocking order: fp32 results move by a few ulps.
+REORDERED = Tolerance(rtol=1e-4, atol=1e-5)
+# Cost-model gates judge a rewrite at this batch (the size request sharing reports at).
+GATE_CANDIDATES, GATE_REQUESTS = 1024, 16
+_MAX_ROUNDS = 256
+
+_UNARY_ACTIVATIONS: dict[Any, str] = {
+    aten.relu.default: "relu",
+    aten.sigmoid.default: "sigmoid",
+    aten.tanh.default: "tanh",
+    aten.gelu.default: "gelu",
+}
+# Elementwise ops whose only tensor input is the value itself: the same on a stack as on each slice.
+_HOISTABLE = (*_UNARY_ACTIVATIONS, aten.silu.default, aten.neg.default, aten.exp.default)
+
+
+# ---- shared graph helpers -----------------------------------------------------------------
+
+
+def _param(program: Program, node: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, else None (activations, constants in the graph)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = program.fetch_attr(str(node.target))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _fake_mode(graph: torch.fx.Graph) -> Any:
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def _call(
+    graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> torch.fx.Node:
+    """Insert ``target(*args)`` at the graph's insert point with its fake value in ``meta['val']``.
+
+    Later rounds of a pass match on shapes of nodes earlier rounds made, so every new node gets
+    its symbolic shape at once (running the op on the inputs' fake tensors).
+    """
+    node = graph.call_function(target, args, kwargs or {})
+    fake_args, fake_kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+    mode = _fake_mode(graph)
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _register(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node:
+    """A new buffer holding ``value`` and a get_attr node reading it (inserted at the graph's start)."""
+    gm = program.graph_module
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach().contiguous())
+    first = next(n for n in program.graph.nodes if n.op != "placeholder")
+    with program.graph.inserting_before(first):
+        node = program.graph.get_attr(name)
+    mode = _fake_mode(program.graph)
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(gm.get_buffer(name), static_shapes=True)
+    return node
+
+
+def _ancestors(graph: torch.fx.Graph) -> tuple[dict[torch.fx.Node, int], dict[torch.fx.Node, int]]:
+    """(bit of each node, bitmask of its ancestors): independence checks in O(1) per pair."""
+    bit: dict[torch.fx.Node, int] = {}
+    anc: dict[torch.fx.Node, int] = {}
+    for i, node in enumerate(graph.nodes):
+        bit[node] = 1 << i
+        mask = 0
+        for a in node.all_input_nodes:
+            mask |= anc[a] | bit[a]
+        anc[node] = mask
+    return bit, anc
+
+
+def _independent_groups(
+    nodes: Sequence[torch.fx.Node],
+    graph: torch.fx.Graph,
+    accept: Callable[[list[torch.fx.Node], torch.fx.Node], bool],
+) -> list[list[torch.fx.Node]]:
+    """Greedy partition of ``nodes`` (graph order) into groups where no member depends on another."""
+    bit, anc = _ancestors(graph)
+    groups: list[list[torch.fx.Node]] = []
+    for node in nodes:
+        for group in groups:
+            if accept(group, node) and all(
+                not (anc[node] & bit[m]) and not (anc[m] & bit[node]) for m in group
+            ):
+                group.append(node)
+                break
+        else:
+            groups.append([node])
+    return groups
+
+
+def stable_topological_sort(graph: torch.fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, moving as little as possible.
+
+    Rewrites insert a fused node after the last of its inputs; users of the nodes it replaced may
+    sit earlier in the graph and are moved after it here.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
+    ready = [(order[n], n.name) for n in graph.nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    by_name = {n.name: n for n in graph.nodes}
+    result: list[torch.fx.Node] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        node = by_name[name]
+        result.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (order[user], user.name))
+    if len(result) != len(order):
+        raise RuntimeError("fusion created a cycle in the graph")
+    output = next(n for n in graph.nodes if n.op == "output")
+    for node in result:
+        if node is not output:
+            output.prepend(node)
+
+
+def _kernels_stats(before: int, program: Program, **extra: Any) -> dict[str, Any]:
+    return {"kernels_before": before, "kernels_after": count_kernels(program), **extra}
+
+
+def _finish(program: Program) -> Program:
+    """Sort, drop dead nodes and orphaned weights, and re-export for fresh shape metadata."""
+    stable_topological_sort(program.graph)
+    program.graph.eliminate_dead_code()
+    remove_unused_params(program.graph_module)
+    program.recompile()
+    return program.reexported()
+
+
+def _predicted_latency(program: Program, target: Target) -> float:
+    return estimate_analysis(analyze(program, GATE_CANDIDATES, GATE_REQUESTS), target).latency_s
+
+
+def _replace_with_slices(
+    graph: torch.fx.Graph, members: Sequence[torch.fx.Node], values: Sequence[torch.fx.Node]
+) -> None:
+    """Point every user of ``members[i]`` at ``values[i]`` (a slice of the fused result).
+
+    A slice along the last dim is strided; ``aten.view`` users need contiguous memory, so they get a
+    contiguous copy (the other users keep the free view).
+    """
+    for member, value in zip(members, values, strict=True):
+        viewers = [u for u in member.users if u.target is aten.view.default]
+        if viewers:
+            with graph.inserting_after(value):
+                dense = _call(graph, aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
+            for u in viewers:
+                u.replace_input_with(member, dense)
+        member.replace_all_uses_with(value)
+        graph.erase_node(member)
+
+
+# ---- 1. grouped embedding lookup ----------------------------------------------------------
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class EmbeddingGroupingConfig(Config):
+    min_group: int = 2  # fewest lookups worth one grouped op
+    # largest concatenated table (rows); bigger groups are split so no single weight grows unbounded
+    max_group_rows: int = 1 << 31
+
+
+def _bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, Any, Any, int] | None:
+    """(table, ids node, offsets node, mode) of an EmbeddingBag lookup the grouped op can take."""
+    if node.target not in (aten.embedding_bag.padding_idx, aten.embedding_bag.default):
+        return None
+    args = list(node.args) + [None] * 9
+    weight, ids, offsets = _param(program, args[0]), args[1], args[2]
+    mode: Any = args[4] if args[4] is not None else 0
+    per_sample, last_offset = args[6], bool(args[7])
+    padding = args[8] if node.target is aten.embedding_bag.padding_idx else None
+    if weight is None or weight.dim() != 2 or not isinstance(ids, torch.fx.Node):
+        return None
+    if not isinstance(offsets, torch.fx.Node) or per_sample is not None or last_offset:
+        return None
+    if padding not in (None, -1) or int(mode) not in codesign.ops.EMBEDDING_BAG_MODES:
+        return None
+    # only the pooled output (getitem 0) may be used: the others are autograd bookkeeping
+    if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
+        return None
+    ids_val, offsets_val = _val(ids), _val(offsets)
+    if ids_val is None or ids_val.dim() != 1 or offsets_val is None or offsets_val.dim() != 1:
+        return None
+    return weight, ids, offsets, int(mode)
+
+
+class EmbeddingGrouping(Pass):
+    """EmbeddingBag lookups of equal width, dtype and mode -> one ``codesign::grouped_embedding_bag``."""
+
+    name = "group_embedding_bags"
+    config_class = EmbeddingGroupingConfig
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (
+            Knob(
+                "min_group", "int", 2, low=2, high=64, doc="fewest EmbeddingBag lookups grouped into one op"
+            ),
+            Knob(
+                "max_group_rows",
+                "int",
+                1 << 31,
+                low=1024,
+                high=1 << 40,
+                log=True,
+                doc="largest concatenated table, in rows",
+            ),
+        )
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        cfg: EmbeddingGroupingConfig = self.config  # type: ignore[assignment]
+        kernels = count_kernels(program)
+        graph = program.graph
+        roles = propagate_roles(program)
+        lookups = {n: info for n in graph.nodes if (info := _bag_lookup(program, n)) is not None}
+        by_key: dict[tuple[Any, ...], list[torch.fx.Node]] = defaultdict(list)
+        for node, (weight, ids, _, mode) in lookups.items():
+            # request-level lookups stay apart from candidate-level ones (request sharing compresses them)
+            by_key[(weight.dtype, weight.shape[1], mode, roles.get(ids.name))].append(node)
+        rows = {n: lookups[n][0].shape[0] for n in lookups}
+
+        def fits(group: list[torch.fx.Node], node: torch.fx.Node) -> bool:
+            return sum(rows[m] for m in group) + rows[node] <= cfg.max_group_rows
+
+        groups = [
+            g
+            for members in by_key.values()
+            for g in _independent_groups(members, graph, fits)
+            if len(g) >= cfg.min_group
+        ]
+        if not groups:
+            return PassResult(program, False, {"reason": "no group of EmbeddingBag lookups to merge"})
+        for members in groups:
+            _group_lookups(program, members, [lookups[m] for m in members])
+        out = _finish(program)
+        return PassResult(
+            out,
+            True,
+            _kernels_stats(
+                kernels,
+                out,
+                groups=len(groups),
+                lookups_grouped=sum(len(g) for g in groups),
+                tables_per_group=[len(g) for g in groups],
+            ),
+        )
+
+
+def _group_lookups(
+    program: Program, members: list[torch.fx.Node], infos: list[tuple[torch.Tensor, Any, Any, int]]
+) -> None:
+    graph = program.graph
+    weights = [w for w, *_ in infos]
+    starts = [0]
+    for w in weights:
+        starts.append(starts[-1] + int(w.shape[0]))
+    table = _register(program, f"_grouped_{members[0].name}", torch.cat([w.detach() for w in weights]))
+    ids = [i for _, i, _, _ in infos]
+    offsets = [o for _, _, o, _ in infos]
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    last_input = max((*ids, *offsets), key=position.__getitem__)
+    with graph.inserting_after(last_input):
+        grouped = _call(
+            graph,
+            torch.ops.codesign.grouped_embedding_bag.default,
+            (table, ids, offsets, starts, infos[0][3]),
+        )
+    with graph.inserting_after(grouped):
+        sizes = [_call(graph, aten.sym_size.int, (o, 0)) for o in offsets]
+    with graph.inserting_after(sizes[-1]):
+        parts = _call(graph, aten.split_with_sizes.default, (grouped, sizes))
+    with graph.inserting_after(parts):
+        pooled = [_call(graph, operator.getitem, (parts, t)) for t in range(len(members))]
+    for member, value in zip(members, pooled, strict=True):
+        for user in list(member.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(value)
+            graph.erase_node(user)
+        graph.erase_node(member)
+
+
+# ---- 2. Linears sharing one input ---------------------------------------------------------
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class SharedInputLinearConfig(Config):
+    min_group: int = 2  # fewest Linears on one input worth one GEMM
+
+
+def _linear_parts(
+    program: Program, node: torch.fx.Node
+) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
+    """(input, weight, bias) of a Linear (or ``codesign::broadcast_linear``) whose weight and bias are parameters."""
+    if node.target not in (aten.linear.default, torch.ops.codesign.broadcast_linear.default):
+        return None
+    x, w_node = node.args[0], node.args[1]
+    b_node = node.args[2] if len(node.args) > 2 else None
+    weight = _param(program, w_node)
+    bias = _param(program, b_node) if b_node is not None else None
+    if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
+        return None
+    if _val(x) is None:
+        return None
+    return x, weight, bias
+
+
+def _shared_input_key(program: Program, node: torch.fx.Node) -> tuple[Any, ...] | None:
+    """Linears with equal keys can share one GEMM: same input and dtype (and, for broadcast_linear,
+    the same request index and activation; their per-request rows are concatenated too)."""
+    parts = _linear_parts(program, node)
+    if parts is None:
+        return None
+    if node.target is aten.linear.default:
+        return ("linear", parts[0], parts[1].dtype)
+    row = _val(node.args[3])
+    if row is None or row.dim() != 2:
+        return None
+    return ("broadcast_linear", parts[0], parts[1].dtype, node.args[4], node.args[5])
+
+
+class SharedInputLinearFusion(Pass):
+    """Linears reading the same input -> one Linear over concatenated weights, then a split."""
+
+    name = "fuse_shared_input_linears"
+    config_class = SharedInputLinearConfig
+    tolerance: ClassVar[Tolerance] = REORDERED
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (
+            Knob(
+                "min_group", "int", 2, low=2, high=16, doc="fewest Linears on one input fused into one GEMM"
+            ),
+        )
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        cfg: SharedInputLinearConfig = self.config  # type: ignore[assignment]
+        kernels = count_kernels(program)
+        groups: dict[tuple[Any, ...], list[torch.fx.Node]] = defaultdict(list)
+        for node in program.graph.nodes:
+            key = _shared_input_key(program, node)
+            if key is not None:
+                groups[key].append(node)
+        fused = [
+            g
+            for members in groups.values()
+            for g in _independent_groups(members, program.graph, lambda group, node: True)
+            if len(g) >= cfg.min_group
+        ]
+        if not fused:
+            return PassResult(program, False, {"reason": "no two Linears read the same input"})
+        for members in fused:
+            _fuse_shared_input(program, members)
+        out = _finish(program)
+        return PassResult(
+            out,
+            True,
+            _kernels_stats(kernels, out, groups=len(fused), linears_fused=sum(len(g) for g in fused)),
+        )
+
+
+def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
+    graph = program.graph
+    parts = [p for m in members if (p := _linear_parts(program, m)) is not None]
+    x = parts[0][0]
+    weights = [p[1] for p in parts]
+    w = _register(program, f"_fused_{members[0].name}_weight", torch.cat([t.detach() for t in weights]))
+    bias = None
+    if any(p[2] is not None for p in parts):
+        b = torch.cat(
+            [
+                p[2].detach() if p[2] is not None else weights[i].new_zeros(weights[i].shape[0])
+                for i, p in enumerate(parts)
+            ]
+        )
+        bias = _register(program, f"_fused_{members[0].name}_bias", b)
+    target: Any = members[0].target
+    if target is aten.linear.default:
+        args: tuple[Any, ...] = (x, w, bias)
+    else:  # broadcast_linear: the per-request rows are concatenated like the weights
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        rows = [m.args[3] for m in members if isinstance(m.args[3], torch.fx.Node)]
+        with graph.inserting_after(max(rows, key=position.__getitem__)):
+            row = _call(graph, aten.cat.default, (rows, -1))
+        args = (x, w, bias, row, *members[0].args[4:])
+    with graph.inserting_before(members[0]):
+        gemm = _call(graph, target, args)
+        split = _call(graph, aten.split_with_sizes.default, (gemm, [int(t.shape[0]) for t in weights], -1))
+        slices = [_call(graph, operator.getitem, (split, i)) for i in range(len(members))]
+    _replace_with_slices(graph, members, slices)
+
+
+# ---- 3. parallel towers -> batched GEMM ---------------------------------------------------
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class ParallelLinearConfig(Config):
+    min_group: int = 2  # fewest parallel Linears batched into one GEMM
+    # keep the rewrite only when the cost model predicts it faster (stacking copies the inputs)
+    require_predicted_gain: bool = True
+
+
+_GROUPS = "codesign_groups"  # meta key: number of slices of an unbind this pass created
+
+
+class ParallelLinearFusion(Pass):
+    """Equal-shape Linears on independent inputs -> one ``baddbmm`` over stacked inputs.
+
+    Then, until nothing changes: an activation applied to every slice of a batch is applied once
+    to the batch, and ``stack`` of a batch's slices in order is the batch itself. Parallel towers
+    (one per task) become one chain of batched kernels.
+    """
+
+    name = "fuse_parallel_linears"
+    config_class = ParallelLinearConfig
+    tolerance: ClassVar[Tolerance] = REORDERED
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (
+            Knob("min_group", "int", 2, low=2, high=16, doc="fewest parallel Linears batched into one GEMM"),
+            Knob(
+                "require_predicted_gain",
+                "bool",
+                True,
+                doc="keep the rewrite only when the cost model predicts lower latency on the target",
+            ),
+        )
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        cfg: ParallelLinearConfig = self.config  # type: ignore[assignment]
+        kernels = count_kernels(program)
+        original = program.copy() if cfg.require_predicted_gain else None
+        batched = hoisted = cancelled = 0
+        for _ in range(_MAX_ROUNDS):
+            step = _batch_parallel_linears(program, cfg.min_group)
+            if step:
+                stable_topological_sort(program.graph)
+            h, c = _hoist_pointwise(program.graph), _cancel_stack_of_slices(program.graph)
+            batched, hoisted, cancelled = batched + step, hoisted + h, cancelled + c
+            if not (step or h or c):
+                break
+        if not batched:
+            return PassResult(program, False, {"reason": "no parallel Linears of equal shape"})
+        out = _finish(program)
+        stats = _kernels_stats(
+            kernels, out, linears_batched=batched, activations_batched=hoisted, stacks_removed=cancelled
+        )
+        if original is not None:
+            before, after = _predicted_latency(original, target), _predicted_latency(out, target)
+            stats.update(predicted_latency_before_s=before, predicted_latency_after_s=after)
+            if after >= before:
+                stats["reason"] = "the cost model predicts no gain on this target"
+                return PassResult(original, False, stats)
+        return PassResult(out, True, stats)
+
+
+def _batch_parallel_linears(program: Program, min_group: int) -> int:
+    """One round: group independent Linears by (weight shape, dtype, bias, input shape); returns Linears batched."""
+    graph = program.graph
+    found: dict[tuple[Any, ...], list[torch.fx.Node]] = defaultdict(list)
+    parts: dict[torch.fx.Node, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
+    for node in graph.nodes:
+        p = _linear_parts(program, node)
+        x_val = _val(p[0]) if p is not None else None
+        if p is None or x_val is None or x_val.dim() != 2:
+            continue
+        parts[node] = p
+        key = (
+            tuple(p[1].shape),
+            p[1].dtype,
+            p[2] is not None,
+            tuple(str(d) for d in x_val.shape),
+            x_val.dtype,
+        )
+        found[key].append(node)
+
+    def distinct_input(group: list[torch.fx.Node], node: torch.fx.Node) -> bool:
+        return all(parts[m][0] is not parts[node][0] for m in group)
+
+    for members in found.values():
+        for group in _independent_groups(members, graph, distinct_input):
+            if len(group) >= min_group:
+                # one group per round: batching adds dependencies, so the next grouping needs fresh ancestry
+                _batch(program, group, [parts[m] for m in group])
+                return len(group)
+    return 0
+
+
+def _batch(
+    program: Program, members: list[torch.fx.Node], parts: list[tuple[Any, torch.Tensor, Any]]
+) -> None:
+    graph = program.graph
+    name = members[0].name
+    w = _register(program, f"_batched_{name}_weight", torch.stack([p[1].detach().t() for p in parts]))
+    bias = None
+    if parts[0][2] is not None:
+        bias = _register(
+            program, f"_batched_{name}_bias", torch.stack([p[2].detach()[None, :] for p in parts])
+        )
+    inputs = [p[0] for p in parts]
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    last_input = max(inputs, key=position.__getitem__)
+    with graph.inserting_after(last_input):
+        stacked = _call(graph, aten.stack.default, (inputs, 0))
+    with graph.inserting_after(stacked):
+        if bias is None:
+            gemm = _call(graph, aten.bmm.default, (stacked, w))
+        else:  # baddbmm's shape rule cannot broadcast over symbolic rows: expand the bias first (a view)
+            rows = _call(graph, aten.sym_size.int, (stacked, 1))
+            groups, width = len(members), int(parts[0][1].shape[0])
+            expanded = _call(graph, aten.expand.default, (bias, [groups, rows, width]))
+            gemm = _call(graph, aten.baddbmm.default, (expanded, stacked, w))
+    with graph.inserting_after(gemm):
+        slices = _unbind(graph, gemm, len(members))
+    for member, value in zip(members, slices, strict=True):
+        member.replace_all_uses_with(value)
+        graph.erase_node(member)
+
+
+def _unbind(graph: torch.fx.Graph, batch: torch.fx.Node, groups: int) -> list[torch.fx.Node]:
+    unbind = _call(graph, aten.unbind.int, (batch, 0))
+    unbind.meta[_GROUPS] = groups
+    with graph.inserting_after(unbind):
+        return [_call(graph, operator.getitem, (unbind, i)) for i in range(groups)]
+
+
+def _slices(unbind: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The getitem nodes of an unbind this pass made, in slice order (None if one is missing)."""
+    groups = unbind.meta.get(_GROUPS)
+    if unbind.target is not aten.unbind.int or groups is None:
+        return None
+    items = {u.args[1]: u for u in unbind.users if u.target is operator.getitem}
+    return [items[i] for i in range(groups)] if len(items) == groups else None
+
+
+def _hoist_pointwise(graph: torch.fx.Graph) -> int:
+    """``op(slice_i)`` for every slice of a batch -> slices of ``op(batch)``."""
+    hoisted = 0
+    for unbind in [n for n in graph.nodes if n.meta.get(_GROUPS)]:
+        slices = _slices(unbind)
+        if slices is None:
+            continue
+        for target in _HOISTABLE:
+            users = []
+            for s in slices:
+                match = [u for u in s.users if u.target is target and u.args == (s,)]
+                users.append(match[0] if match else None)
+            if any(u is None for u in users) or len({repr(u.kwargs) for u in users}) != 1:  # type: ignore[union-attr]
+                continue
+            with graph.inserting_after(unbind):
+                applied = _call(graph, target, (unbind.args[0],), dict(users[0].kwargs))  # type: ignore[union-attr]
+            with graph.inserting_after(applied):
+                new_slices = _unbind(graph, applied, len(slices))
+            for old, new in zip(users, new_slices, strict=True):
+                old.replace_all_uses_with(new)  # type: ignore[union-attr]
+                graph.erase_node(old)  # type: ignore[arg-type]
+            hoisted += 1
+    return hoisted
+
+
+def _cancel_stack_of_slices(graph: torch.fx.Graph) -> int:
+    """``stack([unbind(b)[0], ..., unbind(b)[G-1]], 0)`` -> ``b``."""
+    cancelled = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.stack.default or (len(node.args) > 1 and node.args[1] != 0):
+            continue
+        items = list(node.args[0])  # type: ignore[arg-type]
+        first = items[0] if items else None
+        if not isinstance(first, torch.fx.Node) or first.target is not operator.getitem:
+            continue
+        unbind = first.args[0]
+        if not isinstance(unbind, torch.fx.Node) or _slices(unbind) != items:
+            continue
+        node.replace_all_uses_with(unbind.args[0])  # type: ignore[arg-type]
+        graph.erase_node(node)
+        cancelled += 1
+    return cancelled
+
+
+# ---- 4. Linear + activation epilogue ------------------------------------------------------
+
+EPILOGUE_MODES = ("gpu", "always", "never")
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class LinearEpilogueConfig(Config):
+    # "gpu": only on GPU targets (where codesign's Triton kernel runs); CPU gains nothing from it
+    when: str = "gpu"
+
+
+class LinearEpilogueFusion(Pass):
+    """Linear + bias + activation -> ``codesign::fused_linear`` (one Triton kernel on CUDA).
+
+    Inductor and AOTInductor fuse this epilogue themselves; the op is for the eager backend on a
+    GPU and for backends that do not fuse (it is opaque to them, so on CPU it is left off).
+    """
+
+    name = "fuse_linear_epilogue"
+    config_class = LinearEpilogueConfig
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        return (
+            Knob(
+                "when",
+                "categorical",
+                "gpu",
+                choices=EPILOGUE_MODES,
+                doc="rewrite Linear+activation to codesign::fused_linear: on GPU targets, always, never",
+            ),
+        )
+
+    def apply(self, program: Program, target: Target) -> PassResult:
+        when = self.config.when  # type: ignore[attr-defined]
+        if when not in EPILOGUE_MODES:
+            raise ValueError(f"when={when!r}")
+        if when == "never" or (when == "gpu" and target.hardware.kind != "gpu"):
+            return PassResult(program, False, {"reason": f"when={when!r} on a {target.hardware.kind} target"})
+        kernels = count_kernels(program)
+        graph = program.graph
+        fused = 0
+        for node in list(graph.nodes):
+            if _linear_parts(program, node) is None or len(node.users) != 1:
+                continue
+            (act,) = node.users
+            name = _UNARY_ACTIVATIONS.get(act.target)
+            if (
+                name is None
+                or act.args != (node,)
+                or (name == "gelu" and act.kwargs.get("approximate", "none") != "none")
+            ):
+                continue
+            bias = node.args[2] if len(node.args) > 2 else None
+            with graph.inserting_before(act):
+                op = _call(
+                    graph, torch.ops.codesign.fused_linear.default, (node.args[0], node.args[1], bias, name)
+                )
+            op.meta = dict(act.meta)
+            act.replace_all_uses_with(op)
+            graph.erase_node(act)
+            graph.erase_node(node)
+            fused += 1
+        if not fused:
+            return PassResult(program, False, {"reason": "no Linear followed by a fusable activation"})
+        program.recompile()
+        return PassResult(program, True, _kernels_stats(kernels, program, linears_fused=fused))
+
+
+def fusion_passes() -> list[Pass]:
+    """The fusion pipeline in its useful order: lookups, shared inputs, parallel towers, epilogues."""
+    return [EmbeddingGrouping(), SharedInputLinearFusion(), ParallelLinearFusion(), LinearEpilogueFusion()]

@@ -1,0 +1,286 @@
+"""Fusion passes: each pattern fires on a graph made for it, leaves other graphs alone, keeps numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import codesign
+from codesign import RequestBatch, RequestSpec, offsets_from_counts
+from codesign.analysis import count_kernels
+from codesign.passes import CommonSubexpressionElimination, RequestSharing, all_passes, pass_names
+from codesign.passes.fusion import (
+    REORDERED,
+    EmbeddingGrouping,
+    LinearEpilogueConfig,
+    LinearEpilogueFusion,
+    ParallelLinearConfig,
+    ParallelLinearFusion,
+    SharedInputLinearFusion,
+    fusion_passes,
+)
+from codesign.pipeline import Pass, PassManager
+from codesign.program import Program
+from codesign.target import get_target
+from codesign.testing import assert_outputs_close
+from tests.conftest import EXAMPLES, tiny_program, tiny_workload
+
+HOST = get_target("host")
+# The mechanisms are tested with their gates open: the host cost model decides per machine.
+FORCED: dict[str, Pass] = {
+    "group_embedding_bags": EmbeddingGrouping(),
+    "fuse_shared_input_linears": SharedInputLinearFusion(),
+    "fuse_parallel_linears": ParallelLinearFusion(ParallelLinearConfig(require_predicted_gain=False)),
+    "fuse_linear_epilogue": LinearEpilogueFusion(LinearEpilogueConfig(when="always")),
+}
+
+
+def _ops(program: Program) -> list[str]:
+    return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+
+
+def _run(program: Program, p: Pass) -> tuple[Program, dict[str, object], bool]:
+    out, report = PassManager([p], HOST).run(program)
+    return out, report.passes[0].stats, report.passes[0].modified
+
+
+def _capture(model: torch.nn.Module, make: object) -> Program:
+    return codesign.capture(model.eval(), make([3, 2], 0), RequestSpec(), make_batch=make)  # type: ignore[operator]
+
+
+def _batch_of(**widths: int) -> object:
+    def make(counts: list[int], seed: int) -> RequestBatch:
+        g = torch.Generator().manual_seed(seed)
+        n = sum(counts)
+        return RequestBatch(
+            {k: torch.randn(n, w, generator=g) for k, w in widths.items()}, offsets_from_counts(counts)
+        )
+
+    return make
+
+
+# ---- shared-input Linears ---------------------------------------------------------------------
+
+
+class _Heads(torch.nn.Module):
+    """Three task heads on the same features (one without bias) and one on other features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctr = torch.nn.Linear(8, 4)
+        self.cvr = torch.nn.Linear(8, 3)
+        self.dwell = torch.nn.Linear(8, 5, bias=False)
+        self.other = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(self.ctr(x)), self.cvr(x).sigmoid(), self.dwell(x), self.other(y)], -1)
+
+
+def test_linears_on_one_input_become_one_gemm() -> None:
+    make = _batch_of(x=8, y=6)
+    program = _capture(_Heads(), make)
+    out, stats, modified = _run(program, SharedInputLinearFusion())
+    assert modified and stats["linears_fused"] == 3 and stats["groups"] == 1
+    assert _ops(out).count("aten.linear.default") == 2  # the fused GEMM and the head on y
+    batch = make([4, 1], 3)  # type: ignore[operator]
+    assert_outputs_close(out.run(batch), program.run(batch), REORDERED)
+
+
+def test_linears_on_different_inputs_are_left_alone() -> None:
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(y)
+
+    program = _capture(TwoInputs(), _batch_of(x=8, y=6))
+    out, stats, modified = _run(program, SharedInputLinearFusion())
+    assert not modified and "reason" in stats and out.graph_module.code == program.graph_module.code
+
+
+# ---- parallel towers --------------------------------------------------------------------------
+
+
+class _Towers(torch.nn.Module):
+    """One two-layer tower per task, each on its own input: the grouped-GEMM pattern."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.towers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+            for _ in range(tasks)
+        )
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        outs = [tower(x) for tower, x in zip(self.towers, (a, b, c), strict=True)]
+        return torch.sigmoid(torch.cat(outs, -1))
+
+
+def test_parallel_towers_become_one_batched_chain() -> None:
+    make = _batch_of(a=8, b=8, c=8)
+    program = _capture(_Towers(), make)
+    out, stats, modified = _run(program, FORCED["fuse_parallel_linears"])
+    assert modified and stats["linears_batched"] == 6 and stats["activations_batched"] == 1
+    assert stats["stacks_removed"] == 1  # layer 2 reads layer 1's batch directly
+    ops = _ops(out)
+    assert "aten.linear.default" not in ops and ops.count("aten.baddbmm.default") == 2
+    assert ops.count("aten.relu.default") == 1
+    assert stats["kernels_after"] < stats["kernels_before"]  # type: ignore[operator]
+    batch = make([1, 6, 2], 9)  # type: ignore[operator]
+    assert_outputs_close(out.run(batch), program.run(batch), REORDERED)
+
+
+def test_dependent_linears_of_equal_shape_are_not_batched() -> None:
+    class Deep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(8, 8),
+                torch.nn.ReLU(),
+                torch.nn.Linear(8, 8),
+                torch.nn.ReLU(),
+                torch.nn.Linear(8, 8),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    program = _capture(Deep(), _batch_of(x=8))
+    out, _, modified = _run(program, FORCED["fuse_parallel_linears"])
+    assert not modified and out.graph_module.code == program.graph_module.code
+
+
+def test_the_cost_model_gate_reports_its_figures() -> None:
+    program = _capture(_Towers(), _batch_of(a=8, b=8, c=8))
+    _, stats, modified = _run(program, ParallelLinearFusion())
+    assert {"predicted_latency_before_s", "predicted_latency_after_s"} <= set(stats)
+    assert modified == (stats["predicted_latency_after_s"] < stats["predicted_latency_before_s"])  # type: ignore[operator]
+
+
+# ---- grouped embedding lookup -----------------------------------------------------------------
+
+
+class _Bags(torch.nn.Module):
+    """Four sum tables of width 4 (two user, two ad), one mean table, one table of width 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums = torch.nn.ModuleList(torch.nn.EmbeddingBag(r, 4, mode="sum") for r in (11, 7, 5, 9))
+        self.mean = torch.nn.EmbeddingBag(13, 4, mode="mean")
+        self.wide = torch.nn.EmbeddingBag(6, 6, mode="sum")
+
+    def forward(self, ids: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        tables = [*self.sums, self.mean, self.wide]
+        return torch.cat([t(i, o) for t, i, o in zip(tables, ids, offsets, strict=True)], -1)
+
+
+_ROWS = (11, 7, 5, 9, 13, 6)
+
+
+def _bags_batch(counts: list[int], seed: int) -> RequestBatch:
+    """Jagged bags (0-3 ids); tables 0-1 hold one bag per request, repeated on its candidates."""
+    g = torch.Generator().manual_seed(seed)
+    request_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids, offsets = [], []
+    for t, rows in enumerate(_ROWS):
+        user = t < 2
+        bags = [
+            torch.randint(0, rows, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g)
+            for _ in range(len(counts) if user else sum(counts))
+        ]
+        if user:
+            bags = [bags[int(r)] for r in request_of]
+        lengths = torch.tensor([len(b) for b in bags])
+        ids.append(torch.cat(bags))
+        offsets.append(torch.cumsum(lengths, 0) - lengths)
+    return RequestBatch({"ids": ids, "offsets": offsets}, offsets_from_counts(counts))
+
+
+def _bags_program() -> Program:
+    spec = RequestSpec(
+        request_inputs=("ids.0", "ids.1"), jagged={f"ids.{t}": f"offsets.{t}" for t in range(len(_ROWS))}
+    )
+    return codesign.capture(_Bags().eval(), _bags_batch([3, 2], 0), spec, make_batch=_bags_batch)
+
+
+def test_embedding_bags_are_grouped_by_width_mode_and_role() -> None:
+    program = _bags_program()
+    out, stats, modified = _run(program, EmbeddingGrouping())
+    # user tables 0-1 and ad tables 2-3 form two groups; the mean and the wide table stay alone
+    assert modified and stats["tables_per_group"] == [2, 2]
+    ops = _ops(out)
+    assert ops.count("codesign.grouped_embedding_bag.default") == 2
+    assert ops.count("aten.embedding_bag.padding_idx") + ops.count("aten.embedding_bag.default") == 2
+    for counts in ([1], [4, 1, 3]):
+        batch = _bags_batch(counts, 5)
+        assert_outputs_close(out.run(batch), program.run(batch), REORDERED)
+
+
+def test_grouped_lookup_rejects_an_id_outside_its_table() -> None:
+    out, _, _ = _run(_bags_program(), EmbeddingGrouping())
+    batch = _bags_batch([2], 1)
+    batch.inputs["ids"][2] = torch.full_like(batch.inputs["ids"][2], 5)  # table 2 has rows 0..4
+    with pytest.raises(Exception, match=r"id 5 is out of range for table 0 of the group \(5 rows\)"):
+        out.run(batch)
+
+
+def test_a_lone_lookup_is_left_alone() -> None:
+    _, stats, modified = _run(tiny_program("din"), EmbeddingGrouping())
+    assert not modified and stats["reason"] == "no group of EmbeddingBag lookups to merge"
+
+
+# ---- Linear + activation epilogue -------------------------------------------------------------
+
+
+def test_epilogue_fusion_only_where_asked() -> None:
+    make = _batch_of(a=8, b=8, c=8)
+    program = _capture(_Towers(), make)
+    _, stats, modified = _run(program, LinearEpilogueFusion())  # default: GPU targets only
+    assert not modified and "cpu target" in str(stats["reason"])
+    out, stats, modified = _run(program, FORCED["fuse_linear_epilogue"])
+    assert modified and stats["linears_fused"] == 3
+    assert "aten.relu.default" not in _ops(out)
+    batch = make([2, 5], 1)  # type: ignore[operator]
+    assert_outputs_close(out.run(batch), program.run(batch), REORDERED)
+
+
+# ---- every example, every pass ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_fusion_pass_on_every_example(name: str) -> None:
+    """Each pass alone and the whole pipeline keep the example's outputs (checked on fresh requests)."""
+    program = tiny_program(name)
+    w = tiny_workload(name)
+    for p in FORCED.values():
+        PassManager([p], HOST).run(program)  # raises on any numerics difference beyond the pass tolerance
+    full, report = PassManager(
+        [RequestSharing(), CommonSubexpressionElimination(), *FORCED.values()], HOST
+    ).run(program)
+    assert count_kernels(full) <= count_kernels(program) + 8  # sharing may add gathers; fusion removes
+    batch = w.make_batch([1, 5, 2], 23)
+    with torch.no_grad():
+        assert_outputs_close(full.run(batch), w.model(**batch.inputs), REORDERED)
+    assert [r.name for r in report.passes][2:] == list(FORCED)
+
+
+def test_examples_lose_kernels_where_their_pattern_is() -> None:
+    expected = {
+        "dlrm": "group_embedding_bags",
+        "dcnv2": "group_embedding_bags",
+        "multitask": "fuse_shared_input_linears",
+    }
+    for name, pass_name in expected.items():
+        program = tiny_program(name)
+        if name == "multitask":  # MMoE experts and gates read the same features
+            program, _ = PassManager([RequestSharing(), CommonSubexpressionElimination()], HOST).run(program)
+        _, stats, modified = _run(program, FORCED[pass_name])
+        assert modified and stats["kernels_after"] < stats["kernels_before"], (name, stats)  # type: ignore[operator]
+
+
+def test_default_pipeline_runs_every_registered_pass() -> None:
+    names = [p.name for p in all_passes()]
+    assert names[0] == "request_sharing" and set(names) == set(pass_names())
+    assert [p.name for p in fusion_passes()] == list(FORCED)
