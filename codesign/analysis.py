@@ -131,6 +131,8 @@ _VIEW_OPS = {
     aten.lift_fresh_copy.default,
     operator.getitem,
 }
+# Passes over ids/offsets a grouped EmbeddingBag lookup makes before its gather (codesign.ops).
+GROUPED_ID_PASSES = 10
 # Ops whose cost per output element is above one FLOP (transcendentals, normalizations).
 FLOPS_PER_ELEMENT: dict[Any, int] = {
     aten.sigmoid.default: 4,
@@ -392,7 +394,10 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
         ids = sum(s.numel(v) for v in _tensor_vals(node.args[1]))
         meta = sum(s.nbytes(v) for v in _tensor_vals(list(node.args[1:3])))
         looked_up = ids * dim
-        return looked_up, 2 * meta + looked_up * weight.dtype.itemsize + out_bytes, 0, False
+        # before the gather, ids and offsets are concatenated, shifted into the joint table and
+        # bounds-checked per table: about GROUPED_ID_PASSES reads/writes of every id and offset
+        prep = GROUPED_ID_PASSES * meta
+        return looked_up, prep + looked_up * weight.dtype.itemsize + out_bytes, 0, False
     in_bytes = sum(s.nbytes(v) for v in in_vals)
     flops = _matmul_flops(node, s)
     if flops is None:

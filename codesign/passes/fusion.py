@@ -207,6 +207,18 @@ def _predicted_latency(program: Program, target: Target) -> float:
     return estimate_analysis(analyze(program, GATE_CANDIDATES, GATE_REQUESTS), target).latency_s
 
 
+def _gated(original: Program | None, out: Program, target: Target, stats: dict[str, Any]) -> PassResult:
+    """Keep ``out`` unless a gate was asked for (``original`` given) and the cost model prefers the original."""
+    if original is None:
+        return PassResult(out, True, stats)
+    before, after = _predicted_latency(original, target), _predicted_latency(out, target)
+    stats.update(predicted_latency_before_s=before, predicted_latency_after_s=after)
+    if after >= before:
+        stats["reason"] = "the cost model predicts no gain on this target"
+        return PassResult(original, False, stats)
+    return PassResult(out, True, stats)
+
+
 def _replace_with_slices(
     graph: torch.fx.Graph, members: Sequence[torch.fx.Node], values: Sequence[torch.fx.Node]
 ) -> None:
@@ -235,6 +247,9 @@ class EmbeddingGroupingConfig(Config):
     min_group: int = 2  # fewest lookups worth one grouped op
     # largest concatenated table (rows); bigger groups are split so no single weight grows unbounded
     max_group_rows: int = 1 << 31
+    # keep the rewrite only when the cost model predicts it faster: one launch instead of T, but
+    # every id is copied, shifted and checked first (a loss where launches are cheap, e.g. CPUs)
+    require_predicted_gain: bool = True
 
 
 def _bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, Any, Any, int] | None:
@@ -282,6 +297,12 @@ class EmbeddingGrouping(Pass):
                 log=True,
                 doc="largest concatenated table, in rows",
             ),
+            Knob(
+                "require_predicted_gain",
+                "bool",
+                True,
+                doc="keep the rewrite only when the cost model predicts lower latency on the target",
+            ),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
@@ -307,20 +328,18 @@ class EmbeddingGrouping(Pass):
         ]
         if not groups:
             return PassResult(program, False, {"reason": "no group of EmbeddingBag lookups to merge"})
+        original = program.copy() if cfg.require_predicted_gain else None
         for members in groups:
             _group_lookups(program, members, [lookups[m] for m in members])
         out = _finish(program)
-        return PassResult(
+        stats = _kernels_stats(
+            kernels,
             out,
-            True,
-            _kernels_stats(
-                kernels,
-                out,
-                groups=len(groups),
-                lookups_grouped=sum(len(g) for g in groups),
-                tables_per_group=[len(g) for g in groups],
-            ),
+            groups=len(groups),
+            lookups_grouped=sum(len(g) for g in groups),
+            tables_per_group=[len(g) for g in groups],
         )
+        return _gated(original, out, target, stats)
 
 
 def _group_lookups(
@@ -525,13 +544,7 @@ class ParallelLinearFusion(Pass):
         stats = _kernels_stats(
             kernels, out, linears_batched=batched, activations_batched=hoisted, stacks_removed=cancelled
         )
-        if original is not None:
-            before, after = _predicted_latency(original, target), _predicted_latency(out, target)
-            stats.update(predicted_latency_before_s=before, predicted_latency_after_s=after)
-            if after >= before:
-                stats["reason"] = "the cost model predicts no gain on this target"
-                return PassResult(original, False, stats)
-        return PassResult(out, True, stats)
+        return _gated(original, out, target, stats)
 
 
 def _batch_parallel_linears(program: Program, min_group: int) -> int:
