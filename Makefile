@@ -31,6 +31,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costmodel.py
 	$(BIN)/python benchmarks/request_scaling.py
+	$(BIN)/python benchmarks/compile.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

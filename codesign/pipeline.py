@@ -23,7 +23,17 @@ from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.program import Program, flatten_outputs
 from codesign.target import Target
 
-__all__ = ["CompileReport", "Knob", "Pass", "PassManager", "PassRecord", "PassResult", "Tolerance", "Tunable"]
+__all__ = [
+    "CompileReport",
+    "Knob",
+    "Pass",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "Tolerance",
+    "Tunable",
+    "gain_knob",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,16 @@ class Knob:
         if not ok:
             rng = self.choices if self.kind == "categorical" else f"[{self.low}, {self.high}]"
             raise ConfigError(f"knob {self.name}={value!r} is not a valid {self.kind} in {rng}")
+
+
+# The knob of every pass that keeps its rewrite only where the cost model predicts a gain.
+def gain_knob() -> Knob:
+    return Knob(
+        "require_predicted_gain",
+        "bool",
+        True,
+        doc="keep the rewrite only when the cost model predicts lower latency on the target",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

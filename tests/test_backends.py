@@ -82,7 +82,9 @@ def test_tensorrt_declares_nvidia_gpus_and_says_what_is_missing() -> None:
     try:
         import torch_tensorrt  # noqa: F401
     except ImportError:
-        with pytest.raises(BackendError, match=r"(?s)needs torch-tensorrt.*pip install 'codesign\[tensorrt\]'"):
+        with pytest.raises(
+            BackendError, match=r"(?s)needs torch-tensorrt.*pip install 'codesign\[tensorrt\]'"
+        ):
             import_torch_tensorrt()
     with pytest.raises(ConfigError, match="precision='int4'"):
         TensorRTBackend(TensorRTConfig(precision="int4"))

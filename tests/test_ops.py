@@ -75,13 +75,16 @@ _INTERPRETED = textwrap.dedent("""
 """)
 
 
-def test_triton_kernel_under_the_interpreter() -> None:
+def _run_interpreted(code: str) -> None:
+    """Run ``code`` in a fresh interpreter with TRITON_INTERPRET=1; it prints OK when every check passed."""
     pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.stdout.strip().endswith("OK"), done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_triton_kernel_under_the_interpreter() -> None:
+    _run_interpreted(_INTERPRETED)
 
 
 @pytest.mark.gpu
@@ -187,12 +190,7 @@ _INTERPRETED_FUSION = textwrap.dedent("""
 
 
 def test_fusion_kernels_under_the_interpreter() -> None:
-    pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED_FUSION], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.stdout.strip().endswith("OK"), done.stdout[-2000:] + done.stderr[-4000:]
+    _run_interpreted(_INTERPRETED_FUSION)
 
 
 @pytest.mark.gpu

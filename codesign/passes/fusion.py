@@ -40,7 +40,7 @@ from codesign.analysis import analyze, count_kernels, propagate_roles
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis
 from codesign.passes.cleanup import remove_unused_params
-from codesign.pipeline import Knob, Pass, PassResult, Tolerance
+from codesign.pipeline import Knob, Pass, PassResult, Tolerance, gain_knob
 from codesign.program import Program
 from codesign.target import Target
 
@@ -297,12 +297,7 @@ class EmbeddingGrouping(Pass):
                 log=True,
                 doc="largest concatenated table, in rows",
             ),
-            Knob(
-                "require_predicted_gain",
-                "bool",
-                True,
-                doc="keep the rewrite only when the cost model predicts lower latency on the target",
-            ),
+            gain_knob(),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
@@ -517,12 +512,7 @@ class ParallelLinearFusion(Pass):
     def knobs(cls) -> tuple[Knob, ...]:
         return (
             Knob("min_group", "int", 2, low=2, high=16, doc="fewest parallel Linears batched into one GEMM"),
-            Knob(
-                "require_predicted_gain",
-                "bool",
-                True,
-                doc="keep the rewrite only when the cost model predicts lower latency on the target",
-            ),
+            gain_knob(),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:

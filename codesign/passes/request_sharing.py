@@ -29,7 +29,7 @@ import codesign.ops  # noqa: F401  (registers codesign::broadcast_linear, the op
 from codesign.analysis import Role, analyze, is_row_view, propagate_roles, symbolic_dim
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis
-from codesign.pipeline import Knob, Pass, PassResult
+from codesign.pipeline import Knob, Pass, PassResult, gain_knob
 from codesign.program import REQUEST_OFFSETS, Program
 from codesign.target import Target
 
@@ -79,12 +79,7 @@ class RequestSharing(Pass):
             Knob(
                 "fuse_broadcast", "bool", True, doc="fuse the per-request row gather into the candidate GEMM"
             ),
-            Knob(
-                "require_predicted_gain",
-                "bool",
-                True,
-                doc="keep the rewrite only when the cost model predicts lower latency on the target",
-            ),
+            gain_knob(),
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
