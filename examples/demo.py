@@ -55,7 +55,9 @@ def main() -> int:
         ]
     )
 
-    print("== 3. compile: generic passes with verified numerics, lowered with AOTInductor")
+    print(
+        "== 3. compile: all passes (gated ones ask the cost model), numerics verified, lowered with AOTInductor"
+    )
     variant = codesign.compile(program, target="host", backend="aoti")
     for rec in variant.report["passes"] if variant.report else []:
         print(
