@@ -695,7 +695,7 @@ class LinearEpilogueFusion(Pass):
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
-        when = self.config.when  # type: ignore[attr-defined]  (a valid choice: checked by its knob)
+        when = self.config.when  # type: ignore[attr-defined]
         if when == "never" or (when == "gpu" and target.hardware.kind != "gpu"):
             return PassResult(program, False, {"reason": f"when={when!r} on a {target.hardware.kind} target"})
         kernels = count_kernels(program)
