@@ -345,16 +345,11 @@ def _matmul_flops(node: torch.fx.Node, s: _Shapes) -> int | None:
         k = s.dim(a.meta["val"].shape[-1])  # type: ignore[union-attr]
         extra = s.numel(out) if t in (aten.addmm.default, aten.baddbmm.default) else 0
         return 2 * s.numel(out) * k + extra
-    if t is torch.ops.codesign.fused_linear.default:
+    if t in (torch.ops.codesign.broadcast_linear.default, torch.ops.codesign.fused_linear.default):
         x, w = node.args[0], node.args[1]
         m = s.numel(x.meta["val"]) // s.dim(x.meta["val"].shape[-1])  # type: ignore[union-attr]
         n_out, k = s.shape(w.meta["val"])  # type: ignore[union-attr]
-        return 2 * m * k * n_out + 2 * m * n_out  # GEMM + bias and activation in the epilogue
-    if t is torch.ops.codesign.broadcast_linear.default:
-        x, w = node.args[0], node.args[1]
-        m = s.numel(x.meta["val"]) // s.dim(x.meta["val"].shape[-1])  # type: ignore[union-attr]
-        n_out, k = s.shape(w.meta["val"])  # type: ignore[union-attr]
-        return 2 * m * k * n_out + 2 * m * n_out  # GEMM + gathered row + bias in the epilogue
+        return 2 * m * k * n_out + 2 * m * n_out  # GEMM + two epilogue terms (row or activation, bias)
     if t is aten.scaled_dot_product_attention.default:
         q, k_, v = (a.meta["val"] for a in node.args[:3])  # type: ignore[union-attr]
         qs, ks, vs = s.shape(q), s.shape(k_), s.shape(v)

@@ -157,6 +157,16 @@ class Program:
             if node.op == "get_attr":
                 self.fetch_attr(str(node.target))
 
+    def add_buffer(self, base: str, value: torch.Tensor) -> str:
+        """Register ``value`` (detached, contiguous) as a buffer under a fresh name starting with ``base``."""
+        gm = self.graph_module
+        name, i = base, 0
+        while hasattr(gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        gm.register_buffer(name, value.detach().contiguous())
+        return name
+
     def fetch_attr(self, target: str) -> Any:
         """The module attribute a ``get_attr`` node names (a parameter, buffer or submodule)."""
         obj: Any = self.graph_module

@@ -183,8 +183,7 @@ class ConstantFolding(Pass):
                 grown_refused += 1
                 continue
             orphan_candidates |= {a for a in inputs if a.op == "get_attr"}
-            attr = _fresh_attr(gm, f"_folded_{node.name}")
-            gm.register_buffer(attr, value.detach().clone().contiguous())
+            attr = program.add_buffer(f"_folded_{node.name}", value.clone())
             with gm.graph.inserting_before(node):
                 new = gm.graph.get_attr(attr)
             new.meta = dict(node.meta)
@@ -203,14 +202,6 @@ class ConstantFolding(Pass):
             folded > 0,
             {"nodes_folded": folded, "folds_refused_for_growth": grown_refused, "param_bytes_freed": freed},
         )
-
-
-def _fresh_attr(gm: torch.fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def generic_passes() -> list[Pass]:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
 import codesign.ops
@@ -106,7 +107,7 @@ def _call(
     """
     node = graph.call_function(target, args, kwargs or {})
     fake_args, fake_kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-    mode = _fake_mode(graph)
+    mode = detect_fake_mode(pytree.tree_leaves((fake_args, fake_kwargs))) or _fake_mode(graph)
     with mode if mode is not None else contextlib.nullcontext():
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
@@ -115,11 +116,7 @@ def _call(
 def _register(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node:
     """A new buffer holding ``value`` and a get_attr node reading it (inserted at the graph's start)."""
     gm = program.graph_module
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach().contiguous())
+    name = program.add_buffer(base, value)
     first = next(n for n in program.graph.nodes if n.op != "placeholder")
     with program.graph.inserting_before(first):
         node = program.graph.get_attr(name)
@@ -127,6 +124,12 @@ def _register(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node
     if mode is not None:
         node.meta["val"] = mode.from_tensor(gm.get_buffer(name), static_shapes=True)
     return node
+
+
+def _latest(graph: torch.fx.Graph, nodes: Sequence[Any]) -> torch.fx.Node:
+    """The node of ``nodes`` that comes last in the graph (a fused node must follow all its inputs)."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return max(nodes, key=position.__getitem__)  # type: ignore[no-any-return]
 
 
 def _ancestors(graph: torch.fx.Graph) -> tuple[dict[torch.fx.Node, int], dict[torch.fx.Node, int]]:
@@ -348,9 +351,7 @@ def _group_lookups(
     table = _register(program, f"_grouped_{members[0].name}", torch.cat([w.detach() for w in weights]))
     ids = [i for _, i, _, _ in infos]
     offsets = [o for _, _, o, _ in infos]
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    last_input = max((*ids, *offsets), key=position.__getitem__)
-    with graph.inserting_after(last_input):
+    with graph.inserting_after(_latest(graph, (*ids, *offsets))):
         grouped = _call(
             graph,
             torch.ops.codesign.grouped_embedding_bag.default,
@@ -470,9 +471,8 @@ def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
     if target is aten.linear.default:
         args: tuple[Any, ...] = (x, w, bias)
     else:  # broadcast_linear: the per-request rows are concatenated like the weights
-        position = {n: i for i, n in enumerate(graph.nodes)}
         rows = [m.args[3] for m in members if isinstance(m.args[3], torch.fx.Node)]
-        with graph.inserting_after(max(rows, key=position.__getitem__)):
+        with graph.inserting_after(_latest(graph, rows)):
             row = _call(graph, aten.cat.default, (rows, -1))
         args = (x, w, bias, row, *members[0].args[4:])
     with graph.inserting_before(members[0]):
@@ -581,9 +581,7 @@ def _batch(
             program, f"_batched_{name}_bias", torch.stack([p[2].detach()[None, :] for p in parts])
         )
     inputs = [p[0] for p in parts]
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    last_input = max(inputs, key=position.__getitem__)
-    with graph.inserting_after(last_input):
+    with graph.inserting_after(_latest(graph, inputs)):
         stacked = _call(graph, aten.stack.default, (inputs, 0))
     with graph.inserting_after(stacked):
         if bias is None:
