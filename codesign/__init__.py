@@ -10,6 +10,7 @@ from codesign.capture import capture
 from codesign.errors import CodesignError
 from codesign.program import Program
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch, offsets_from_counts
+from codesign.search import ObjectiveSettings, SearchResult, tune
 from codesign.target import HardwareSpec, Target, get_target
 from codesign.variant import Variant, compile
 from codesign.workload import Workload, load_model_ref
@@ -19,9 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CodesignError",
     "HardwareSpec",
+    "ObjectiveSettings",
     "Program",
     "RequestBatch",
     "RequestSpec",
+    "SearchResult",
     "StructuredBatch",
     "Target",
     "Variant",
@@ -33,4 +36,5 @@ __all__ = [
     "load",
     "load_model_ref",
     "offsets_from_counts",
+    "tune",
 ]

@@ -106,6 +106,7 @@ def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) 
         "compile_report": variant.report,
         "cache_key": variant.cache_key,
         "takes_request_offsets": variant.takes_request_offsets,
+        "micro_batch": variant.micro_batch,
         "files": files,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
@@ -262,4 +263,13 @@ def load(directory: str | Path) -> Variant:
         program=None,
         cache_key=str(manifest.get("cache_key", "")),
         takes_request_offsets=bool(manifest.get("takes_request_offsets", False)),
+        micro_batch=_micro_batch(manifest.get("micro_batch")),
     )
+
+
+def _micro_batch(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"bundle manifest micro_batch {value!r} is not a positive integer or null")
+    return value

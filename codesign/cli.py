@@ -1,4 +1,4 @@
-"""The ``codesign`` command: profile, compile, run, targets.
+"""The ``codesign`` command: profile, compile, run, search, targets.
 
 A model reference is ``path/to/file.py:factory`` (a function returning a ``codesign.Workload``) or
 the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
@@ -28,6 +28,9 @@ from codesign.errors import CodesignError
 from codesign.passes import pass_by_name
 from codesign.program import flatten_outputs
 from codesign.request import resample_batch
+from codesign.search import ObjectiveSettings, SearchResult, tune
+from codesign.search.space import MICRO_BATCH
+from codesign.search.tuner import DEFAULT_STORAGE, SAMPLERS, counted_trials
 from codesign.target import CATALOGUE, get_target, target_names
 from codesign.timing import median_latency
 from codesign.variant import compile
@@ -171,6 +174,110 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise CodesignError(f"{flag} takes positive integers separated by commas, got {text!r}")
+    return values
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = ObjectiveSettings(
+        candidates=_ints(args.candidates, "--candidates"),
+        requests=args.requests,
+        measure=args.measure,
+        repeats=args.repeats,
+        latency_slo_ms=args.slo_ms,
+        quality_budget_pct=args.quality_budget,
+        memory_capacity_bytes=args.memory_gb * 1e9 if args.memory_gb is not None else None,
+        seed=args.seed,
+    )
+    backends = tuple(b for b in args.backends.split(",") if b) if args.backends else None
+    factory_kwargs = {"size": args.size} if args.size else {}
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]search[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.no_progress,
+    ) as progress:
+        task = progress.add_task(f"{args.model} on {args.target}", total=args.trials)
+
+        def advance(study: Any, trial: Any) -> None:
+            progress.update(task, completed=min(args.trials, counted_trials(study)))
+
+        result = tune(
+            args.model,
+            args.target,
+            trials=args.trials,
+            settings=settings,
+            backends=backends,
+            storage=args.storage,
+            study_name=args.study_name,
+            sampler=args.sampler,
+            seed=args.seed,
+            workers=args.workers,
+            factory_kwargs=factory_kwargs,
+            callbacks=[advance],
+        )
+    _print_search(result, args.variants)
+    console.print(
+        f"{sum(result.counts().values())} trials {result.counts()} in {time.perf_counter() - t0:.1f} s; "
+        f"latency {result.latency_source}; study '{result.study_name}' in {result.storage}"
+    )
+    if args.out:
+        console.print(f"result written to [bold]{result.save(args.out)}[/]")
+    if result.storage != ":memory:":
+        console.print(f"browse it: optuna-dashboard {result.storage}")
+    return 0 if result.pareto else 1
+
+
+def _print_search(result: SearchResult, variants: int) -> None:
+    front = result.pareto
+    if not front:
+        console.print(
+            "[red]no feasible complete trial[/]: relax the SLO / quality budget / memory, or run more trials"
+        )
+        return
+    chosen = {c.trial.number: c.label for c in result.select_variants(variants)}
+    table = Table(title=f"Pareto front ({len(front)} distinct variants; latency {result.latency_source})")
+    for col in (
+        "trial",
+        "latency",
+        "quality loss (NE %)",
+        "memory",
+        "micro-batch",
+        "backend",
+        "passes off",
+        "chosen",
+    ):
+        table.add_column(col)
+    for t in front:
+        values = t.values or (0.0, 0.0, 0.0)
+        off = sorted(
+            k.removesuffix(".enabled") for k, v in t.params.items() if k.endswith(".enabled") and not v
+        )
+        backend = (t.config or {}).get("backend", {}).get("name", "-")
+        table.add_row(
+            str(t.number),
+            _fmt_s(values[0] / 1e3),
+            f"{values[1]:.4f}",
+            _fmt_n(values[2] * (1 << 20), "B"),
+            str(t.params.get(MICRO_BATCH, "-")),
+            backend,
+            ", ".join(off) or "-",
+            chosen.get(t.number, ""),
+        )
+    console.print(table)
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     table = Table(title="target catalogue (dense peaks)")
     for col in ("target", "bf16", "fp8", "fp32", "HBM BW", "memory", "link", "source"):
@@ -229,6 +336,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "search",
+        help="tune pass knobs, backend and micro-batch with Optuna; print the Pareto front",
+        description="Multi-objective search (latency, NE quality loss, memory). Several processes "
+        "with the same --storage and --study-name share one study; a rerun resumes it.",
+    )
+    p.add_argument("model")
+    p.add_argument("--size")
+    p.add_argument("--target", default="h100", help=f"one of {target_names()}")
+    p.add_argument("--trials", type=int, default=100, help="finished trials the study should hold")
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="sqlite:///file.db (default), postgresql://..., journal:file.log or :memory:",
+    )
+    p.add_argument("--study-name", help="default: <model>-<target>-<measured|predicted>")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the study")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
+    p.add_argument("--candidates", default="64,1024", help="candidates per request at which latency is taken")
+    p.add_argument("--requests", type=int, default=1, help="requests per call")
+    p.add_argument(
+        "--measure",
+        default="auto",
+        choices=("auto", "predicted", "measured"),
+        help="auto: measured for target host, cost model otherwise",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per candidate count (measured)")
+    p.add_argument("--slo-ms", type=float, help="latency SLO (constraint on the worst candidate count)")
+    p.add_argument("--quality-budget", type=float, default=0.1, help="largest NE change in percent")
+    p.add_argument("--memory-gb", type=float, help="memory capacity (default: the target's)")
+    p.add_argument("--backends", help="comma-separated backends to search (measured searches)")
+    p.add_argument("--variants", type=int, default=3, help="variants to pick from the front")
+    p.add_argument("--out", type=Path, help="write the result (all trials, front) as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("targets", help="list the target catalogue")
     p.set_defaults(func=cmd_targets)

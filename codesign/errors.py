@@ -15,6 +15,7 @@ __all__ = [
     "ModelRefError",
     "NumericsError",
     "PassError",
+    "SearchError",
     "SpecError",
     "TargetError",
 ]
@@ -63,3 +64,7 @@ class TargetError(CodesignError):
 
 class ModelRefError(CodesignError):
     """A model reference (``file.py:factory`` or an example name) cannot be resolved."""
+
+
+class SearchError(CodesignError):
+    """A search cannot start or resume (bad settings, a study made with other settings, storage)."""

@@ -50,6 +50,9 @@ class Knob:
     choices: tuple[Any, ...] = ()
     log: bool = False
     doc: str = ""
+    step: float | None = None  # search grid for float knobs (values closer than this act alike)
+    # active only when another knob of the same pass/backend takes one of these values
+    when: tuple[str, tuple[Any, ...]] | None = None
 
     def check(self, value: Any) -> None:
         ok = {
@@ -113,6 +116,14 @@ class Tunable:
     def knobs(cls) -> tuple[Knob, ...]:
         """The knobs search may tune (by default: none)."""
         return ()
+
+    @classmethod
+    def unavailable(cls, target: Target) -> str | None:
+        """Why this pass or backend cannot be used for ``target`` (None when it can).
+
+        Search leaves unavailable ones (and their knobs) out of the space for that target.
+        """
+        return None
 
     def uuid(self) -> str:
         """Stable id of this code version and config, for cache keys."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "REQUEST_OFFSETS",
     "Program",
     "call_inputs",
+    "concat_outputs",
     "dynamic_shapes_for",
     "flatten_outputs",
 ]
@@ -76,6 +78,18 @@ def call_inputs(batch: RequestBatch, with_request_offsets: bool) -> dict[str, An
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """Output tensors of a model call, in pytree order (tensor, tuple or dict outputs)."""
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def concat_outputs(parts: Sequence[Any]) -> Any:
+    """Outputs of consecutive candidate pieces joined along the candidate dimension (dim 0)."""
+    if len(parts) == 1:
+        return parts[0]
+    flat = [pytree.tree_flatten(p) for p in parts]
+    leaves = [
+        torch.cat(list(column)) if isinstance(column[0], torch.Tensor) else column[0]
+        for column in zip(*(f[0] for f in flat), strict=True)
+    ]
+    return pytree.tree_unflatten(leaves, flat[0][1])
 
 
 @dataclasses.dataclass
@@ -128,7 +142,10 @@ class Program:
 
     def copy(self) -> Program:
         """A deep copy whose graph and parameters a pass may change freely."""
-        gm = copy.deepcopy(self.graph_module)
+        with warnings.catch_warnings():
+            # torch's own pytree pickling hooks warn about their deprecated LeafSpec on every deepcopy
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+            gm = copy.deepcopy(self.graph_module)
         return dataclasses.replace(self, graph_module=gm, metadata=dict(self.metadata))
 
     def recompile(self) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "flatten_inputs",
     "offsets_from_counts",
     "resample_batch",
+    "split_candidates",
 ]
 
 ColumnRange = tuple[int, int]
@@ -398,3 +399,42 @@ def resample_batch(
             out = out + torch.where(id_like, 0.0, eps * out.abs().mean().clamp_min(1e-3))
         new[path] = out
     return RequestBatch(inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts))
+
+
+def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -> list[RequestBatch]:
+    """Cut a batch into consecutive pieces of at most ``micro_batch`` candidate rows.
+
+    A serving knob: scoring a large request in pieces bounds activation memory at the price of
+    more calls (and, for request-sharing variants, of recomputing the user work per piece). A
+    request cut in two appears in both pieces with its share of rows; jagged inputs are cut at
+    their per-candidate offsets and static inputs go whole to every piece.
+    """
+    if micro_batch < 1:
+        raise SpecError(f"micro_batch must be >= 1 candidate rows, got {micro_batch}")
+    n = batch.num_candidates
+    if n <= micro_batch:
+        return [batch]
+    leaves = batch.leaves()
+    offsets_of = {off: values for values, off in spec.jagged.items()}
+    pieces = []
+    for start in range(0, n, micro_batch):
+        stop = min(n, start + micro_batch)
+        new: dict[str, Any] = {}
+        for path, t in leaves.items():
+            if not isinstance(t, torch.Tensor) or path in spec.static_inputs or path in offsets_of:
+                continue
+            if path in spec.jagged:
+                off = leaves[spec.jagged[path]]
+                lo = int(off[start])
+                hi = int(off[stop]) if stop < n else t.numel()
+                new[path] = t[lo:hi]
+                new[spec.jagged[path]] = off[start:stop] - lo
+            else:
+                new[path] = t[start:stop]
+        counts = (batch.offsets.clamp(start, stop)[1:] - batch.offsets.clamp(start, stop)[:-1]).clamp_min(0)
+        pieces.append(
+            RequestBatch(
+                inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts[counts > 0])
+            )
+        )
+    return pieces

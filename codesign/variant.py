@@ -17,11 +17,11 @@ import codesign
 from codesign.backends import Backend, get_backend
 from codesign.capture import capture
 from codesign.costmodel import estimate
-from codesign.errors import NumericsError, PassError
+from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.passes import all_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
-from codesign.program import Program, call_inputs, flatten_outputs
-from codesign.request import RequestBatch, RequestSpec, StructuredBatch
+from codesign.program import Program, call_inputs, concat_outputs, flatten_outputs
+from codesign.request import RequestBatch, RequestSpec, StructuredBatch, split_candidates
 from codesign.target import Target, get_target
 from codesign.workload import Workload
 
@@ -56,6 +56,7 @@ class Variant:
     program: Program | None = None  # present when compiled in this process, absent when loaded
     cache_key: str = ""
     takes_request_offsets: bool = False  # request-centric variants also take the batch's request offsets
+    micro_batch: int | None = None  # score at most this many candidate rows per call (a serving knob)
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():
@@ -70,7 +71,10 @@ class Variant:
         """
         if isinstance(batch, StructuredBatch):
             batch = batch.to_flat(self.spec, self.reference_inputs)
-        return self(**call_inputs(batch, self.takes_request_offsets))
+        if self.micro_batch is None:
+            return self(**call_inputs(batch, self.takes_request_offsets))
+        pieces = split_candidates(batch, self.spec, self.micro_batch)
+        return concat_outputs([self(**call_inputs(p, self.takes_request_offsets)) for p in pieces])
 
     @property
     def tolerance(self) -> Tolerance:
@@ -126,15 +130,23 @@ def compile(
     passes: Sequence[Pass | str] | None = None,
     workdir: str | Path | None = None,
     verify: bool = True,
+    micro_batch: int | None = None,
 ) -> Variant:
     """Capture (unless given a Program), run passes with verified numerics, lower on a backend.
 
     ``passes=None`` runs ``codesign.passes.all_passes()`` (request sharing, fusion, cleanup); each
     pass that the cost model gates keeps the program unchanged where it predicts no gain.
+    ``micro_batch`` makes ``score`` cut large batches into pieces of that many candidate rows.
 
     >>> variant = codesign.compile(model, batch, spec, target="host", backend="aoti")
     >>> scores = variant.score(batch)
     """
+    if micro_batch is not None and (
+        isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
+    ):
+        raise ConfigError(
+            f"micro_batch must be a positive number of candidate rows or None, got {micro_batch!r}"
+        )
     program = model if isinstance(model, Program) else capture(model, example, spec)
     tgt = get_target(target)
     be = get_backend(backend)
@@ -159,6 +171,7 @@ def compile(
         program=optimized,
         cache_key=cache_key(program, pass_list, be, tgt),
         takes_request_offsets=optimized.takes_request_offsets,
+        micro_batch=micro_batch,
     )
     if verify:
         _verify_backend(variant, program)

@@ -139,3 +139,21 @@ def test_save_refuses_to_clobber(eager_bundles: dict[str, Path], tmp_path: Path)
     with pytest.raises(BundleError, match="not a codesign bundle"):
         variant.save(tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_micro_batch_is_kept_by_the_bundle_and_checked(tmp_path: Path) -> None:
+    from codesign.errors import ConfigError
+
+    program = tiny_program("din")
+    variant = codesign.compile(program, passes=[], micro_batch=4)
+    loaded = codesign.load(variant.save(tmp_path / "din"))
+    assert loaded.micro_batch == 4
+    batch = program.sample_batch([9, 2], seed=1)
+    torch.testing.assert_close(loaded.score(batch), program.run(batch), rtol=1e-5, atol=1e-6)
+    manifest = json.loads((tmp_path / "din" / MANIFEST).read_text())
+    manifest["micro_batch"] = -3
+    (tmp_path / "din" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="micro_batch"):
+        codesign.load(tmp_path / "din")
+    with pytest.raises(ConfigError, match="micro_batch"):
+        codesign.compile(program, passes=[], micro_batch=0)

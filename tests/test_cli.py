@@ -76,3 +76,25 @@ def test_targets_lists_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("h100", "h200", "a100", "l4", "mi300x", "tpu-v5e", "tpu-v5p", "tpu-v6e", "mtia-v2", "host"):
         assert name in out
+
+
+def test_search_prints_the_front_saves_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["search", "din", "--size", "tiny", "--target", "h100", "--storage", storage, "--no-progress"]
+    assert main([*args, "--trials", "6", "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "predicted by the cost model for h100" in out and "fast" in out
+    assert len(json.loads((tmp_path / "r.json").read_text())["trials"]) == 6
+    assert main([*args, "--trials", "8"]) == 0  # the same study: two more trials
+    assert "8 trials" in capsys.readouterr().out
+
+
+def test_search_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", "din", "--size", "tiny", "--storage", "nowhere.db", "--no-progress"]) == 2
+    assert "is not a URL" in capsys.readouterr().out
+    assert main(["search", "din", "--size", "tiny", "--candidates", "64,x", "--no-progress"]) == 2
+    assert "--candidates takes positive integers" in capsys.readouterr().out

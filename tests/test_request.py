@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.config import config_from_json
 from codesign.errors import ConfigError, SpecError
-from codesign.request import flatten_inputs, resample_batch
+from codesign.request import flatten_inputs, resample_batch, split_candidates
 from codesign.synthetic import zipf_ids
 from tests.conftest import EXAMPLES, tiny_workload
 
@@ -107,3 +107,33 @@ def test_zipf_ids_are_heavy_tailed_and_in_range() -> None:
     top1pct = counts[:1000].sum().item() / ids.numel()
     assert top1pct > 0.4, top1pct  # power law: 1% of ids take far more than 1% of lookups
     assert len(ids.unique()) > 10_000  # but the tail is still visited
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("shared", [False, True], ids=["flat", "request-sharing"])
+def test_micro_batched_scores_equal_whole_batch_scores(name: str, shared: bool) -> None:
+    import codesign
+    from codesign.passes import RequestSharing, RequestSharingConfig
+    from tests.conftest import tiny_program
+
+    program = tiny_program(name)
+    passes = [RequestSharing(RequestSharingConfig(require_predicted_gain=False))] if shared else []
+    variant = codesign.compile(program, passes=passes, micro_batch=7, verify=False)
+    # pieces of 7 rows cut requests in the middle: 3 requests of 5, 11 and 1 candidates -> 3 pieces
+    batch = program.sample_batch([5, 11, 1], seed=4)
+    assert len(split_candidates(batch, program.spec, 7)) == 3
+    torch.testing.assert_close(variant.score(batch), program.run(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_split_candidates_cuts_jagged_inputs_at_their_offsets() -> None:
+    spec = RequestSpec(jagged={"ids": "off"})
+    batch = RequestBatch(
+        {"ids": torch.arange(10), "off": torch.tensor([0, 3, 3, 7]), "x": torch.arange(4.0)},
+        offsets_from_counts([1, 3]),
+    )
+    first, second = split_candidates(batch, spec, 2)
+    assert first.inputs["ids"].tolist() == [0, 1, 2] and first.inputs["off"].tolist() == [0, 3]
+    assert second.inputs["ids"].tolist() == [3, 4, 5, 6, 7, 8, 9] and second.inputs["off"].tolist() == [0, 4]
+    assert first.offsets.tolist() == [0, 1, 2] and second.offsets.tolist() == [0, 2]
+    with pytest.raises(SpecError, match="micro_batch"):
+        split_candidates(batch, spec, 0)

@@ -48,8 +48,15 @@ class Backend(Tunable, abc.ABC):
 
     def supports(self, target: Target) -> bool:
         """True when this backend can lower for ``target`` on a machine that has it."""
+        return self.unavailable(target) is None
+
+    @classmethod
+    def unavailable(cls, target: Target) -> str | None:
         hw = target.hardware
-        return hw.kind in self.device_kinds and (self.vendors is None or hw.vendor in self.vendors)
+        if hw.kind in cls.device_kinds and (cls.vendors is None or hw.vendor in cls.vendors):
+            return None
+        vendors = f" from {', '.join(cls.vendors)}" if cls.vendors else ""
+        return f"runs on {'/'.join(cls.device_kinds)} devices{vendors}, not {hw.vendor} {hw.kind}"
 
     def runs_on(self, target: Target) -> bool:
         """True when this backend can execute on ``target`` from this machine."""

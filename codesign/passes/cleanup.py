@@ -153,6 +153,7 @@ class ConstantFolding(Pass):
                 low=0.0,
                 high=16.0,
                 doc="largest allowed ratio of folded bytes to the constant bytes it replaces",
+                step=0.25,
             ),
         )
 

@@ -72,6 +72,7 @@ class RequestSharing(Pass):
                 low=0.0,
                 high=1.0,
                 doc="skip the rewrite when request-level FLOPs are below this share of the total",
+                step=0.05,
             ),
             Knob(
                 "split_concat_linears", "bool", True, doc="split Linear over concat(user, candidate) features"
