@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/costmodel.py
 	$(BIN)/python benchmarks/request_scaling.py
 	$(BIN)/python benchmarks/compile.py
+	$(BIN)/python benchmarks/search.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

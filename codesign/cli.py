@@ -264,7 +264,7 @@ def _print_search(result: SearchResult, variants: int) -> None:
         off = sorted(
             k.removesuffix(".enabled") for k, v in t.params.items() if k.endswith(".enabled") and not v
         )
-        backend = (t.config or {}).get("backend", {}).get("name", "-")
+        backend = ((t.config or {}).get("backend") or {}).get("name", "-")
         table.add_row(
             str(t.number),
             _fmt_s(values[0] / 1e3),

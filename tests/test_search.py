@@ -164,8 +164,10 @@ def test_same_seed_gives_the_same_trials() -> None:
 
 
 def test_search_returns_a_front_of_distinct_variants_and_picks_them() -> None:
-    result = Tuner(tiny_program("multitask"), "h100", settings=FAST, storage=":memory:").run(30)
+    tuner = Tuner(tiny_program("multitask"), "h100", settings=FAST, storage=":memory:")
+    result = tuner.run(30)
     assert result.counts() == {"COMPLETE": 30}
+    assert result.trials[0].params == tuner.space.defaults()  # the default pipeline is trial 0
     front = result.pareto
     assert len(front) >= 3 and len({t.values for t in front}) == len(front)
     for t in front:  # no front member is dominated by any complete trial
@@ -328,3 +330,26 @@ def test_killing_a_worker_loses_at_most_its_running_trial(tmp_path: Path, repo_r
     assert stale.params.items() <= retried[0].params.items()  # the same parameters, run again
     assert counted_trials(tuner.study) == 10
     assert not [t for t in result.trials if t.state == "RUNNING"]
+
+
+def test_targets_without_a_backend_are_still_searched_on_the_cost_model() -> None:
+    tuner = Tuner(tiny_program("din"), "tpu-v5e", settings=FAST, storage=":memory:")
+    assert tuner.space.backends == ()
+    result = tuner.run(3)
+    assert result.counts() == {"COMPLETE": 3}
+    config = result.select_variants(1)[0].config()
+    assert config.backend is None and "backend" not in config.compile_args()
+    assert TrialConfig.from_dict(config.to_dict()).backend is None
+
+
+@pytest.mark.slow
+def test_host_measured_search_of_twenty_trials_runs_end_to_end() -> None:
+    settings = ObjectiveSettings(candidates=(64, 512), repeats=3, calibration=(128, 128))
+    tuner = Tuner(tiny_program("din"), "host", settings=settings, storage=":memory:")
+    assert {b.name for b in tuner.space.backends} == {"eager", "inductor"}
+    result = tuner.run(20)
+    assert result.latency_source.startswith("measured")
+    assert result.counts().get("COMPLETE", 0) >= 18  # Inductor may fail a configuration; the study goes on
+    assert result.pareto and all(
+        t.attrs["evaluation"]["latency_source"].startswith("measured") for t in result.pareto
+    )

@@ -164,7 +164,10 @@ class Evaluator:
             for i, c in enumerate(settings.calibration)
         ]
         self._reference = [flatten_outputs(program.run(b)) for b in self._calibration]
-        self._workdir = Path(tempfile.mkdtemp(prefix="codesign-search-"))
+        self._tmp = tempfile.TemporaryDirectory(
+            prefix="codesign-search-"
+        )  # lowered artifacts; removed with us
+        self._workdir = Path(self._tmp.name)
 
     @property
     def latency_source(self) -> str:
@@ -194,13 +197,16 @@ class Evaluator:
             cache.popitem(last=False)
 
     def _runner(self, config: TrialConfig, program: Program, key: str) -> Runner:
-        rkey = (key, config.backend.uuid())
+        backend = config.backend
+        if backend is None:
+            raise SearchError(
+                "a measured trial needs a backend to run it", fix="search with backends=('eager',)"
+            )
+        rkey = (key, backend.uuid())
         runner = self._runners.get(rkey)
         if runner is None:
-            config.backend.check_target(self.target)
-            runner = config.backend.lower(
-                program, self.target, self._workdir / f"{key[:12]}-{rkey[1]}"
-            ).runner
+            backend.check_target(self.target)
+            runner = backend.lower(program, self.target, self._workdir / f"{key[:12]}-{rkey[1]}").runner
             self._remember(self._runners, rkey, runner)
         return runner
 

@@ -101,10 +101,14 @@ def _range(param: Param) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class TrialConfig:
-    """What one trial compiles: the enabled passes with their configs, a backend, a micro-batch."""
+    """What one trial compiles: the enabled passes with their configs, a backend, a micro-batch.
+
+    ``backend`` is None for a cost-model search on a target no codesign backend lowers for (TPU,
+    MTIA): the search then tunes the passes for it, and lowering is left to the target's toolchain.
+    """
 
     passes: tuple[Pass, ...]
-    backend: Backend
+    backend: Backend | None
     micro_batch: int | None
 
     def pass_names(self) -> list[str]:
@@ -113,7 +117,9 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passes": [{"name": p.name, "config": p.config.to_dict()} for p in self.passes],
-            "backend": {"name": self.backend.name, "config": self.backend.config.to_dict()},
+            "backend": None
+            if self.backend is None
+            else {"name": self.backend.name, "config": self.backend.config.to_dict()},
             "micro_batch": self.micro_batch,
         }
 
@@ -128,8 +134,10 @@ class TrialConfig:
             for rec in data["passes"]:
                 cls_ = classes.get(rec["name"]) or pass_by_name(rec["name"])
                 passes.append(cls_(config_from_dict(rec["config"])))
-            backend_cls = type(get_backend(data["backend"]["name"]))
-            backend = backend_cls(config_from_dict(data["backend"]["config"]))
+            backend = None
+            if data["backend"] is not None:
+                backend_cls = type(get_backend(data["backend"]["name"]))
+                backend = backend_cls(config_from_dict(data["backend"]["config"]))
             micro = data.get("micro_batch")
         except (KeyError, TypeError) as exc:
             raise SearchError(f"not a trial config record: {exc!r} missing or malformed") from exc
@@ -137,7 +145,10 @@ class TrialConfig:
 
     def compile_args(self) -> dict[str, Any]:
         """Keyword arguments of ``codesign.compile`` that build this configuration."""
-        return {"passes": list(self.passes), "backend": self.backend, "micro_batch": self.micro_batch}
+        args: dict[str, Any] = {"passes": list(self.passes), "micro_batch": self.micro_batch}
+        if self.backend is not None:
+            args["backend"] = self.backend
+        return args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +157,7 @@ class SearchSpace:
 
     target: str
     pipeline: tuple[type[Pass], ...]  # pass classes in pipeline order (a class may repeat)
-    backends: tuple[type[Backend], ...]  # searched backends; the first is used when only one
+    backends: tuple[type[Backend], ...]  # searched backends; the first is used when only one; may be empty
     params: tuple[Param, ...]
     excluded: Mapping[str, str]  # pass/backend name -> why it is not searched on this target
 
@@ -181,8 +192,10 @@ class SearchSpace:
             if cls.name in self.excluded or not full.get(f"{cls.name}.enabled", True):
                 continue
             passes.append(cls(_config(cls, cls.name, full)))
-        backend_cls = next(b for b in self.backends if b.name == full.get(BACKEND, self.backends[0].name))
-        backend = backend_cls(_config(backend_cls, backend_cls.name, full))
+        backend = None
+        if self.backends:
+            backend_cls = next(b for b in self.backends if b.name == full.get(BACKEND, self.backends[0].name))
+            backend = backend_cls(_config(backend_cls, backend_cls.name, full))
         return TrialConfig(tuple(passes), backend, full.get(MICRO_BATCH))
 
     def signature(self) -> str:
@@ -248,7 +261,8 @@ def build_space(
     """The space of a search for ``target``: pass switches and knobs, backends, micro-batch.
 
     ``backends`` lists the backends whose choice and knobs are searched (measured searches); a
-    search on the cost model keeps one backend, since the model cannot tell backends apart.
+    search on the cost model keeps one backend, since the model cannot tell backends apart, or
+    none (``()``) for a target no backend lowers for.
     """
     pipeline = tuple(
         p if isinstance(p, type) else type(p) for p in (passes if passes is not None else all_passes())
@@ -264,7 +278,7 @@ def build_space(
             excluded[bcls.name] = why
         elif bcls not in backend_classes:
             backend_classes.append(bcls)
-    if not backend_classes:
+    if backends and not backend_classes:
         raise SearchError(
             f"no backend among {[str(getattr(b, 'name', b)) for b in backends]} supports target '{target.name}'",
             fix="choose backends that run on this target ('codesign targets')",

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from codesign.backends import get_backend
 from codesign.errors import CodesignError, SearchError
 from codesign.pipeline import Pass
 from codesign.program import Program
@@ -213,8 +214,11 @@ class Tuner:
         self.target = get_target(target)
         self.settings = settings or ObjectiveSettings()
         self.evaluator = Evaluator(program, self.target, self.settings)
-        if backends is None:
-            backends = ("eager", "inductor") if self.evaluator.measured else ("aoti",)
+        if backends is None and self.evaluator.measured:
+            backends = ("eager", "inductor")
+        elif backends is None:
+            # the deployable artifact where a codesign backend lowers for the target; none for TPU/MTIA
+            backends = tuple(b for b in ("aoti",) if get_backend(b).supports(self.target))
         if not self.evaluator.measured and len(backends) > 1:
             raise SearchError(
                 f"backends {list(backends)} cannot be told apart by the cost model",
@@ -284,6 +288,8 @@ class Tuner:
         stored = study.user_attrs.get(STUDY_ATTR)
         if stored is None:
             study.set_user_attr(STUDY_ATTR, key)
+            # the default pipeline is the first trial: the front is never worse than what compile() gives
+            study.enqueue_trial(self.space.defaults(), user_attrs={"codesign.seeded": "default pipeline"})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(OBJECTIVE_NAMES))
