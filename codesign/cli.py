@@ -213,20 +213,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         def advance(study: Any, trial: Any) -> None:
             progress.update(task, completed=min(args.trials, counted_trials(study)))
 
-        result = tune(
-            args.model,
-            args.target,
-            trials=args.trials,
-            settings=settings,
-            backends=backends,
-            storage=args.storage,
-            study_name=args.study_name,
-            sampler=args.sampler,
-            seed=args.seed,
-            workers=args.workers,
-            factory_kwargs=factory_kwargs,
-            callbacks=[advance],
-        )
+        try:
+            result = tune(
+                args.model,
+                args.target,
+                trials=args.trials,
+                settings=settings,
+                backends=backends,
+                storage=args.storage,
+                study_name=args.study_name,
+                sampler=args.sampler,
+                seed=args.seed,
+                workers=args.workers,
+                factory_kwargs=factory_kwargs,
+                callbacks=[advance],
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(
+                "[yellow]interrupted[/]: finished trials are kept in the storage; "
+                "run the same command again to resume the study"
+            )
+            return 130
     _print_search(result, args.variants)
     console.print(
         f"{sum(result.counts().values())} trials {result.counts()} in {time.perf_counter() - t0:.1f} s; "

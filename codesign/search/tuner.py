@@ -308,9 +308,8 @@ class Tuner:
         trial.set_user_attr(
             WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker}
         )
-        values = self.space.suggest(trial)
         try:
-            config = self.space.configure(values)
+            config = self.space.configure(self.space.suggest(trial))
             trial.set_user_attr(CONFIG_ATTR, config.to_dict())
             ev = self.evaluator.evaluate(config)
         except Hopeless as exc:
