@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from codesign.errors import PassError
-from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch
+from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch, split_candidates
 
 __all__ = [
     "CANDIDATES_DIM",
@@ -31,6 +31,7 @@ __all__ = [
     "concat_outputs",
     "dynamic_shapes_for",
     "flatten_outputs",
+    "run_in_pieces",
 ]
 
 CANDIDATES_DIM = "candidates"
@@ -78,6 +79,18 @@ def call_inputs(batch: RequestBatch, with_request_offsets: bool) -> dict[str, An
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """Output tensors of a model call, in pytree order (tensor, tuple or dict outputs)."""
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def run_in_pieces(
+    runner: Callable[..., Any],
+    batch: RequestBatch,
+    spec: RequestSpec,
+    with_request_offsets: bool,
+    micro_batch: int | None,
+) -> Any:
+    """Call ``runner`` on pieces of at most ``micro_batch`` candidate rows (all at once when None)."""
+    pieces = split_candidates(batch, spec, micro_batch) if micro_batch else [batch]
+    return concat_outputs([runner(**call_inputs(p, with_request_offsets)) for p in pieces])
 
 
 def concat_outputs(parts: Sequence[Any]) -> Any:

@@ -20,8 +20,8 @@ from codesign.costmodel import estimate
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.passes import all_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
-from codesign.program import Program, call_inputs, concat_outputs, flatten_outputs
-from codesign.request import RequestBatch, RequestSpec, StructuredBatch, split_candidates
+from codesign.program import Program, flatten_outputs, run_in_pieces
+from codesign.request import RequestBatch, RequestSpec, StructuredBatch
 from codesign.target import Target, get_target
 from codesign.workload import Workload
 
@@ -71,10 +71,7 @@ class Variant:
         """
         if isinstance(batch, StructuredBatch):
             batch = batch.to_flat(self.spec, self.reference_inputs)
-        if self.micro_batch is None:
-            return self(**call_inputs(batch, self.takes_request_offsets))
-        pieces = split_candidates(batch, self.spec, self.micro_batch)
-        return concat_outputs([self(**call_inputs(p, self.takes_request_offsets)) for p in pieces])
+        return run_in_pieces(self, batch, self.spec, self.takes_request_offsets, self.micro_batch)
 
     @property
     def tolerance(self) -> Tolerance:

@@ -30,9 +30,9 @@ from codesign.analysis import count_kernels
 from codesign.costmodel import estimate
 from codesign.errors import SearchError
 from codesign.pipeline import Pass, PassManager
-from codesign.program import Program, call_inputs, concat_outputs, flatten_outputs
+from codesign.program import Program, flatten_outputs, run_in_pieces
 from codesign.quality import QualityLoss, quality_loss
-from codesign.request import RequestBatch, split_candidates
+from codesign.request import RequestBatch
 from codesign.search.space import TrialConfig
 from codesign.target import Target
 from codesign.timing import median_latency
@@ -163,10 +163,9 @@ class Evaluator:
             program.sample_batch([c], seed=settings.seed + 50_000 + i)
             for i, c in enumerate(settings.calibration)
         ]
-        self._reference = [flatten_outputs(program.run(b)) for b in self._calibration]
-        self._tmp = tempfile.TemporaryDirectory(
-            prefix="codesign-search-"
-        )  # lowered artifacts; removed with us
+        self._reference = _heads([program.run(b) for b in self._calibration])
+        # lowered artifacts (AOTInductor packages) live here and go with the evaluator
+        self._tmp = tempfile.TemporaryDirectory(prefix="codesign-search-")
         self._workdir = Path(self._tmp.name)
 
     @property
@@ -219,11 +218,8 @@ class Evaluator:
         runner = self._runner(config, program, key) if self.measured else program.graph_module
 
         def run(batch: RequestBatch) -> Any:
-            pieces = split_candidates(batch, program.spec, micro) if micro else [batch]
             with torch.no_grad():
-                return concat_outputs(
-                    [runner(**call_inputs(p, program.takes_request_offsets)) for p in pieces]
-                )
+                return run_in_pieces(runner, batch, program.spec, program.takes_request_offsets, micro)
 
         latency: dict[int, float] = {}
         for i, n in enumerate(s.candidates):
@@ -237,12 +233,7 @@ class Evaluator:
                     f"latency at {n} candidates is {latency[n] * 1e3:.3g} ms, over {s.prune_ratio} x "
                     f"the {s.latency_slo_ms} ms SLO"
                 )
-        outputs = [flatten_outputs(run(b)) for b in self._calibration]
-        quality = quality_loss(
-            [torch.cat([o[h] for o in self._reference]) for h in range(len(self._reference[0]))],
-            [torch.cat([o[h] for o in outputs]) for h in range(len(outputs[0]))],
-            seed=s.seed,
-        )
+        quality = quality_loss(self._reference, _heads([run(b) for b in self._calibration]), seed=s.seed)
         rows = max(s.candidates) * s.requests
         peak_rows = min(micro, rows) if micro else rows
         memory = self._estimate(
@@ -280,6 +271,12 @@ class Evaluator:
                 program, key, rest, _requests_in(rest, candidates, self.settings.requests)
             ).latency_s
         return total
+
+
+def _heads(outputs: Sequence[Any]) -> list[torch.Tensor]:
+    """Each output head over all calibration batches, joined along the candidate rows."""
+    per_batch = [flatten_outputs(o) for o in outputs]
+    return [torch.cat([b[h] for b in per_batch]) for h in range(len(per_batch[0]))]
 
 
 def _requests_in(rows: int, candidates: int, requests: int) -> int:
