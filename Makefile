@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/request_scaling.py
 	$(BIN)/python benchmarks/compile.py
 	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/fp8.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

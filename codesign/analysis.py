@@ -369,8 +369,8 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
         for a in node.all_input_nodes
         if a.name in param_nodes and isinstance(a.meta.get("val"), torch.Tensor)
     )
-    if t in _VIEW_OPS:
-        return 0, 0, 0, True
+    if t in _VIEW_OPS or isinstance(node.meta.get("val"), int | torch.SymInt | torch.SymBool):
+        return 0, 0, 0, True  # views and shape arithmetic (sizes, not tensors) launch no kernel
     out_bytes = sum(s.nbytes(v) for v in out_vals)
     if t is aten.embedding.default:
         idx = node.args[1].meta["val"]  # type: ignore[union-attr]
@@ -393,7 +393,23 @@ def _node_cost(node: torch.fx.Node, s: _Shapes, param_nodes: set[str]) -> tuple[
         # bounds-checked per table: about GROUPED_ID_PASSES reads/writes of every id and offset
         prep = GROUPED_ID_PASSES * meta
         return looked_up, prep + looked_up * weight.dtype.itemsize + out_bytes, 0, False
+    if t in (
+        torch.ops.codesign.quantized_embedding.default,
+        torch.ops.codesign.quantized_embedding_bag.default,
+    ):
+        weight, _, idx = (a.meta["val"] for a in node.args[:3])  # type: ignore[union-attr]
+        rows = s.numel(idx)
+        looked_up = rows * s.dim(weight.shape[-1])
+        meta = sum(s.nbytes(v) for v in _tensor_vals(list(node.args[2:4])))
+        # one byte per value and a 4-byte scale per gathered row; dequantizing is one multiply each
+        return looked_up, meta + looked_up * weight.dtype.itemsize + 4 * rows + out_bytes, 0, False
     in_bytes = sum(s.nbytes(v) for v in in_vals)
+    if t is torch.ops.codesign.fp8_linear.default:
+        x, w = node.args[0].meta["val"], node.args[1].meta["val"]  # type: ignore[union-attr]
+        m, (n_out, k) = s.numel(x) // s.dim(x.shape[-1]), s.shape(w)
+        # the activation is quantized first: read it, write one byte per value, read that back
+        quant = s.nbytes(x) + 2 * m * k
+        return 2 * m * k * n_out + 2 * m * n_out, in_bytes + quant + out_bytes, param_bytes, False
     flops = _matmul_flops(node, s)
     if flops is None:
         if t in _MOVE_ONLY:

@@ -7,6 +7,7 @@ the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -25,7 +26,14 @@ from codesign.bundle import load
 from codesign.capture import capture
 from codesign.costmodel import estimate_analysis
 from codesign.errors import CodesignError
-from codesign.passes import pass_by_name
+from codesign.passes import (
+    CommonSubexpressionElimination,
+    RequestSharing,
+    SelectiveFp8,
+    SelectiveFp8Config,
+    pass_by_name,
+)
+from codesign.pipeline import PassManager
 from codesign.program import flatten_outputs
 from codesign.request import resample_batch
 from codesign.search import ObjectiveSettings, SearchResult, tune
@@ -133,13 +141,75 @@ def cmd_compile(args: argparse.Namespace) -> int:
             str(rec["ops_before"]),
             str(rec["ops_after"]),
             f"{rec['max_abs_error']:.2g}",
-            ", ".join(f"{k}={v}" for k, v in rec["stats"].items()),
+            ", ".join(f"{k}={v}" for k, v in rec["stats"].items() if not isinstance(v, list | dict)),
         )
     console.print(table)
+    for rec in (variant.report or {}).get("passes", []):
+        if rec["name"] == "selective_fp8" and "layers" in rec["stats"]:
+            print_fp8_report(rec["stats"])
     console.print(
         f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s "
         f"(cache key {variant.cache_key[:12]})"
     )
+    return 0
+
+
+def print_fp8_report(stats: dict[str, Any]) -> None:
+    """The selective_fp8 pass's report: every layer's sensitivity and predicted gain, the choice."""
+    table = Table(title=f"selective FP8 for {stats.get('target', '?')}: NE budget {stats.get('budget_pct')}%")
+    for col in (
+        "layer",
+        "module",
+        "kind",
+        "shape",
+        "NE cost %",
+        "max logit err",
+        "SQNR dB",
+        "saving µs",
+        "chosen",
+    ):
+        table.add_column(col)
+    for layer in stats.get("layers", []):
+        cost = layer["ne_loss_pct"]
+        table.add_row(
+            layer["node"],
+            layer["module"],
+            layer["kind"],
+            "×".join(map(str, layer["shape"])),
+            "-" if cost is None else f"{cost:.4f}",
+            "-" if layer["max_logit_error"] is None else f"{layer['max_logit_error']:.2g}",
+            "-" if layer["sqnr_db"] is None else f"{layer['sqnr_db']:.1f}",
+            f"{layer['saving_s'] * 1e6:.2f}",
+            "yes" if layer["chosen"] else f"no: {layer['reason']}",
+        )
+    console.print(table)
+    combined = stats.get("combined_loss_pct")
+    console.print(
+        f"chosen {len(stats.get('chosen', []))} of {len(stats.get('layers', []))}; combined NE change "
+        + ("-" if combined is None else f"{combined:.4f}%")
+        + f"; backed off {stats.get('backed_off', [])}; predicted latency "
+        f"{stats.get('predicted_latency_before_s', 0) * 1e3:.4f} -> {stats.get('predicted_latency_after_s', 0) * 1e3:.4f} ms"
+        f"; parameters {_fmt_n(stats.get('param_bytes_before', 0), 'B')} -> {_fmt_n(stats.get('param_bytes_after', 0), 'B')}"
+    )
+
+
+def cmd_fp8(args: argparse.Namespace) -> int:
+    cfg = SelectiveFp8Config(
+        quality_budget_pct=args.budget,
+        granularity=args.granularity,
+        eligible=args.eligible,
+        table_format=args.table_format,
+        selection=args.selection,
+    )
+    target = get_target(args.target)
+    program = capture(_workload(args))
+    passes = [RequestSharing(), CommonSubexpressionElimination(), SelectiveFp8(cfg)]
+    _, report = PassManager(passes, target).run(program)
+    stats = report.passes[-1].stats
+    print_fp8_report(stats)
+    if args.out:
+        args.out.write_text(json.dumps(stats, indent=2) + "\n")
+        console.print(f"report written to {args.out}")
     return 0
 
 
@@ -335,6 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "fp8", help="selective FP8 analysis: per-layer NE cost and predicted gain on a target, and the choice"
+    )
+    p.add_argument("model")
+    p.add_argument("--size")
+    p.add_argument("--target", default="h100", help="a target with FP8 (predictions are for it)")
+    p.add_argument("--budget", type=float, default=0.1, help="NE budget in percent")
+    p.add_argument("--granularity", default="row", choices=("row", "tensor"))
+    p.add_argument(
+        "--eligible", default="linear+embedding", choices=("linear", "embedding", "linear+embedding")
+    )
+    p.add_argument("--table-format", default="fp8", choices=("fp8", "int8"))
+    p.add_argument("--selection", default="greedy", choices=("greedy", "knapsack"))
+    p.add_argument("--out", type=Path, help="write the report as JSON")
+    p.set_defaults(func=cmd_fp8)
 
     p = sub.add_parser("run", help="load a bundle (verifying it) and score synthetic requests")
     p.add_argument("bundle", type=Path)

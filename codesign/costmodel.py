@@ -15,7 +15,15 @@ from codesign.analysis import NodeCost, ProgramAnalysis, analyze
 from codesign.program import Program
 from codesign.target import Target, get_target, rate_dtype
 
-__all__ = ["MATMUL_OPS", "CostEstimate", "OpEstimate", "estimate", "estimate_analysis"]
+__all__ = [
+    "FP8_MATMUL_OPS",
+    "KERNELS_PER_CALL",
+    "MATMUL_OPS",
+    "CostEstimate",
+    "OpEstimate",
+    "estimate",
+    "estimate_analysis",
+]
 
 MATMUL_OPS = frozenset(
     {
@@ -28,8 +36,13 @@ MATMUL_OPS = frozenset(
         "baddbmm.default",
         "matmul.default",
         "scaled_dot_product_attention.default",
+        "fp8_linear.default",
     }
 )
+# Ops whose GEMM runs at the FP8 rate whatever their output dtype.
+FP8_MATMUL_OPS = frozenset({"fp8_linear.default"})
+# Kernels one call launches where it is more than one: FP8 Linear quantizes its activation first.
+KERNELS_PER_CALL = {"fp8_linear.default": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +130,19 @@ class CostEstimate:
         }
 
 
+def kernel_time_s(target: Target, flops: float, nbytes: float, rate: str | None, launches: int = 1) -> float:
+    """Roofline time of kernels doing ``flops`` at the ``rate`` matmul dtype (None: vector) over ``nbytes``."""
+    hw = target.hardware
+    speed = hw.matmul_rate(rate)[0] if rate else hw.vector_flops_per_s * hw.compute_efficiency
+    bandwidth = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
+    return max(flops / speed if speed else 0.0, nbytes / bandwidth) + launches * hw.launch_overhead_s
+
+
 def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
     hw = target.hardware
-    if node.op in MATMUL_OPS:
+    if node.op in FP8_MATMUL_OPS:
+        rate, used = hw.matmul_rate("fp8")
+    elif node.op in MATMUL_OPS:
         rate, used = hw.matmul_rate(rate_dtype(node.dtype))
     else:
         rate, used = hw.vector_flops_per_s * hw.compute_efficiency, "vector"
@@ -132,7 +155,7 @@ def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
         bytes=node.bytes,
         compute_s=node.flops / rate if rate else 0.0,
         memory_s=node.bytes / bandwidth,
-        launch_s=hw.launch_overhead_s,
+        launch_s=hw.launch_overhead_s * KERNELS_PER_CALL.get(node.op, 1),
         rate_dtype=used,
     )
 

@@ -161,6 +161,16 @@ class Program:
             gm = copy.deepcopy(self.graph_module)
         return dataclasses.replace(self, graph_module=gm, metadata=dict(self.metadata))
 
+    def shallow_copy(self) -> Program:
+        """A copy with its own graph that shares the parameters (cheap; a pass must not change them).
+
+        For trying rewrites that add new buffers but leave existing weights alone (sensitivity
+        analysis tries one rewrite per layer).
+        """
+        graph = copy.deepcopy(self.graph)
+        gm = torch.fx.GraphModule(self.graph_module, graph)
+        return dataclasses.replace(self, graph_module=gm, metadata=dict(self.metadata))
+
     def recompile(self) -> None:
         self.graph.lint()
         self.graph_module.recompile()

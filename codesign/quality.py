@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from codesign.errors import NumericsError
+from codesign.program import flatten_outputs
 
-__all__ = ["QUALITY_DECIMALS", "QualityLoss", "draw_labels", "normalized_entropy", "quality_loss"]
+__all__ = [
+    "QUALITY_DECIMALS",
+    "QualityLoss",
+    "draw_labels",
+    "join_heads",
+    "normalized_entropy",
+    "quality_loss",
+]
 
 # NE changes below 1e-4 % come from fp32 reordering (Inductor, fused GEMMs); they are reported as 0
 # so that search does not treat rounding noise as a quality trade-off.
@@ -27,8 +36,8 @@ _EPS = 1e-7
 
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Log loss of ``sigmoid(logits)`` against 0/1 ``labels``, over the entropy of the mean label."""
-    x = logits.detach().double().reshape(-1)
-    y = labels.detach().double().reshape(-1)
+    x = logits.detach().cpu().double().reshape(-1)
+    y = labels.detach().cpu().double().reshape(-1)
     if x.numel() != y.numel() or x.numel() == 0:
         raise NumericsError(f"NE needs as many labels as logits, got {y.numel()} labels for {x.numel()}")
     log_loss = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
@@ -40,7 +49,7 @@ def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def draw_labels(reference_logits: torch.Tensor, seed: int) -> torch.Tensor:
     """0/1 labels drawn from the reference model's click probabilities (seeded)."""
     g = torch.Generator().manual_seed(seed)
-    probs = torch.sigmoid(reference_logits.detach().double().reshape(-1))
+    probs = torch.sigmoid(reference_logits.detach().cpu().double().reshape(-1))
     return torch.bernoulli(probs, generator=g)
 
 
@@ -53,8 +62,21 @@ class QualityLoss:
     loss_pct: float  # max over heads of |NE - NE_ref| / NE_ref * 100, rounded to QUALITY_DECIMALS
     max_abs_error: float  # largest logit difference
 
+    @property
+    def exact_pct(self) -> float:
+        """The worst relative NE change in percent, not rounded (for budgets down to zero)."""
+        return max(
+            abs(n - nr) / max(nr, _EPS) * 100 for n, nr in zip(self.ne, self.ne_reference, strict=True)
+        )
+
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def join_heads(outputs: Sequence[Any]) -> list[torch.Tensor]:
+    """Each output head over several calibration batches, joined along the candidate rows."""
+    per_batch = [flatten_outputs(o) for o in outputs]
+    return [torch.cat([b[h] for b in per_batch]) for h in range(len(per_batch[0]))]
 
 
 def quality_loss(
@@ -78,11 +100,11 @@ def quality_loss(
         ne_ref.append(normalized_entropy(r, labels))
         ne.append(normalized_entropy(o, labels))
         if r.numel():
-            max_abs = max(max_abs, float((o.double() - r.double()).abs().max()))
+            max_abs = max(max_abs, float((o.detach().cpu().double() - r.detach().cpu().double()).abs().max()))
     if not ne_ref:
         raise NumericsError(
             "the model has no floating-point output to measure quality on",
             fix="quality is the NE change of logit outputs; return logits from the model",
         )
-    worst = max(abs(n - nr) / max(nr, _EPS) * 100 for n, nr in zip(ne, ne_ref, strict=True))
-    return QualityLoss(tuple(ne_ref), tuple(ne), round(worst, QUALITY_DECIMALS), max_abs)
+    loss = QualityLoss(tuple(ne_ref), tuple(ne), 0.0, max_abs)
+    return dataclasses.replace(loss, loss_pct=round(loss.exact_pct, QUALITY_DECIMALS))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
+from codesign.pipeline import Pass, PassManager, Tolerance, combined_tolerance, compare_outputs
 from codesign.program import Program, flatten_outputs
 from codesign.target import Target
 
@@ -57,6 +57,5 @@ def check_pass_on_program(
     verify_program(out)
     for i, counts in enumerate(candidate_counts):
         batch = program.sample_batch(list(counts), seed=9000 + i)
-        tol = Tolerance(max(p.tolerance.rtol for p in passes), max(p.tolerance.atol for p in passes))
-        assert_outputs_close(out.run(batch), program.run(batch), tol)
+        assert_outputs_close(out.run(batch), program.run(batch), combined_tolerance(passes))
     return out

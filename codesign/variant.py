@@ -18,7 +18,7 @@ from codesign.backends import Backend, get_backend
 from codesign.capture import capture
 from codesign.costmodel import estimate
 from codesign.errors import ConfigError, NumericsError, PassError
-from codesign.passes import all_passes, pass_by_name
+from codesign.passes import default_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
 from codesign.program import Program, flatten_outputs, run_in_pieces
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch
@@ -93,7 +93,7 @@ class Variant:
 
 def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
     if passes is None:
-        return all_passes()
+        return default_passes()
     out: list[Pass] = []
     for p in passes:
         if isinstance(p, str):
@@ -131,7 +131,7 @@ def compile(
 ) -> Variant:
     """Capture (unless given a Program), run passes with verified numerics, lower on a backend.
 
-    ``passes=None`` runs ``codesign.passes.all_passes()`` (request sharing, fusion, cleanup); each
+    ``passes=None`` runs ``codesign.passes.default_passes()`` (request sharing, fusion, cleanup); each
     pass that the cost model gates keeps the program unchanged where it predicts no gain.
     ``micro_batch`` makes ``score`` cut large batches into pieces of that many candidate rows.
 

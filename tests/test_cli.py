@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,16 @@ def test_search_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not a URL" in capsys.readouterr().out
     assert main(["search", "din", "--size", "tiny", "--candidates", "64,x", "--no-progress"]) == 2
     assert "--candidates takes positive integers" in capsys.readouterr().out
+
+
+def test_fp8_prints_every_layer_and_saves_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fp8.json"
+    assert main(["fp8", "multitask", "--size", "tiny", "--budget", "0.05", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "selective FP8 for h100" in text and "combined NE change" in text
+    report = json.loads(out.read_text())
+    assert len(report["layers"]) == 10 and report["budget_pct"] == 0.05
+    assert main(["fp8", "multitask", "--size", "tiny", "--target", "a100"]) == 2
+    assert "target 'a100'" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from codesign.passes.cleanup import (
     DeadCodeElimination,
     generic_passes,
 )
+from codesign.passes.fp8 import SelectiveFp8, SelectiveFp8Config
 from codesign.passes.fusion import (
     EmbeddingGrouping,
     LinearEpilogueFusion,
@@ -27,8 +28,11 @@ __all__ = [
     "ParallelLinearFusion",
     "RequestSharing",
     "RequestSharingConfig",
+    "SelectiveFp8",
+    "SelectiveFp8Config",
     "SharedInputLinearFusion",
     "all_passes",
+    "default_passes",
     "fusion_passes",
     "generic_passes",
     "pass_by_name",
@@ -42,6 +46,7 @@ _PASSES: dict[str, type[Pass]] = {
         CommonSubexpressionElimination,
         ConstantFolding,
         RequestSharing,
+        SelectiveFp8,
         EmbeddingGrouping,
         SharedInputLinearFusion,
         ParallelLinearFusion,
@@ -64,5 +69,18 @@ def pass_by_name(name: str) -> type[Pass]:
 
 
 def all_passes() -> list[Pass]:
-    """Every optimization in order: share request work, merge the duplicates it leaves, fuse, clean up."""
-    return [RequestSharing(), CommonSubexpressionElimination(), *fusion_passes(), *generic_passes()]
+    """Every optimization in order: share request work, merge the duplicates it leaves, FP8 where
+    the quality budget allows, fuse, clean up. Search chooses among these."""
+    return [
+        RequestSharing(),
+        CommonSubexpressionElimination(),
+        SelectiveFp8(),
+        *fusion_passes(),
+        *generic_passes(),
+    ]
+
+
+def default_passes() -> list[Pass]:
+    """The pipeline ``compile`` runs when given none: every pass that keeps numerics exact
+    (lossy ones such as ``selective_fp8`` are opt-in)."""
+    return [p for p in all_passes() if p.enabled_by_default]

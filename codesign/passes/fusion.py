@@ -23,9 +23,7 @@ candidate-level lookups, so running after ``request_sharing`` keeps its work sha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import heapq
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -33,20 +31,26 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
-from torch._guards import detect_fake_mode
 
 import codesign.ops
 from codesign.analysis import analyze, count_kernels, propagate_roles
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis
-from codesign.passes.cleanup import remove_unused_params
+from codesign.passes.graph_edit import (
+    finish_rewrite,
+    insert_call,
+    node_value,
+    param_value,
+    register_constant,
+    stable_topological_sort,
+)
 from codesign.pipeline import Knob, Pass, PassResult, Tolerance, gain_knob
 from codesign.program import Program
 from codesign.target import Target
 
 __all__ = [
     "REORDERED",
+    "UNARY_ACTIVATIONS",
     "EmbeddingGrouping",
     "EmbeddingGroupingConfig",
     "LinearEpilogueConfig",
@@ -55,6 +59,7 @@ __all__ = [
     "ParallelLinearFusion",
     "SharedInputLinearConfig",
     "SharedInputLinearFusion",
+    "embedding_bag_lookup",
     "fusion_passes",
 ]
 
@@ -66,64 +71,17 @@ REORDERED = Tolerance(rtol=1e-4, atol=1e-5)
 GATE_CANDIDATES, GATE_REQUESTS = 1024, 16
 _MAX_ROUNDS = 256
 
-_UNARY_ACTIVATIONS: dict[Any, str] = {
+UNARY_ACTIVATIONS: dict[Any, str] = {
     aten.relu.default: "relu",
     aten.sigmoid.default: "sigmoid",
     aten.tanh.default: "tanh",
     aten.gelu.default: "gelu",
 }
 # Elementwise ops whose only tensor input is the value itself: the same on a stack as on each slice.
-_HOISTABLE = (*_UNARY_ACTIVATIONS, aten.silu.default, aten.neg.default, aten.exp.default)
+_HOISTABLE = (*UNARY_ACTIVATIONS, aten.silu.default, aten.neg.default, aten.exp.default)
 
 
 # ---- shared graph helpers -----------------------------------------------------------------
-
-
-def _param(program: Program, node: Any) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` node reads, else None (activations, constants in the graph)."""
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    value = program.fetch_attr(str(node.target))
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _val(node: Any) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _fake_mode(graph: torch.fx.Graph) -> Any:
-    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-
-
-def _call(
-    graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
-) -> torch.fx.Node:
-    """Insert ``target(*args)`` at the graph's insert point with its fake value in ``meta['val']``.
-
-    Later rounds of a pass match on shapes of nodes earlier rounds made, so every new node gets
-    its symbolic shape at once (running the op on the inputs' fake tensors).
-    """
-    node = graph.call_function(target, args, kwargs or {})
-    fake_args, fake_kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-    mode = detect_fake_mode(pytree.tree_leaves((fake_args, fake_kwargs))) or _fake_mode(graph)
-    with mode if mode is not None else contextlib.nullcontext():
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
-    return node
-
-
-def _register(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node:
-    """A new buffer holding ``value`` and a get_attr node reading it (inserted at the graph's start)."""
-    gm = program.graph_module
-    name = program.add_buffer(base, value)
-    first = next(n for n in program.graph.nodes if n.op != "placeholder")
-    with program.graph.inserting_before(first):
-        node = program.graph.get_attr(name)
-    mode = _fake_mode(program.graph)
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(gm.get_buffer(name), static_shapes=True)
-    return node
 
 
 def _latest(graph: torch.fx.Graph, nodes: Sequence[Any]) -> torch.fx.Node:
@@ -165,45 +123,8 @@ def _independent_groups(
     return groups
 
 
-def stable_topological_sort(graph: torch.fx.Graph) -> None:
-    """Reorder nodes so every node follows its inputs, moving as little as possible.
-
-    Rewrites insert a fused node after the last of its inputs; users of the nodes it replaced may
-    sit earlier in the graph and are moved after it here.
-    """
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    waiting = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
-    ready = [(order[n], n.name) for n in graph.nodes if waiting[n] == 0]
-    heapq.heapify(ready)
-    by_name = {n.name: n for n in graph.nodes}
-    result: list[torch.fx.Node] = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        node = by_name[name]
-        result.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (order[user], user.name))
-    if len(result) != len(order):
-        raise RuntimeError("fusion created a cycle in the graph")
-    output = next(n for n in graph.nodes if n.op == "output")
-    for node in result:
-        if node is not output:
-            output.prepend(node)
-
-
 def _kernels_stats(before: int, program: Program, **extra: Any) -> dict[str, Any]:
     return {"kernels_before": before, "kernels_after": count_kernels(program), **extra}
-
-
-def _finish(program: Program) -> Program:
-    """Sort, drop dead nodes and orphaned weights, and re-export for fresh shape metadata."""
-    stable_topological_sort(program.graph)
-    program.graph.eliminate_dead_code()
-    remove_unused_params(program.graph_module)
-    program.recompile()
-    return program.reexported()
 
 
 def _predicted_latency(program: Program, target: Target) -> float:
@@ -234,7 +155,9 @@ def _replace_with_slices(
         viewers = [u for u in member.users if u.target is aten.view.default]
         if viewers:
             with graph.inserting_after(value):
-                dense = _call(graph, aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
+                dense = insert_call(
+                    graph, aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
+                )
             for u in viewers:
                 u.replace_input_with(member, dense)
         member.replace_all_uses_with(value)
@@ -255,12 +178,12 @@ class EmbeddingGroupingConfig(Config):
     require_predicted_gain: bool = True
 
 
-def _bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, Any, Any, int] | None:
+def embedding_bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, Any, Any, int] | None:
     """(table, ids node, offsets node, mode) of an EmbeddingBag lookup the grouped op can take."""
     if node.target not in (aten.embedding_bag.padding_idx, aten.embedding_bag.default):
         return None
     args = list(node.args) + [None] * 9
-    weight, ids, offsets = _param(program, args[0]), args[1], args[2]
+    weight, ids, offsets = param_value(program, args[0]), args[1], args[2]
     mode: Any = args[4] if args[4] is not None else 0
     per_sample, last_offset = args[6], bool(args[7])
     padding = args[8] if node.target is aten.embedding_bag.padding_idx else None
@@ -273,7 +196,7 @@ def _bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, An
     # only the pooled output (getitem 0) may be used: the others are autograd bookkeeping
     if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
         return None
-    ids_val, offsets_val = _val(ids), _val(offsets)
+    ids_val, offsets_val = node_value(ids), node_value(offsets)
     if ids_val is None or ids_val.dim() != 1 or offsets_val is None or offsets_val.dim() != 1:
         return None
     return weight, ids, offsets, int(mode)
@@ -308,7 +231,7 @@ class EmbeddingGrouping(Pass):
         kernels = count_kernels(program)
         graph = program.graph
         roles = propagate_roles(program)
-        lookups = {n: info for n in graph.nodes if (info := _bag_lookup(program, n)) is not None}
+        lookups = {n: info for n in graph.nodes if (info := embedding_bag_lookup(program, n)) is not None}
         by_key: dict[tuple[Any, ...], list[torch.fx.Node]] = defaultdict(list)
         for node, (weight, ids, _, mode) in lookups.items():
             # request-level lookups stay apart from candidate-level ones (request sharing compresses them)
@@ -329,7 +252,7 @@ class EmbeddingGrouping(Pass):
         original = program.copy() if cfg.require_predicted_gain else None
         for members in groups:
             _group_lookups(program, members, [lookups[m] for m in members])
-        out = _finish(program)
+        out = finish_rewrite(program)
         stats = _kernels_stats(
             kernels,
             out,
@@ -348,21 +271,23 @@ def _group_lookups(
     starts = [0]
     for w in weights:
         starts.append(starts[-1] + int(w.shape[0]))
-    table = _register(program, f"_grouped_{members[0].name}", torch.cat([w.detach() for w in weights]))
+    table = register_constant(
+        program, f"_grouped_{members[0].name}", torch.cat([w.detach() for w in weights])
+    )
     ids = [i for _, i, _, _ in infos]
     offsets = [o for _, _, o, _ in infos]
     with graph.inserting_after(_latest(graph, (*ids, *offsets))):
-        grouped = _call(
+        grouped = insert_call(
             graph,
             torch.ops.codesign.grouped_embedding_bag.default,
             (table, ids, offsets, starts, infos[0][3]),
         )
     with graph.inserting_after(grouped):
-        sizes = [_call(graph, aten.sym_size.int, (o, 0)) for o in offsets]
+        sizes = [insert_call(graph, aten.sym_size.int, (o, 0)) for o in offsets]
     with graph.inserting_after(sizes[-1]):
-        parts = _call(graph, aten.split_with_sizes.default, (grouped, sizes))
+        parts = insert_call(graph, aten.split_with_sizes.default, (grouped, sizes))
     with graph.inserting_after(parts):
-        pooled = [_call(graph, operator.getitem, (parts, t)) for t in range(len(members))]
+        pooled = [insert_call(graph, operator.getitem, (parts, t)) for t in range(len(members))]
     for member, value in zip(members, pooled, strict=True):
         for user in list(member.users):
             if user.args[1] == 0:
@@ -388,11 +313,11 @@ def _linear_parts(
         return None
     x, w_node = node.args[0], node.args[1]
     b_node = node.args[2] if len(node.args) > 2 else None
-    weight = _param(program, w_node)
-    bias = _param(program, b_node) if b_node is not None else None
+    weight = param_value(program, w_node)
+    bias = param_value(program, b_node) if b_node is not None else None
     if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
         return None
-    if _val(x) is None:
+    if node_value(x) is None:
         return None
     return x, weight, bias
 
@@ -405,7 +330,7 @@ def _shared_input_key(program: Program, node: torch.fx.Node) -> tuple[Any, ...] 
         return None
     if node.target is aten.linear.default:
         return ("linear", parts[0], parts[1].dtype)
-    row = _val(node.args[3])
+    row = node_value(node.args[3])
     if row is None or row.dim() != 2:
         return None
     return ("broadcast_linear", parts[0], parts[1].dtype, node.args[4], node.args[5])
@@ -444,7 +369,7 @@ class SharedInputLinearFusion(Pass):
             return PassResult(program, False, {"reason": "no two Linears read the same input"})
         for members in fused:
             _fuse_shared_input(program, members)
-        out = _finish(program)
+        out = finish_rewrite(program)
         return PassResult(
             out,
             True,
@@ -457,7 +382,9 @@ def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
     parts = [p for m in members if (p := _linear_parts(program, m)) is not None]
     x = parts[0][0]
     weights = [p[1] for p in parts]
-    w = _register(program, f"_fused_{members[0].name}_weight", torch.cat([t.detach() for t in weights]))
+    w = register_constant(
+        program, f"_fused_{members[0].name}_weight", torch.cat([t.detach() for t in weights])
+    )
     bias = None
     if any(p[2] is not None for p in parts):
         b = torch.cat(
@@ -466,19 +393,21 @@ def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
                 for i, p in enumerate(parts)
             ]
         )
-        bias = _register(program, f"_fused_{members[0].name}_bias", b)
+        bias = register_constant(program, f"_fused_{members[0].name}_bias", b)
     target: Any = members[0].target
     if target is aten.linear.default:
         args: tuple[Any, ...] = (x, w, bias)
     else:  # broadcast_linear: the per-request rows are concatenated like the weights
         rows = [m.args[3] for m in members if isinstance(m.args[3], torch.fx.Node)]
         with graph.inserting_after(_latest(graph, rows)):
-            row = _call(graph, aten.cat.default, (rows, -1))
+            row = insert_call(graph, aten.cat.default, (rows, -1))
         args = (x, w, bias, row, *members[0].args[4:])
     with graph.inserting_before(members[0]):
-        gemm = _call(graph, target, args)
-        split = _call(graph, aten.split_with_sizes.default, (gemm, [int(t.shape[0]) for t in weights], -1))
-        slices = [_call(graph, operator.getitem, (split, i)) for i in range(len(members))]
+        gemm = insert_call(graph, target, args)
+        split = insert_call(
+            graph, aten.split_with_sizes.default, (gemm, [int(t.shape[0]) for t in weights], -1)
+        )
+        slices = [insert_call(graph, operator.getitem, (split, i)) for i in range(len(members))]
     _replace_with_slices(graph, members, slices)
 
 
@@ -530,7 +459,7 @@ class ParallelLinearFusion(Pass):
                 break
         if not batched:
             return PassResult(program, False, {"reason": "no parallel Linears of equal shape"})
-        out = _finish(program)
+        out = finish_rewrite(program)
         stats = _kernels_stats(
             kernels, out, linears_batched=batched, activations_batched=hoisted, stacks_removed=cancelled
         )
@@ -544,7 +473,7 @@ def _batch_parallel_linears(program: Program, min_group: int) -> int:
     parts: dict[torch.fx.Node, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
     for node in graph.nodes:
         p = _linear_parts(program, node)
-        x_val = _val(p[0]) if p is not None else None
+        x_val = node_value(p[0]) if p is not None else None
         if p is None or x_val is None or x_val.dim() != 2:
             continue
         parts[node] = p
@@ -574,23 +503,23 @@ def _batch(
 ) -> None:
     graph = program.graph
     name = members[0].name
-    w = _register(program, f"_batched_{name}_weight", torch.stack([p[1].detach().t() for p in parts]))
+    w = register_constant(program, f"_batched_{name}_weight", torch.stack([p[1].detach().t() for p in parts]))
     bias = None
     if parts[0][2] is not None:
-        bias = _register(
+        bias = register_constant(
             program, f"_batched_{name}_bias", torch.stack([p[2].detach()[None, :] for p in parts])
         )
     inputs = [p[0] for p in parts]
     with graph.inserting_after(_latest(graph, inputs)):
-        stacked = _call(graph, aten.stack.default, (inputs, 0))
+        stacked = insert_call(graph, aten.stack.default, (inputs, 0))
     with graph.inserting_after(stacked):
         if bias is None:
-            gemm = _call(graph, aten.bmm.default, (stacked, w))
+            gemm = insert_call(graph, aten.bmm.default, (stacked, w))
         else:  # baddbmm's shape rule cannot broadcast over symbolic rows: expand the bias first (a view)
-            rows = _call(graph, aten.sym_size.int, (stacked, 1))
+            rows = insert_call(graph, aten.sym_size.int, (stacked, 1))
             groups, width = len(members), int(parts[0][1].shape[0])
-            expanded = _call(graph, aten.expand.default, (bias, [groups, rows, width]))
-            gemm = _call(graph, aten.baddbmm.default, (expanded, stacked, w))
+            expanded = insert_call(graph, aten.expand.default, (bias, [groups, rows, width]))
+            gemm = insert_call(graph, aten.baddbmm.default, (expanded, stacked, w))
     with graph.inserting_after(gemm):
         slices = _unbind(graph, gemm, len(members))
     for member, value in zip(members, slices, strict=True):
@@ -599,10 +528,10 @@ def _batch(
 
 
 def _unbind(graph: torch.fx.Graph, batch: torch.fx.Node, groups: int) -> list[torch.fx.Node]:
-    unbind = _call(graph, aten.unbind.int, (batch, 0))
+    unbind = insert_call(graph, aten.unbind.int, (batch, 0))
     unbind.meta[_GROUPS] = groups
     with graph.inserting_after(unbind):
-        return [_call(graph, operator.getitem, (unbind, i)) for i in range(groups)]
+        return [insert_call(graph, operator.getitem, (unbind, i)) for i in range(groups)]
 
 
 def _slices(unbind: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -629,7 +558,7 @@ def _hoist_pointwise(graph: torch.fx.Graph) -> int:
             if any(u is None for u in users) or len({repr(u.kwargs) for u in users}) != 1:  # type: ignore[union-attr]
                 continue
             with graph.inserting_after(unbind):
-                applied = _call(graph, target, (unbind.args[0],), dict(users[0].kwargs))  # type: ignore[union-attr]
+                applied = insert_call(graph, target, (unbind.args[0],), dict(users[0].kwargs))  # type: ignore[union-attr]
             with graph.inserting_after(applied):
                 new_slices = _unbind(graph, applied, len(slices))
             for old, new in zip(users, new_slices, strict=True):
@@ -703,7 +632,7 @@ class LinearEpilogueFusion(Pass):
             if _linear_parts(program, node) is None or len(node.users) != 1:
                 continue
             (act,) = node.users
-            name = _UNARY_ACTIVATIONS.get(act.target)
+            name = UNARY_ACTIVATIONS.get(act.target)
             if (
                 name is None
                 or act.args != (node,)
@@ -712,7 +641,7 @@ class LinearEpilogueFusion(Pass):
                 continue
             bias = node.args[2] if len(node.args) > 2 else None
             with graph.inserting_before(act):
-                op = _call(
+                op = insert_call(
                     graph, torch.ops.codesign.fused_linear.default, (node.args[0], node.args[1], bias, name)
                 )
             op.meta = dict(act.meta)

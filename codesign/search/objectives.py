@@ -30,8 +30,8 @@ from codesign.analysis import count_kernels
 from codesign.costmodel import estimate
 from codesign.errors import SearchError
 from codesign.pipeline import Pass, PassManager
-from codesign.program import Program, flatten_outputs, run_in_pieces
-from codesign.quality import QualityLoss, quality_loss
+from codesign.program import Program, run_in_pieces
+from codesign.quality import QualityLoss, join_heads, quality_loss
 from codesign.request import RequestBatch
 from codesign.search.space import TrialConfig
 from codesign.target import Target
@@ -163,7 +163,7 @@ class Evaluator:
             program.sample_batch([c], seed=settings.seed + 50_000 + i)
             for i, c in enumerate(settings.calibration)
         ]
-        self._reference = _heads([program.run(b) for b in self._calibration])
+        self._reference = join_heads([program.run(b) for b in self._calibration])
         # lowered artifacts (AOTInductor packages) live here and go with the evaluator
         self._tmp = tempfile.TemporaryDirectory(prefix="codesign-search-")
         self._workdir = Path(self._tmp.name)
@@ -233,7 +233,7 @@ class Evaluator:
                     f"latency at {n} candidates is {latency[n] * 1e3:.3g} ms, over {s.prune_ratio} x "
                     f"the {s.latency_slo_ms} ms SLO"
                 )
-        quality = quality_loss(self._reference, _heads([run(b) for b in self._calibration]), seed=s.seed)
+        quality = quality_loss(self._reference, join_heads([run(b) for b in self._calibration]), seed=s.seed)
         rows = max(s.candidates) * s.requests
         peak_rows = min(micro, rows) if micro else rows
         memory = self._estimate(
@@ -271,12 +271,6 @@ class Evaluator:
                 program, key, rest, _requests_in(rest, candidates, self.settings.requests)
             ).latency_s
         return total
-
-
-def _heads(outputs: Sequence[Any]) -> list[torch.Tensor]:
-    """Each output head over all calibration batches, joined along the candidate rows."""
-    per_batch = [flatten_outputs(o) for o in outputs]
-    return [torch.cat([b[h] for b in per_batch]) for h in range(len(per_batch[0]))]
 
 
 def _requests_in(rows: int, candidates: int, requests: int) -> int:

@@ -170,7 +170,7 @@ class SearchSpace:
         return values
 
     def defaults(self) -> dict[str, Any]:
-        """The values that reproduce the default pipeline (every pass on with its default knobs)."""
+        """The values that reproduce the default pipeline (default passes on, with default knobs)."""
         values: dict[str, Any] = {}
         for p in self.params:
             if p.active(values):
@@ -293,7 +293,11 @@ def build_space(
         if why is not None:
             excluded[cls.name] = why
             continue
-        enabled = Param(f"{cls.name}.enabled", cls.name, Knob("enabled", "bool", True, doc=f"run {cls.name}"))
+        enabled = Param(
+            f"{cls.name}.enabled",
+            cls.name,
+            Knob("enabled", "bool", cls.enabled_by_default, doc=f"run {cls.name}"),
+        )
         params.append(enabled)
         params += _knob_params(cls.name, cls.knobs(), ((enabled.name, (True,)),))
     if len(backend_classes) > 1:
