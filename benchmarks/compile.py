@@ -1,4 +1,4 @@
-"""Eager vs plain torch.compile vs codesign (all passes, then Inductor), side by side in one run.
+"""Eager vs plain torch.compile vs codesign (default passes, then Inductor), side by side in one run.
 
 For each example model and candidate count (one request of N candidates, the serving case):
 
@@ -33,9 +33,10 @@ import torch._inductor.metrics as inductor_metrics
 
 import codesign
 from codesign.analysis import count_kernels
-from codesign.passes import all_passes
+from codesign.passes import default_passes
 from codesign.pipeline import PassManager, Tolerance, compare_outputs
 from codesign.target import get_target
+from codesign.timing import interleaved_medians, median_latency
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
@@ -44,18 +45,6 @@ CANDIDATES = (64, 1024)
 RESULTS = Path(__file__).parent / "results"
 # compiled kernels reorder fp32 sums: outputs agree to a few ulps of the sums
 AGREE = Tolerance(rtol=1e-3, atol=1e-4)
-
-
-def _time_rounds(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
-    """Median seconds per call of each fn; every round runs every fn, so drift affects all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / calls)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _compiled_kernels(run: Callable[[], Any]) -> tuple[int, float]:
@@ -71,7 +60,7 @@ def bench_model(name: str, size: str, candidates: list[int], rounds: int) -> lis
     program = codesign.capture(workload)
     host = get_target("host")
     t0 = time.perf_counter()
-    optimized, report = PassManager(all_passes(), host).run(program)
+    optimized, report = PassManager(default_passes(), host).run(program)
     pass_s = time.perf_counter() - t0
     applied = [r.name for r in report.passes if r.modified]
     variant = codesign.compile(optimized, backend="inductor", passes=[], verify=False)
@@ -91,8 +80,10 @@ def bench_model(name: str, size: str, candidates: list[int], rounds: int) -> lis
             kernels_codesign, compile_codesign_s = _compiled_kernels(fns["codesign"])
             reference = fns["eager"]()
             agree = {k: compare_outputs(fn(), reference, AGREE) for k, fn in fns.items()}
-            calls = max(1, int(0.02 / max(1e-6, _one_call(fns["eager"]))))  # ~20 ms of work per sample
-            times = _time_rounds(fns, rounds, calls)
+            calls = max(
+                1, int(0.02 / max(1e-6, median_latency(fns["eager"], repeats=1)))
+            )  # ~20 ms of work per sample
+            times = interleaved_medians(fns, rounds, calls)
         row = {
             "model": name,
             "size": size,
@@ -117,13 +108,6 @@ def bench_model(name: str, size: str, candidates: list[int], rounds: int) -> lis
         rows.append(row)
         _print_row(row)
     return rows
-
-
-def _one_call(fn: Callable[[], Any]) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 _HEADER = (

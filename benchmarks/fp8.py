@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -37,26 +36,13 @@ from codesign.pipeline import PassManager
 from codesign.program import Program
 from codesign.quality import join_heads, quality_loss
 from codesign.target import get_target
+from codesign.timing import interleaved_medians, median_latency
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
 MODELS = ("dlrm", "dcnv2", "din", "multitask", "useq")
 RESULTS = Path(__file__).parent / "results"
 ALL_FP8 = SelectiveFp8Config(enforce_budget=False, require_predicted_gain=False)
-
-
-def _medians(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / calls)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def bench_model(
@@ -77,8 +63,8 @@ def bench_model(
     reference = join_heads([shared.run(b) for b in evaluation])
     batch = evaluation[0]
     fns = {k: (lambda p=p: p.run(batch)) for k, p in variants.items()}
-    calls = max(1, int(0.05 / max(1e-6, _once(fns["fp32"]))))
-    measured = _medians(fns, rounds, calls)
+    calls = max(1, int(0.05 / max(1e-6, median_latency(fns["fp32"], repeats=1))))
+    measured = interleaved_medians(fns, rounds, calls, warmup=1)
     row: dict[str, Any] = {
         "model": name,
         "size": size,
@@ -103,14 +89,6 @@ def bench_model(
         }
     _print_row(row)
     return row
-
-
-def _once(fn: Callable[[], Any]) -> float:
-    with torch.no_grad():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-    return time.perf_counter() - t0
 
 
 _HEADER = (

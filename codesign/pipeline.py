@@ -12,7 +12,6 @@ import abc
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -22,6 +21,7 @@ import torch
 from codesign.config import Config
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.program import Program, flatten_outputs
+from codesign.quality import sqnr_db
 from codesign.target import Target
 
 __all__ = [
@@ -199,10 +199,7 @@ def compare_outputs(got: Any, want: Any, tol: Tolerance) -> tuple[bool, float, f
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float((diff / w.double().abs().clamp_min(1e-12)).max()))
             if tol.min_sqnr_db is not None:
-                noise = float(diff.norm())
-                ok = ok and (
-                    noise == 0 or 20 * math.log10(float(w.double().norm()) / noise) >= tol.min_sqnr_db
-                )
+                ok = ok and sqnr_db(w, g) >= tol.min_sqnr_db
             else:
                 ok = ok and bool((diff <= tol.atol + tol.rtol * w.double().abs()).all())
     return ok, max_abs, max_rel

@@ -11,6 +11,7 @@ fidelity to the reference, not real-world quality.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,15 @@ class QualityLoss:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20·log10(‖ref‖ / ‖ref − other‖)."""
+    ref = reference.detach().double()
+    noise = (ref - other.detach().double()).norm()
+    if noise == 0:
+        return math.inf
+    return float(20 * torch.log10(ref.norm() / noise))
 
 
 def join_heads(outputs: Sequence[Any]) -> list[torch.Tensor]:

@@ -6,14 +6,12 @@ the same checks as the built-in ones.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
-
 from codesign.pipeline import Pass, PassManager, Tolerance, combined_tolerance, compare_outputs
 from codesign.program import Program, flatten_outputs
+from codesign.quality import sqnr_db
 from codesign.target import Target
 
 __all__ = ["assert_outputs_close", "assert_sqnr", "check_pass_on_program", "sqnr_db", "verify_program"]
@@ -22,15 +20,6 @@ __all__ = ["assert_outputs_close", "assert_sqnr", "check_pass_on_program", "sqnr
 def verify_program(program: Program) -> None:
     """Raise if the program's IR is malformed (see ``Program.verify``)."""
     program.verify()
-
-
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 20·log10(‖ref‖ / ‖ref − other‖)."""
-    ref = reference.detach().double()
-    noise = (ref - other.detach().double()).norm()
-    if noise == 0:
-        return math.inf
-    return float(20 * torch.log10(ref.norm() / noise))
 
 
 def assert_sqnr(reference: Any, other: Any, min_db: float) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis import analyze
+from codesign.analysis import ProgramAnalysis, analyze
 from codesign.config import Config, register_config
 from codesign.costmodel import estimate_analysis, kernel_time_s
 from codesign.errors import ConfigError, PassError
@@ -45,7 +45,7 @@ from codesign.passes.fusion import GATE_CANDIDATES, GATE_REQUESTS, UNARY_ACTIVAT
 from codesign.passes.graph_edit import finish_rewrite, insert_call, param_value, register_constant
 from codesign.pipeline import Knob, Pass, PassResult, Tolerance
 from codesign.program import Program
-from codesign.quality import QualityLoss, join_heads, quality_loss
+from codesign.quality import QualityLoss, join_heads, quality_loss, sqnr_db
 from codesign.target import Target
 
 __all__ = [
@@ -334,20 +334,20 @@ class _Calibration:
 
 
 def _worst_sqnr(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
-    worst = math.inf
-    for r, o in zip(reference, outputs, strict=True):
-        if r.is_floating_point() and r.numel():
-            noise = float((r.double() - o.double()).norm())
-            if noise:
-                worst = min(worst, 20 * math.log10(float(r.double().norm()) / noise))
-    return worst
+    pairs = zip(reference, outputs, strict=True)
+    return min((sqnr_db(r, o) for r, o in pairs if r.is_floating_point() and r.numel()), default=math.inf)
 
 
 def _predict(
-    program: Program, layers: Sequence[LayerSensitivity], target: Target, cfg: SelectiveFp8Config
+    program: Program,
+    analysis: ProgramAnalysis,
+    layers: Sequence[LayerSensitivity],
+    target: Target,
+    cfg: SelectiveFp8Config,
 ) -> None:
     """Fill each layer's predicted baseline / FP8 time at the gate batch and its memory saving."""
-    costs = {n.name: n for n in analyze(program, GATE_CANDIDATES, GATE_REQUESTS).nodes}
+    costs = {n.name: n for n in analysis.nodes}
+    nodes = {n.name: n for n in program.graph.nodes}
     base_bytes = _BASELINE_BYTES[cfg.baseline_dtype]
     for layer in layers:
         cost = costs[layer.node]
@@ -364,7 +364,7 @@ def _predict(
             layer.memory_saved_bytes = k * n_out * 4 - (k * n_out + 4 * n_out)
         else:
             rows, dim = layer.shape
-            w_dtype = param_value(program, _node(program, layer.node).args[0]).dtype  # type: ignore[union-attr]
+            w_dtype = param_value(program, nodes[layer.node].args[0]).dtype  # type: ignore[union-attr]
             if layer.kind == "embedding":
                 gathered = math.prod(cost.out_shape) // max(1, dim)
             else:  # the analysis counts one FLOP per looked-up value of a bag
@@ -375,10 +375,6 @@ def _predict(
             layer.fp8_s = kernel_time_s(target, gathered * dim, fp8_bytes, None)
             fmt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(w_dtype, "fp32")
             layer.memory_saved_bytes = table_bytes(rows, dim, fmt) - table_bytes(rows, dim, cfg.table_format)
-
-
-def _node(program: Program, name: str) -> torch.fx.Node:
-    return next(n for n in program.graph.nodes if n.name == name)
 
 
 # ---- selecting ----------------------------------------------------------------------------
@@ -509,7 +505,8 @@ class SelectiveFp8(Pass):
             )
         quantized = _Quantized(program, cfg)
         calib = _Calibration(program, cfg, quantized)
-        _predict(program, layers, target, cfg)
+        gate = analyze(program, GATE_CANDIDATES, GATE_REQUESTS)  # the gates' batch: predictions and totals
+        _predict(program, gate, layers, target, cfg)
         for layer in layers:
             if layer.eligible:
                 loss, sqnr = calib.measure([layer.node])
@@ -526,7 +523,7 @@ class SelectiveFp8(Pass):
             layer.chosen = layer.node in chosen_set
             if layer.eligible and not layer.chosen and not layer.reason:
                 layer.reason = _why_not(layer, cfg.quality_budget_pct, backed_off)
-        before = estimate_analysis(analyze(program, GATE_CANDIDATES, GATE_REQUESTS), target)
+        before = estimate_analysis(gate, target)
         out = program
         if chosen:
             _rewrite(program, chosen, cfg, quantized)
