@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/fp8.py
+	$(BIN)/python benchmarks/sharding.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ Layout::
     program.pt2          the exported program (graph + weights; torch.export archive, no pickles)
     reference.pt         reference requests and outputs (tensors only, loaded weights-only)
     aoti_package.pt2     (aoti backend) AOTInductor package, loaded only after its sha256 matches
+    plan.json            (multi-device targets) the embedding sharding plan
 
 A bundle is data: configs load through the allow-list in ``codesign.config``; the program archive
 is checked to hold plain tensors only before torch reads it; nothing is unpickled.
@@ -33,6 +34,7 @@ from codesign.backends import backend_names, get_backend
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
 from codesign.request import RequestBatch, RequestSpec, flatten_inputs
+from codesign.sharding.types import Plan
 from codesign.target import Target
 from codesign.variant import Variant
 
@@ -45,6 +47,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRAM = "program.pt2"
 REFERENCE = "reference.pt"
+PLAN = "plan.json"
 # Backends whose artifacts contain machine code built against one torch ABI.
 ABI_BOUND_BACKENDS = {"aoti"}
 
@@ -71,6 +74,8 @@ def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) 
     torch.export.save(variant.exported, str(directory / PROGRAM))
     for name, src in variant.artifacts.items():
         shutil.copyfile(src, directory / name)
+    if variant.plan is not None:
+        (directory / PLAN).write_text(variant.plan.to_json())
     ref = variant.reference_inputs
     leaves = {p: t for p, t in flatten_inputs(ref.inputs) if isinstance(t, torch.Tensor)}
     torch.save(
@@ -245,7 +250,13 @@ def load(directory: str | Path) -> Variant:
         inputs = pytree.tree_unflatten(leaves, treespec)
     except Exception as exc:
         raise BundleError(f"bundle reference data is unreadable: {type(exc).__name__}: {exc}") from exc
-    artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE)}
+    plan = None
+    if PLAN in files:
+        try:
+            plan = Plan.from_json(files[PLAN].read_text())
+        except CodesignError as exc:
+            raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
+    artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
     runner = backend.load(exported, artifacts)
     return Variant(
         name=str(manifest["name"]),
@@ -264,6 +275,7 @@ def load(directory: str | Path) -> Variant:
         cache_key=str(manifest.get("cache_key", "")),
         takes_request_offsets=bool(manifest.get("takes_request_offsets", False)),
         micro_batch=_micro_batch(manifest.get("micro_batch")),
+        plan=plan,
     )
 
 

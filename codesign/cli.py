@@ -1,4 +1,4 @@
-"""The ``codesign`` command: profile, compile, run, search, targets.
+"""The ``codesign`` command: profile, compile, fp8, plan, run, search, targets.
 
 A model reference is ``path/to/file.py:factory`` (a function returning a ``codesign.Workload``) or
 the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
@@ -33,12 +33,14 @@ from codesign.passes import (
     SelectiveFp8Config,
     pass_by_name,
 )
+from codesign.passes.sharding import SHARDING_PRESETS, ShardEmbeddings, ShardingConfig, parse_sharding_types
 from codesign.pipeline import PassManager
 from codesign.program import flatten_outputs
 from codesign.request import resample_batch
 from codesign.search import ObjectiveSettings, SearchResult, tune
 from codesign.search.space import MICRO_BATCH
 from codesign.search.tuner import DEFAULT_STORAGE, SAMPLERS, counted_trials
+from codesign.sharding import TABLE_FORMATS, Plan
 from codesign.target import CATALOGUE, get_target, target_names
 from codesign.timing import median_latency
 from codesign.variant import compile
@@ -129,7 +131,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     workload = _workload(args)
     passes = [pass_by_name(p)() for p in args.passes.split(",") if p] if args.passes is not None else None
     t0 = time.perf_counter()
-    variant = compile(workload, target=args.target, backend=args.backend, passes=passes)
+    target = get_target(args.target, args.devices)
+    variant = compile(workload, target=target, backend=args.backend, passes=passes)
     out = variant.save(args.out, overwrite=args.overwrite)
     table = Table(title=f"compiled {workload.name} for {variant.target.name} with {variant.backend.name}")
     for col in ("pass", "modified", "ops before", "ops after", "max abs err", "stats"):
@@ -147,10 +150,72 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for rec in (variant.report or {}).get("passes", []):
         if rec["name"] == "selective_fp8" and "layers" in rec["stats"]:
             print_fp8_report(rec["stats"])
+    if variant.plan is not None:
+        print_plan(variant.plan)
     console.print(
         f"bundle written to [bold]{out}[/] in {time.perf_counter() - t0:.1f} s "
         f"(cache key {variant.cache_key[:12]})"
     )
+    return 0
+
+
+def print_plan(plan: Plan) -> None:
+    """A sharding plan as a per-device table, with the bound it is measured against."""
+    table = Table(title=f"embedding sharding: {len(plan.tables)} tables on {plan.topology.describe()}")
+    for col in ("device", "host", "shards", "by kind", "memory", "of capacity", "lookup", "comm", "total"):
+        table.add_column(col)
+    for row in plan.per_device():
+        table.add_row(
+            str(row["device"]),
+            str(row["host"]),
+            str(row["shards"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(row["by_kind"].items())),
+            _fmt_n(row["bytes"], "B"),
+            f"{row['bytes'] / max(row['capacity_bytes'], 1):.0%}",
+            _fmt_s(row["lookup_s"]),
+            _fmt_s(row["comm_s"]),
+            _fmt_s(row["cost_s"]),
+        )
+    console.print(table)
+    kinds: dict[str, int] = {}
+    for kind in plan.kinds.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    console.print(
+        f"slowest device {_fmt_s(plan.max_cost_s)} per step of {plan.workload.batch_per_device} candidates "
+        f"per device; lower bound {_fmt_s(plan.lower_bound_s)} (simple bound {_fmt_s(plan.simple_lower_bound_s)}): "
+        f"[bold]{plan.gap:.3f}x[/] the bound; tables by type {kinds}; planned in {plan.planning_s:.2f} s"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    workload = _workload(args)
+    program = capture(workload)
+    if args.devices < 1:
+        raise CodesignError(f"--devices must be >= 1, got {args.devices}", fix="plan for 1 or more devices")
+    target = get_target(args.target, args.devices)
+    constraints = tuple(tuple(c.split("=", 1)) for c in args.force or ())
+    if any(len(c) != 2 for c in constraints):
+        raise CodesignError(
+            f"--force takes table=type pairs, got {args.force}", fix="e.g. --force tables.0.weight=row_wise"
+        )
+    kinds = parse_sharding_types(args.types)
+    config = ShardingConfig(
+        devices=args.devices,
+        sharding_types=args.types if args.types in SHARDING_PRESETS else "all",
+        allowed_types=() if args.types in SHARDING_PRESETS else kinds,
+        memory_margin=args.margin,
+        table_format=args.table_format,
+        batch_per_device=args.batch_per_device,
+        constraints=constraints,  # type: ignore[arg-type]
+    )
+    result = ShardEmbeddings(config).apply(program, target)
+    if "sharding_plan" not in program.metadata:
+        raise CodesignError(f"nothing to plan for {workload.name}: {result.stats.get('skipped')}")
+    plan = Plan.from_dict(program.metadata["sharding_plan"])
+    print_plan(plan)
+    out = args.out or Path(f"{workload.name}-{target.name}-{args.devices}.plan.json")
+    out.write_text(plan.to_json())
+    console.print(f"plan written to [bold]{out}[/]")
     return 0
 
 
@@ -399,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help=f"one of {target_names()}")
     p.add_argument("--backend", default="eager", choices=backend_names())
     p.add_argument(
+        "--devices", type=int, default=1, help="devices of the target (>1 plans embedding sharding)"
+    )
+    p.add_argument(
         "--passes",
         help="comma-separated pass names (default: all: request_sharing, cse, the fusion passes, cleanup)",
     )
@@ -421,6 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", default="greedy", choices=("greedy", "knapsack"))
     p.add_argument("--out", type=Path, help="write the report as JSON")
     p.set_defaults(func=cmd_fp8)
+
+    p = sub.add_parser("plan", help="plan embedding sharding across devices; print and save the plan")
+    p.add_argument("model")
+    p.add_argument("--size")
+    p.add_argument("--target", default="h100", help=f"one of {target_names()}")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument(
+        "--types", default="all", help=f"preset {sorted(SHARDING_PRESETS)} or a comma list of types"
+    )
+    p.add_argument("--margin", type=float, default=0.1, help="fraction of device memory kept free")
+    p.add_argument("--table-format", default="model", choices=("model", *TABLE_FORMATS))
+    p.add_argument("--batch-per-device", type=int, default=8192)
+    p.add_argument("--force", nargs="*", help="table=type pairs that fix a table's sharding type")
+    p.add_argument("--out", type=Path, help="plan JSON (default <model>-<target>-<devices>.plan.json)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="load a bundle (verifying it) and score synthetic requests")
     p.add_argument("bundle", type=Path)

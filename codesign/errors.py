@@ -16,6 +16,7 @@ __all__ = [
     "NumericsError",
     "PassError",
     "SearchError",
+    "ShardingError",
     "SpecError",
     "TargetError",
 ]
@@ -68,3 +69,7 @@ class ModelRefError(CodesignError):
 
 class SearchError(CodesignError):
     """A search cannot start or resume (bad settings, a study made with other settings, storage)."""
+
+
+class ShardingError(CodesignError):
+    """Embedding tables cannot be placed on the devices (memory, options) or a plan does not match."""

@@ -54,9 +54,19 @@ class HardwareSpec:
     launch_overhead_s: float
     source: str
     view_overhead_s: float = 0.0  # views launch no kernel on accelerators; on the host each is dispatched
+    # bandwidth per device to devices on *other* hosts (the scale-out NIC); None: the interconnect
+    # spans hosts too (TPU ICI) or no figure is known, so the interconnect figure is used
+    network_bandwidth_bytes_per_s: float | None = None
     compute_efficiency: float = DATASHEET_COMPUTE_EFFICIENCY
     memory_efficiency: float = DATASHEET_MEMORY_EFFICIENCY
     notes: str = ""
+
+    @property
+    def scale_out_bandwidth_bytes_per_s(self) -> float:
+        """Per-device bandwidth to other hosts (the interconnect's where no network figure is given)."""
+        if self.network_bandwidth_bytes_per_s is None:
+            return self.interconnect_bandwidth_bytes_per_s
+        return self.network_bandwidth_bytes_per_s
 
     @property
     def has_fp8(self) -> bool:
@@ -118,6 +128,7 @@ def _gpu(
     source: str,
     notes: str = "",
     per_host: int = 8,
+    network: float | None = None,
 ) -> HardwareSpec:
     return HardwareSpec(
         name=name,
@@ -132,6 +143,7 @@ def _gpu(
         launch_overhead_s=4e-6,
         source=source,
         notes=notes,
+        network_bandwidth_bytes_per_s=network,
     )
 
 
@@ -153,8 +165,10 @@ CATALOGUE: dict[str, HardwareSpec] = {
         3.35e12,
         80 * GIGA,
         900 * GIGA,
-        "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5 column (sparsity figures halved)",
-        "NVLink 4: 900 GB/s per GPU",
+        "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5 column (sparsity figures halved); "
+        "DGX H100 user guide (one 400 Gb/s ConnectX-7 port per GPU)",
+        "NVLink 4: 900 GB/s per GPU within a host; 50 GB/s per GPU between hosts",
+        network=50 * GIGA,
     ),
     "h200": _gpu(
         "h200",
@@ -165,7 +179,8 @@ CATALOGUE: dict[str, HardwareSpec] = {
         141 * GIGA,
         900 * GIGA,
         "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (sparsity figures halved)",
-        "same compute as H100 SXM; 141 GB HBM3e",
+        "same compute as H100 SXM; 141 GB HBM3e; 400 Gb/s per GPU between hosts (as DGX H100)",
+        network=50 * GIGA,
     ),
     "a100": _gpu(
         "a100",
@@ -175,8 +190,10 @@ CATALOGUE: dict[str, HardwareSpec] = {
         2.039e12,
         80 * GIGA,
         600 * GIGA,
-        "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column",
-        "no FP8 tensor cores",
+        "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column; DGX A100 user guide "
+        "(one 200 Gb/s HDR port per GPU)",
+        "no FP8 tensor cores; 25 GB/s per GPU between hosts",
+        network=25 * GIGA,
     ),
     "a100-40gb": _gpu(
         "a100-40gb",
@@ -186,8 +203,10 @@ CATALOGUE: dict[str, HardwareSpec] = {
         1.555e12,
         40 * GIGA,
         600 * GIGA,
-        "NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM",
-        "no FP8 tensor cores",
+        "NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM; DGX A100 user guide "
+        "(one 200 Gb/s HDR port per GPU)",
+        "no FP8 tensor cores; 25 GB/s per GPU between hosts",
+        network=25 * GIGA,
     ),
     "l4": _gpu(
         "l4",
@@ -205,7 +224,8 @@ CATALOGUE: dict[str, HardwareSpec] = {
         24 * GIGA,
         64 * GIGA,
         "NVIDIA L4 Tensor Core GPU datasheet (sparsity figures halved)",
-        "PCIe Gen4 x16 (64 GB/s) between devices",
+        "PCIe Gen4 x16 (64 GB/s) between devices; 100 Gb/s Ethernet per GPU between hosts (assumed)",
+        network=12.5 * GIGA,
     ),
     "mi300x": _gpu(
         "mi300x",
@@ -223,7 +243,8 @@ CATALOGUE: dict[str, HardwareSpec] = {
         192 * GIGA,
         896 * GIGA,
         "AMD Instinct MI300X accelerator data sheet (dense figures)",
-        "Infinity Fabric: 7 links x 128 GB/s",
+        "Infinity Fabric: 7 links x 128 GB/s; 400 Gb/s NIC per GPU between hosts (assumed)",
+        network=50 * GIGA,
     ),
     "tpu-v5e": HardwareSpec(
         name="tpu-v5e",

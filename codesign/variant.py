@@ -22,6 +22,7 @@ from codesign.passes import default_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
 from codesign.program import Program, flatten_outputs, run_in_pieces
 from codesign.request import RequestBatch, RequestSpec, StructuredBatch
+from codesign.sharding.types import Plan
 from codesign.target import Target, get_target
 from codesign.workload import Workload
 
@@ -57,6 +58,7 @@ class Variant:
     cache_key: str = ""
     takes_request_offsets: bool = False  # request-centric variants also take the batch's request offsets
     micro_batch: int | None = None  # score at most this many candidate rows per call (a serving knob)
+    plan: Plan | None = None  # embedding sharding plan (multi-device targets); saved as plan.json
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():
@@ -169,6 +171,9 @@ def compile(
         cache_key=cache_key(program, pass_list, be, tgt),
         takes_request_offsets=optimized.takes_request_offsets,
         micro_batch=micro_batch,
+        plan=Plan.from_dict(optimized.metadata["sharding_plan"])
+        if "sharding_plan" in optimized.metadata
+        else None,
     )
     if verify:
         _verify_backend(variant, program)

@@ -16,38 +16,12 @@ from torch import nn
 
 from codesign import RequestBatch, RequestSpec, Workload
 from codesign.request import offsets_from_counts
+from codesign.sharding.tablesets import MLPERF_DLRMV2_HOT, MLPERF_DLRMV2_ROWS
 from codesign.synthetic import per_request, zipf_ids
 
 # MLPerf DLRMv2 (Criteo 1TB multi-hot) table rows and multi-hot sizes.
-MLPERF_ROWS = (
-    40000000,
-    39060,
-    17295,
-    7424,
-    20265,
-    3,
-    7122,
-    1543,
-    63,
-    40000000,
-    3067956,
-    405282,
-    10,
-    2209,
-    11938,
-    155,
-    4,
-    976,
-    14,
-    40000000,
-    40000000,
-    40000000,
-    590152,
-    12973,
-    108,
-    36,
-)
-MLPERF_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
+MLPERF_ROWS = MLPERF_DLRMV2_ROWS
+MLPERF_HOT = MLPERF_DLRMV2_HOT
 NUM_DENSE = 13
 USER_CATS = range(13)
 USER_DENSE_COLS = (0, 6)

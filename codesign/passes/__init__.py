@@ -17,6 +17,7 @@ from codesign.passes.fusion import (
     fusion_passes,
 )
 from codesign.passes.request_sharing import RequestSharing, RequestSharingConfig
+from codesign.passes.sharding import ShardEmbeddings, ShardingConfig
 from codesign.pipeline import Pass
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "RequestSharingConfig",
     "SelectiveFp8",
     "SelectiveFp8Config",
+    "ShardEmbeddings",
+    "ShardingConfig",
     "SharedInputLinearFusion",
     "all_passes",
     "default_passes",
@@ -47,6 +50,7 @@ _PASSES: dict[str, type[Pass]] = {
         ConstantFolding,
         RequestSharing,
         SelectiveFp8,
+        ShardEmbeddings,
         EmbeddingGrouping,
         SharedInputLinearFusion,
         ParallelLinearFusion,
@@ -70,11 +74,13 @@ def pass_by_name(name: str) -> type[Pass]:
 
 def all_passes() -> list[Pass]:
     """Every optimization in order: share request work, merge the duplicates it leaves, FP8 where
-    the quality budget allows, fuse, clean up. Search chooses among these."""
+    the quality budget allows, plan embedding sharding (multi-device targets; before grouping,
+    which then keeps sharded tables apart), fuse, clean up. Search chooses among these."""
     return [
         RequestSharing(),
         CommonSubexpressionElimination(),
         SelectiveFp8(),
+        ShardEmbeddings(),
         *fusion_passes(),
         *generic_passes(),
     ]

@@ -228,6 +228,9 @@ class EmbeddingGrouping(Pass):
 
     def apply(self, program: Program, target: Target) -> PassResult:
         cfg: EmbeddingGroupingConfig = self.config  # type: ignore[assignment]
+        if program.metadata.get("sharding_plan"):
+            # sharded tables live on different devices; the sharded runtime looks each one up
+            return PassResult(program, False, {"skipped": "embedding tables are sharded across devices"})
         kernels = count_kernels(program)
         graph = program.graph
         roles = propagate_roles(program)
