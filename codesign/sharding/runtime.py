@@ -17,6 +17,7 @@ A rank keeps only its own shards: the full tables are dropped once sliced.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -81,10 +82,7 @@ def find_lookups(gm: torch.fx.GraphModule) -> tuple[list[Lookup], list[str]]:
             mode = args[4] if args[4] is not None else 0
             padding = args[8] if node.target is aten.embedding_bag.padding_idx else None
             extra_ok = args[6] is None and not args[7] and padding in (None, -1)
-            if any(
-                u.target is not __import__("operator").getitem or (u.args[1] != 0 and u.users)
-                for u in node.users
-            ):
+            if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
                 extra_ok = False
         nodes = (weight, ids, offsets) + ((scale,) if is_qbag else ())
         if not extra_ok or not all(isinstance(n, torch.fx.Node) for n in nodes) or weight.op != "get_attr":
@@ -195,6 +193,15 @@ class ShardedProgram:
         self.lookups = [lk for lk in lookups if lk.table in {t.name for t in plan.tables}]
         self.shards = {lk.node: plan.shards_of(lk.table) for lk in self.lookups}
         self.kind = {lk.node: self.shards[lk.node][0].kind for lk in self.lookups}
+        self.by_node = {lk.node: lk for lk in self.lookups}
+        # the (lookup, shard) segments every rank sends here, in the order it sends them
+        self.incoming = [
+            (lk.node, s)
+            for lk in self.lookups
+            if self.kind[lk.node] != "data_parallel"
+            for s in self.shards[lk.node]
+            if s.device == self.rank
+        ]
         self._build_graphs(graph_module)
         self.local: dict[tuple[str, int], _LocalShard] = {}
         for lk in self.lookups:
@@ -286,8 +293,7 @@ class ShardedProgram:
             torch.tensor([x for _, _, i, n in seg for x in (i.numel(), n.numel())], dtype=torch.int64)
             for seg in sends
         ]
-        expected = [self._incoming(src) for src in range(world)]
-        header_out = [torch.empty(2 * len(e), dtype=torch.int64) for e in expected]
+        header_out = [torch.empty(2 * len(self.incoming), dtype=torch.int64) for _ in range(world)]
         _all_to_all(header_out, header_in, self.group)
         # all-to-all 2: ids and bag lengths
         payload_in = [
@@ -301,12 +307,12 @@ class ShardedProgram:
         for src in range(world):
             sizes = header_out[src].tolist()
             chunks, at = [], 0
-            for j, (node, s) in enumerate(expected[src]):
+            for j, (node, s) in enumerate(self.incoming):
                 n_ids, n_bags = sizes[2 * j], sizes[2 * j + 1]
                 seg_ids = payload_out[src][at : at + n_ids]
                 seg_len = payload_out[src][at + n_ids : at + n_ids + n_bags]
                 at += n_ids + n_bags
-                mode = _mode(self._lookup_of(node).mode)
+                mode = _mode(self.by_node[node].mode)
                 if self.kind[node] in ("row_wise", "table_row_wise") or mode == 1:
                     mode = 0  # partial sums; a mean is divided by the full bag length at the source
                 chunks.append(self.local[(node, s.index)].pool(seg_ids, seg_len, mode).reshape(-1))
@@ -339,20 +345,6 @@ class ShardedProgram:
                 value = value / lengths[lk.node].clamp(min=1).unsqueeze(1).to(value.dtype)
             pooled[lk.node] = value
         return pooled
-
-    def _incoming(self, src: int) -> list[tuple[str, Shard]]:
-        """The (lookup, shard) segments rank ``src`` sends here, in the order it sends them."""
-        del src  # every rank sends the same segments, in plan order
-        return [
-            (lk.node, s)
-            for lk in self.lookups
-            if self.kind[lk.node] != "data_parallel"
-            for s in self.shards[lk.node]
-            if s.device == self.rank
-        ]
-
-    def _lookup_of(self, node: str) -> Lookup:
-        return next(lk for lk in self.lookups if lk.node == node)
 
 
 def _mode(name: str) -> int:
