@@ -21,6 +21,7 @@ from codesign.costmodel import estimate
 from codesign.errors import PassError, ShardingError
 from codesign.pipeline import Knob, Pass, PassResult
 from codesign.program import Program
+from codesign.request import flatten_inputs
 from codesign.sharding.planner import PlannerConfig, plan_sharding
 from codesign.sharding.runtime import Lookup, find_lookups, table_storage
 from codesign.sharding.types import SHARDING_TYPES, TABLE_FORMATS, PlanWorkload, TableSpec, Topology
@@ -90,7 +91,7 @@ def program_tables(
         return [], [], refused
     batch = program.sample_batch(list(_SAMPLE_CANDIDATES), seed=0)
     rec = _Recorder(gm, {x for lk in lookups for x in (lk.ids, lk.offsets)})
-    flat = [v for _, v in _flat(program, batch)]
+    flat = [v for _, v in flatten_inputs(program.call_inputs(batch))]
     with torch.no_grad():
         rec.run(*flat)
     n = batch.num_candidates
@@ -122,12 +123,6 @@ def program_tables(
             )
         )
     return tables, lookups, refused
-
-
-def _flat(program: Program, batch: Any) -> list[tuple[str, Any]]:
-    from codesign.request import flatten_inputs
-
-    return flatten_inputs(program.call_inputs(batch))
 
 
 class ShardEmbeddings(Pass):

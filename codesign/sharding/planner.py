@@ -308,9 +308,8 @@ def _proposals(
     return [prefix[j] for j in sorted((j for j in picks if j >= 0), reverse=True)]
 
 
-def _spread(options: list[list[Option]], choice: list[int], k: int, largest: bool = True) -> float:
-    """Bytes per device with every replica plus an even spread of the shards; with ``largest``,
-    plus the largest shard: greedy packing surely stays under that (list scheduling)."""
+def _memory(options: list[list[Option]], choice: list[int]) -> tuple[float, float, float]:
+    """(replicated bytes per device, shard bytes in all, largest shard) of ``choice``."""
     rep = shard = biggest = 0.0
     for t, c in enumerate(choice):
         o = options[t][c]
@@ -319,6 +318,13 @@ def _spread(options: list[list[Option]], choice: list[int], k: int, largest: boo
         else:
             shard += o.total_bytes
             biggest = max(biggest, o.largest_bytes)
+    return rep, shard, biggest
+
+
+def _spread(options: list[list[Option]], choice: list[int], k: int, largest: bool = True) -> float:
+    """Bytes per device with every replica plus an even spread of the shards; with ``largest``,
+    plus the largest shard: greedy packing surely stays under that (list scheduling)."""
+    rep, shard, biggest = _memory(options, choice)
     return rep + shard / k + (biggest if largest else 0.0)
 
 
@@ -343,9 +349,13 @@ def _demote_replicas(
         alt = min(alternatives, key=lambda j: (float(table.heavy[base + j]), float(table.total[base + j])))
         extra = float(table.total[base + alt]) - float(table.total[base + c])
         candidates.append((options[t][c].replica_bytes / max(extra, 1e-30), t, alt))
+    rep, shard, biggest = _memory(options, choice)
     for _, t, alt in sorted(candidates, reverse=True):
-        if _spread(options, choice, k) <= budget:
+        if rep + shard / k + biggest <= budget:
             break
+        rep -= options[t][choice[t]].replica_bytes
+        shard += options[t][alt].total_bytes
+        biggest = max(biggest, options[t][alt].largest_bytes)
         choice[t] = alt
     return choice
 
