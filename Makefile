@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/fp8.py
 	$(BIN)/python benchmarks/sharding.py
+	$(BIN)/python benchmarks/router.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

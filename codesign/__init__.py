@@ -5,7 +5,7 @@ capture → Program → passes → backend → variant → bundle. The public AP
 
 from __future__ import annotations
 
-from codesign.bundle import load
+from codesign.bundle import Bundle, load, load_bundle
 from codesign.capture import capture
 from codesign.errors import CodesignError
 from codesign.program import Program
@@ -18,6 +18,7 @@ from codesign.workload import Workload, load_model_ref
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bundle",
     "CodesignError",
     "HardwareSpec",
     "ObjectiveSettings",
@@ -34,6 +35,7 @@ __all__ = [
     "compile",
     "get_target",
     "load",
+    "load_bundle",
     "load_model_ref",
     "offsets_from_counts",
     "tune",

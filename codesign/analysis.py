@@ -32,6 +32,7 @@ __all__ = [
     "Role",
     "analyze",
     "count_kernels",
+    "embedding_id_bounds",
     "propagate_roles",
     "to_networkx",
 ]
@@ -642,3 +643,60 @@ def to_networkx(program: Program, analysis: ProgramAnalysis | None = None) -> nx
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
     return g
+
+
+# Ops that pass ids through unchanged (up to layout), so a bound on their output bounds their input.
+_ID_VIEWS = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.expand.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.alias.default,
+}
+_LOOKUPS = {
+    aten.embedding.default: 1,  # (weight, indices)
+    aten.embedding_bag.default: 1,
+    aten.embedding_bag.padding_idx: 1,
+    aten._embedding_bag.default: 1,
+    aten._embedding_bag_forward_only.default: 1,
+}
+
+
+def embedding_id_bounds(program: Program) -> dict[str, dict[str, int]]:
+    """Input path -> {column: table rows} for integer inputs that index an embedding table directly.
+
+    ``column`` is ``"*"`` when the whole input indexes one table, or the column number when the
+    model reads column ``i`` of a 2-D id input (``x[:, i]``) into table ``i``. Ids outside
+    ``[0, rows)`` would crash the lookup or read garbage; a server checks them before batching.
+    Inputs that reach a table through arithmetic (hashing, offsets) are not bounded here.
+    """
+    inputs = {node.name: path for path, node in program.placeholders().items()}
+    bounds: dict[str, dict[str, int]] = {}
+    for node in program.graph.nodes:
+        pos = _LOOKUPS.get(node.target) if node.op == "call_function" else None
+        if pos is None or len(node.args) <= pos:
+            continue
+        weight, ids = node.args[0], node.args[pos]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        rows = int(program.fetch_attr(str(weight.target)).shape[0])
+        column = "*"
+        while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
+            if ids.target is aten.select.int and _as_int(ids.args[1]) == 1 and column == "*":
+                column = str(_as_int(ids.args[2]))
+            elif ids.target not in _ID_VIEWS:
+                break
+            ids = ids.args[0]
+        if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and ids.name in inputs:
+            per = bounds.setdefault(inputs[ids.name], {})
+            per[column] = min(rows, per.get(column, rows))
+    return bounds

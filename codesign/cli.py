@@ -1,4 +1,4 @@
-"""The ``codesign`` command: profile, compile, fp8, plan, run, search, targets.
+"""The ``codesign`` command: profile, compile, fp8, plan, run, search, bundle, serve, targets.
 
 A model reference is ``path/to/file.py:factory`` (a function returning a ``codesign.Workload``) or
 the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from codesign.analysis import analyze
 from codesign.backends import backend_names
-from codesign.bundle import load
+from codesign.bundle import Bundle, load, load_bundle
 from codesign.capture import capture
 from codesign.costmodel import estimate_analysis
 from codesign.errors import CodesignError
@@ -37,13 +37,14 @@ from codesign.passes.sharding import SHARDING_PRESETS, ShardEmbeddings, Sharding
 from codesign.pipeline import PassManager
 from codesign.program import flatten_outputs
 from codesign.request import resample_batch
+from codesign.router import BudgetedPolicy, FeatureConfig, LoadAwarePolicy, Policy, Rule, RulesPolicy
 from codesign.search import ObjectiveSettings, SearchResult, tune
 from codesign.search.space import MICRO_BATCH
 from codesign.search.tuner import DEFAULT_STORAGE, SAMPLERS, counted_trials
 from codesign.sharding import TABLE_FORMATS, Plan
 from codesign.target import CATALOGUE, get_target, target_names
 from codesign.timing import median_latency
-from codesign.variant import compile
+from codesign.variant import Variant, compile
 from codesign.workload import Workload, load_model_ref
 
 __all__ = ["main"]
@@ -442,6 +443,134 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> Policy | None:
+    """The router policy the flags describe (None: keep the bundle's)."""
+    if args.policy is None:
+        return None
+    if args.policy == "budgeted":
+        return BudgetedPolicy(default_budget_ms=args.budget_ms, headroom=args.headroom)
+    if args.policy == "load-aware":
+        return LoadAwarePolicy(default_budget_ms=args.budget_ms, headroom=args.headroom)
+    if args.policy.startswith("fixed:"):
+        return RulesPolicy((), args.policy.removeprefix("fixed:"))
+    if args.policy.startswith("rules:"):
+        path = Path(args.policy.removeprefix("rules:"))
+        try:
+            data = json.loads(path.read_text())
+            rules = tuple(Rule(r["variant"], r.get("when", {}), r.get("name", "")) for r in data["rules"])
+            return RulesPolicy(rules, data["default"])
+        except OSError as exc:
+            raise CodesignError(f"cannot read rules file {path}: {exc.strerror}") from exc
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CodesignError(
+                f"rules file {path} is malformed ({exc!r})",
+                fix='write {"rules": [{"variant": "short", "when": {"history_length": ["<", 32]}}], "default": "full"}',
+            ) from exc
+    raise CodesignError(
+        f"unknown policy {args.policy!r}",
+        fix="use budgeted, load-aware, fixed:<variant> or rules:<file.json>",
+    )
+
+
+def _add_policy_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--policy",
+        default=default,
+        help="budgeted | load-aware | fixed:<variant> | rules:<file.json>"
+        + ("" if default else " (default: the bundle's router.json)"),
+    )
+    p.add_argument("--budget-ms", type=float, default=100.0, help="latency budget of requests that send none")
+    p.add_argument("--headroom", type=float, default=0.2, help="fraction of the budget kept free")
+
+
+def print_bundle(bundle: Bundle) -> None:
+    table = Table(title=f"variants ({bundle.router().policy_name} policy)")
+    for col in (
+        "variant",
+        "quality loss %",
+        "quality source",
+        "L(64)",
+        "L(1024)",
+        "latency source",
+        "memory",
+        "status",
+    ):
+        table.add_column(col)
+    for name, p in bundle.profiles.items():
+        table.add_row(
+            name,
+            f"{p.quality_loss_pct:.4f}",
+            p.quality_source,
+            _fmt_s(p.latency(64)),
+            _fmt_s(p.latency(1024)),
+            p.latency.source,
+            _fmt_n(p.memory_bytes, "B"),
+            "up" if name in bundle.variants else f"[red]failed: {bundle.failed.get(name, '')}[/]",
+        )
+    console.print(table)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    policy = _policy(args) or LoadAwarePolicy(default_budget_ms=args.budget_ms, headroom=args.headroom)
+    features = FeatureConfig(history_input=args.history_input or "")
+    if args.from_search is not None:
+        if args.variant:
+            raise CodesignError("give either --variant NAME=BUNDLE or --from-search RESULT, not both")
+        if args.model is None:
+            raise CodesignError("--from-search needs --model (the model the search tuned)")
+        result = SearchResult.load(args.from_search)
+        kwargs = {"size": args.size} if args.size else {}
+        bundle = Bundle.from_search(result, load_model_ref(args.model, **kwargs), k=args.k, policy=policy)
+        bundle.features = features
+    else:
+        if not args.variant:
+            raise CodesignError(
+                "name the variants: --variant NAME=BUNDLE_DIR (twice or more), or --from-search"
+            )
+        variants: dict[str, Variant] = {}
+        for item in args.variant:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise CodesignError(f"--variant takes NAME=BUNDLE_DIR, got {item!r}")
+            variants[name] = load(path)
+        bundle = Bundle.build(
+            variants,
+            policy=policy,
+            features=features,
+            quality_reference=args.quality_reference,
+            repeats=args.repeats,
+        )
+    bundle.save(args.out, overwrite=args.overwrite)
+    print_bundle(bundle)
+    console.print(f"bundle with {len(bundle.variants)} variants written to [bold]{args.out}[/]")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from codesign.serve import BatchingConfig, Runtime, Server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    print_bundle(bundle)
+    batching = BatchingConfig(
+        max_requests=args.max_batch_requests,
+        max_candidates=args.max_batch_candidates,
+        max_delay_ms=args.max_delay_ms,
+    )
+    server = Server(Runtime(bundle, policy=_policy(args), batching=batching), args.host, args.port)
+    console.print(
+        f"serving {args.bundle} at [bold]{server.url}[/] (POST /v1/score, GET /v1/schema /healthz /metrics); Ctrl-C stops"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        server.runtime.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codesign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -550,6 +679,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the result (all trials, front) as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "bundle",
+        help="assemble a multi-variant bundle (variants + profiles + router policy)",
+        description="From single-variant bundles (--variant NAME=DIR ...) or from a search result "
+        "(--from-search result.json --model m): profile every variant and write the bundle.",
+    )
+    p.add_argument("out", type=Path)
+    p.add_argument("--variant", action="append", default=[], help="NAME=BUNDLE_DIR (repeat)")
+    p.add_argument("--quality-reference", help="variant the others' NE change is measured against")
+    p.add_argument("--from-search", type=Path, help="a result JSON written by codesign search --out")
+    p.add_argument("--model", help="the searched model (with --from-search)")
+    p.add_argument("--size")
+    p.add_argument("--k", type=int, default=3, help="variants to take from the search's front")
+    p.add_argument(
+        "--history-input", help="request-level id input whose length is the history_length feature"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per latency-curve point")
+    p.add_argument("--overwrite", action="store_true")
+    _add_policy_flags(p, "load-aware")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP: /v1/score, /v1/schema, /healthz, /metrics")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-requests", type=int, default=16)
+    p.add_argument("--max-batch-candidates", type=int, default=8192)
+    p.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a batch waits for more requests")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    _add_policy_flags(p, None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("targets", help="list the target catalogue")
     p.set_defaults(func=cmd_targets)

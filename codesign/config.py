@@ -100,6 +100,10 @@ def _from_jsonable(value: Any, hint: Any) -> Any:
     if isinstance(value, dict) and {"type", "version", "fields"} <= value.keys():
         return config_from_dict(value)
     if isinstance(value, list):
+        value = [
+            config_from_dict(v) if isinstance(v, dict) and {"type", "version", "fields"} <= v.keys() else v
+            for v in value
+        ]
         origin = typing.get_origin(hint)
         return tuple(value) if origin is tuple or hint is None else value
     return value

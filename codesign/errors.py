@@ -15,6 +15,8 @@ __all__ = [
     "ModelRefError",
     "NumericsError",
     "PassError",
+    "RequestError",
+    "RoutingError",
     "SearchError",
     "ShardingError",
     "SpecError",
@@ -73,3 +75,11 @@ class SearchError(CodesignError):
 
 class ShardingError(CodesignError):
     """Embedding tables cannot be placed on the devices (memory, options) or a plan does not match."""
+
+
+class RequestError(CodesignError):
+    """A scoring request (JSON on the wire, or a batch handed to the runtime) is malformed."""
+
+
+class RoutingError(CodesignError):
+    """A router policy is invalid, or no variant can serve a request."""

@@ -28,6 +28,7 @@ __all__ = [
     "RequestBatch",
     "RequestSpec",
     "StructuredBatch",
+    "concat_batches",
     "flatten_inputs",
     "offsets_from_counts",
     "resample_batch",
@@ -438,3 +439,33 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
             )
         )
     return pieces
+
+
+def concat_batches(batches: Sequence[RequestBatch], spec: RequestSpec) -> RequestBatch:
+    """Join request batches of one model into one multi-request batch (the inverse of a split by request).
+
+    Candidate-dim inputs are concatenated along dim 0; jagged values are concatenated and their
+    per-candidate offsets shifted; static inputs come from the first batch. Request offsets are
+    joined so that each source request stays one request: what dynamic batching needs for
+    request-centric variants to compute user work once per request.
+    """
+    if not batches:
+        raise SpecError("concat_batches needs at least one batch")
+    if len(batches) == 1:
+        return batches[0]
+    leaves = [b.leaves() for b in batches]
+    offsets_of = {off: values for values, off in spec.jagged.items()}
+    new: dict[str, Any] = {}
+    for path, first in leaves[0].items():
+        if not isinstance(first, torch.Tensor) or path in spec.static_inputs or path in offsets_of:
+            continue
+        if path in spec.jagged:
+            off_path = spec.jagged[path]
+            shifted, start = [], 0
+            for lv in leaves:
+                shifted.append(lv[off_path] + start)
+                start += int(lv[path].numel())
+            new[off_path] = torch.cat(shifted)
+        new[path] = torch.cat([lv[path] for lv in leaves])
+    counts = torch.cat([b.counts for b in batches])
+    return RequestBatch(inputs=_replace_leaves(batches[0].inputs, new), offsets=offsets_from_counts(counts))

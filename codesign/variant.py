@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import codesign
+from codesign.analysis import embedding_id_bounds
 from codesign.backends import Backend, get_backend
 from codesign.capture import capture
 from codesign.costmodel import estimate
@@ -59,6 +60,8 @@ class Variant:
     takes_request_offsets: bool = False  # request-centric variants also take the batch's request offsets
     micro_batch: int | None = None  # score at most this many candidate rows per call (a serving knob)
     plan: Plan | None = None  # embedding sharding plan (multi-device targets); saved as plan.json
+    # input path -> {column or "*": table rows}: ids a server must check before scoring (analysis.embedding_id_bounds)
+    id_bounds: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():
@@ -174,6 +177,7 @@ def compile(
         plan=Plan.from_dict(optimized.metadata["sharding_plan"])
         if "sharding_plan" in optimized.metadata
         else None,
+        id_bounds=embedding_id_bounds(program),
     )
     if verify:
         _verify_backend(variant, program)

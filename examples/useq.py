@@ -21,6 +21,7 @@ from codesign.synthetic import per_request, zipf_ids
 SIZES = {
     "tiny": {"dim": 16, "heads": 2, "layers": 1, "history": 8, "items": 500},
     "small": {"dim": 64, "heads": 4, "layers": 2, "history": 64, "items": 20_000},
+    "medium": {"dim": 256, "heads": 4, "layers": 2, "history": 256, "items": 50_000},
     "large": {"dim": 512, "heads": 8, "layers": 3, "history": 512, "items": 100_000},
 }
 ACTIONS = 8
@@ -49,9 +50,25 @@ class EncoderBlock(nn.Module):
 
 
 class UserSequenceRanker(nn.Module):
-    def __init__(self, dim: int, heads: int, layers: int, history: int, items: int) -> None:
+    """``keep`` / ``depth`` make a cheaper variant with the same weights and inputs: it reads only
+    the last ``keep`` history items through the first ``depth`` encoder blocks."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        layers: int,
+        history: int,
+        items: int,
+        keep: int | None = None,
+        depth: int | None = None,
+    ) -> None:
         super().__init__()
         self.heads = heads
+        self.keep = history if keep is None else keep
+        self.depth = layers if depth is None else depth
+        if not (1 <= self.keep <= history and 0 <= self.depth <= layers):
+            raise ValueError(f"keep must be in 1..{history} and depth in 0..{layers}, got {keep}, {depth}")
         self.item = nn.Embedding(items, dim)
         self.action = nn.Embedding(ACTIONS, dim)
         self.position = nn.Parameter(torch.randn(history, dim) * 0.02)
@@ -70,8 +87,10 @@ class UserSequenceRanker(nn.Module):
         cand_item: torch.Tensor,
         cand_dense: torch.Tensor,
     ) -> torch.Tensor:
-        h = self.item(history) + self.action(actions) + self.position
-        for block in self.encoder:
+        if self.keep < history.shape[1]:
+            history, actions = history[:, -self.keep :], actions[:, -self.keep :]
+        h = self.item(history) + self.action(actions) + self.position[-self.keep :]
+        for block in self.encoder[: self.depth]:
             h = block(h)
         h = self.norm(h)  # [N, L, d]
         cand = self.cand_tower(torch.cat([self.item(cand_item), cand_dense], dim=-1))  # [N, d]
@@ -83,11 +102,12 @@ class UserSequenceRanker(nn.Module):
         return torch.sigmoid(logit).squeeze(-1)
 
 
-def build(size: str = "tiny", seed: int = 0) -> Workload:
+def build(size: str = "tiny", seed: int = 0, keep: int | None = None, depth: int | None = None) -> Workload:
+    """The ranker; ``keep``/``depth`` give a short-history, shallower variant of the same weights and inputs."""
     cfg = SIZES[size]
     torch.manual_seed(seed)
     dim, heads, layers, length, items = (int(cfg[k]) for k in ("dim", "heads", "layers", "history", "items"))
-    model = UserSequenceRanker(dim, heads, layers, length, items).eval()
+    model = UserSequenceRanker(dim, heads, layers, length, items, keep, depth).eval()
 
     def make_batch(candidates: Sequence[int], seed: int) -> RequestBatch:
         g = torch.Generator().manual_seed(seed)
@@ -108,6 +128,9 @@ def build(size: str = "tiny", seed: int = 0) -> Workload:
         model,
         spec,
         make_batch,
-        description=f"user-sequence transformer ranker ({size})",
-        metadata={"size": size},
+        description=f"user-sequence transformer ranker ({size})"
+        + (
+            f", last {model.keep} items through {model.depth} blocks" if (keep, depth) != (None, None) else ""
+        ),
+        metadata={"size": size, "keep": model.keep, "depth": model.depth},
     )

@@ -1,0 +1,72 @@
+"""The JSON wire format: every example model's requests survive encode -> JSON -> parse unchanged,
+request batches join back into one multi-request batch, and embedding id bounds come from the graph."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codesign.analysis import embedding_id_bounds
+from codesign.errors import RequestError, SpecError
+from codesign.program import flatten_outputs
+from codesign.request import concat_batches
+from codesign.wire import RequestSchema, scores_per_candidate
+from tests.conftest import tiny_program, tiny_workload
+
+
+def test_every_example_round_trips_through_json_and_scores_the_same(example_name: str) -> None:
+    w, program = tiny_workload(example_name), tiny_program(example_name)
+    schema = RequestSchema.from_reference(w.spec, w.example(), embedding_id_bounds(program))
+    batch = w.make_batch([3, 1, 4], 21)
+    parsed = []
+    for r in range(batch.num_requests):
+        body = json.loads(json.dumps(schema.encode(batch, r)))
+        one, context = schema.parse(body)
+        one.validate(w.spec)
+        assert context == {} and one.num_requests == 1 and one.num_candidates == int(batch.counts[r])
+        parsed.append(one)
+    joined = concat_batches(parsed, w.spec)
+    assert torch.equal(joined.offsets, batch.offsets)
+    for (path, a), (_, b) in zip(batch.leaves().items(), joined.leaves().items(), strict=True):
+        assert torch.equal(a, b), path
+    with torch.no_grad():
+        want = flatten_outputs(w.model(**batch.inputs))
+        got = flatten_outputs(w.model(**joined.inputs))
+    for x, y in zip(want, got, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_id_bounds_name_each_table_input() -> None:
+    bounds = embedding_id_bounds(tiny_program("useq"))
+    assert bounds == {"history": {"*": 500}, "actions": {"*": 8}, "cand_item": {"*": 500}}
+    dlrm = embedding_id_bounds(tiny_program("dlrm"))
+    assert set(dlrm) == {f"indices.{k}" for k in range(26)}
+    # multitask reads ids from columns of its float feature matrix
+    assert embedding_id_bounds(tiny_program("multitask"))["x"] == {"8": 16, "25": 32}
+
+
+def test_split_inputs_have_user_and_candidate_fields_and_column_bounds_are_checked() -> None:
+    w = tiny_workload("multitask")
+    schema = RequestSchema.from_reference(w.spec, w.example(), embedding_id_bounds(tiny_program("multitask")))
+    keys = {(f.section, f.key) for f in schema.fields}
+    user_key = next(k for s, k in keys if s == "user")
+    assert user_key.startswith("x[0:") and ("candidates", "x") in keys
+    body = schema.encode(w.make_batch([2], 3))
+    col = 25 - schema.fields[[f.key for f in schema.fields].index("x")].columns[0]
+    body["candidates"]["x"][1][col] = 32.0  # one past the table
+    with pytest.raises(RequestError, match=r"candidates\['x'\] \(column \d+\) holds id 32"):
+        schema.parse(body)
+
+
+def test_scores_per_candidate_one_number_or_one_list_per_candidate() -> None:
+    single = [torch.tensor([[0.1], [0.2], [0.3]])]
+    assert scores_per_candidate(single, 1, 3) == pytest.approx([0.2, 0.3])
+    heads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
+    assert scores_per_candidate(heads, 0, 2) == [[1.0, 3.0], [2.0, 4.0]]
+
+
+def test_concat_refuses_nothing() -> None:
+    with pytest.raises(SpecError, match="at least one batch"):
+        concat_batches([], tiny_workload("useq").spec)
