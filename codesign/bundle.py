@@ -443,6 +443,14 @@ class Bundle:
             raise BundleError(f"quality_reference '{quality_reference}' is not one of {list(variants)}")
         given_profiles = dict(profiles or {})
         quality = dict(quality or {})
+        measured: dict[str, float] = {}
+        if quality_reference is not None:
+            to_measure = {
+                n: v
+                for n, v in variants.items()
+                if n not in given_profiles and n not in quality and n != quality_reference
+            }
+            measured = measure_quality(to_measure, variants[quality_reference]) if to_measure else {}
         out: dict[str, VariantProfile] = {}
         for name, v in variants.items():
             if name in given_profiles:
@@ -452,9 +460,8 @@ class Bundle:
                 q, source = float(quality[name]), "given"
             elif quality_reference == name:
                 q, source = 0.0, "quality reference"
-            elif quality_reference is not None:
-                q = measure_quality(v, variants[quality_reference])
-                source = f"NE change vs '{quality_reference}' on resampled requests"
+            elif name in measured:
+                q, source = measured[name], f"NE change vs '{quality_reference}' on resampled requests"
             else:
                 q, source = 0.0, "not measured (assumed lossless)"
             out[name] = profile_variant(

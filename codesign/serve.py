@@ -151,15 +151,17 @@ class Runtime:
             batch, context = self.schema.parse(body)
             features = self._features(batch, context, t0)
             force = context.get("variant")
-            if force is not None and not isinstance(force, str):
-                raise RequestError(f"context.variant must be a variant name, got {force!r}")
+            if force is not None and (not isinstance(force, str) or force not in self.router.profiles):
+                raise RequestError(
+                    f"context.variant names unknown variant {force!r}",
+                    fix=f"variants: {list(self.router.profiles)}",
+                )
             decision = self.router.decide(features, force=force)
         except RequestError:
             self.metrics.inc("codesign_errors_total", kind="bad_request")
             raise
-        except RoutingError as exc:
-            kind = "unknown_variant" if "unknown variant" in exc.message else "no_variant"
-            self.metrics.inc("codesign_errors_total", kind=kind)
+        except RoutingError:
+            self.metrics.inc("codesign_errors_total", kind="no_variant")
             raise
         job = _Job(batch, features, decision, t0)
         self._submit(job)
@@ -449,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             self._error(400, exc.message, exc.fix)
         except RoutingError as exc:
-            self._error(400 if "unknown variant" in exc.message else 503, exc.message, exc.fix)
+            self._error(503, exc.message, exc.fix)
         except TimeoutError as exc:
             self._error(504, str(exc))
         except CodesignError as exc:

@@ -262,34 +262,40 @@ def variant_memory_bytes(variant: Variant) -> int:
 
 
 def measure_quality(
-    variant: Variant,
+    variants: Mapping[str, Variant],
     reference: Variant,
     *,
     requests: int = 64,
     candidates: int = 64,
     batches: int = 8,
     seed: int = 0,
-) -> float:
-    """NE change in percent of ``variant`` against ``reference`` on resampled requests (0 = identical).
+) -> dict[str, float]:
+    """NE change in percent of each variant against ``reference`` on resampled requests (0 = identical).
 
-    Labels are drawn from the reference's own click probabilities (``codesign.quality``): this is
-    fidelity to the reference model, not real-world quality.
+    The reference scores each batch once for all variants. Labels are drawn from the reference's
+    own click probabilities (``codesign.quality``): this is fidelity to the reference model, not
+    real-world quality.
     """
-    ref_out, var_out = [], []
+    outs: dict[str, list[Any]] = {name: [] for name in variants}
+    ref_out = []
     with torch.no_grad():
         for i in range(batches):
             batch = resample_batch(
                 reference.reference_inputs, reference.spec, [candidates] * requests, seed=seed + i
             )
             ref_out.append(reference.score(batch))
-            var_out.append(variant.score(batch))
+            for name, v in variants.items():
+                outs[name].append(v.score(batch))
     ref_heads = join_heads(ref_out)
-    var_heads = join_heads(var_out)
-    if len(ref_heads) != len(var_heads) or any(
-        r.shape != v.shape for r, v in zip(ref_heads, var_heads, strict=False)
-    ):
-        raise RoutingError(
-            f"variant '{variant.name}' returns outputs shaped {[tuple(v.shape) for v in var_heads]}, "
-            f"the reference {[tuple(r.shape) for r in ref_heads]}: they are not variants of one model"
-        )
-    return quality_loss(ref_heads, var_heads, seed=seed).loss_pct
+    losses = {}
+    for name, out in outs.items():
+        heads = join_heads(out)
+        if len(ref_heads) != len(heads) or any(
+            r.shape != v.shape for r, v in zip(ref_heads, heads, strict=False)
+        ):
+            raise RoutingError(
+                f"variant '{name}' returns outputs shaped {[tuple(v.shape) for v in heads]}, "
+                f"the reference {[tuple(r.shape) for r in ref_heads]}: they are not variants of one model"
+            )
+        losses[name] = quality_loss(ref_heads, heads, seed=seed).loss_pct
+    return losses

@@ -211,6 +211,7 @@ def _bad_requests(sch: RequestSchema) -> list[tuple[str, Any, str]]:
         ("bad budget", {**good, "context": {"budget_ms": -3}}, "budget_ms must be a non-negative number"),
         ("unknown context key", {**good, "context": {"deadline": 3}}, "unknown keys ['deadline']"),
         ("unknown variant", {**good, "context": {"variant": "medium"}}, "unknown variant 'medium'"),
+        ("variant not a name", {**good, "context": {"variant": ["full"]}}, "unknown variant ['full']"),
     ]
 
 
