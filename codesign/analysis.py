@@ -23,7 +23,7 @@ import torch.fx
 
 import codesign.ops  # noqa: F401  (custom ops the analysis knows the cost of)
 from codesign.program import REQUEST_OFFSETS, Program
-from codesign.request import RequestBatch, flatten_inputs
+from codesign.request import RequestBatch, even_counts, flatten_inputs
 
 __all__ = [
     "FLOPS_PER_ELEMENT",
@@ -568,11 +568,6 @@ def _column_role(node: torch.fx.Node, ranges: Iterable[tuple[int, int]]) -> Role
 # ---- entry points -----------------------------------------------------------------------------
 
 
-def _split(candidates: int, requests: int) -> list[int]:
-    base, extra = divmod(candidates, requests)
-    return [base + (1 if i < extra else 0) for i in range(requests)]
-
-
 def analyze(
     program: Program, candidates: int | RequestBatch = 64, requests: int = 1, *, seed: int = 0
 ) -> ProgramAnalysis:
@@ -586,7 +581,7 @@ def analyze(
     else:
         if candidates < requests or requests < 1:
             raise ValueError(f"need candidates >= requests >= 1, got {candidates=} {requests=}")
-        batch = program.sample_batch(_split(candidates, requests), seed)
+        batch = program.sample_batch(even_counts(candidates, requests), seed)
     shapes = _Shapes(_symbol_env(program, batch), fallback=batch.num_candidates)
     roles = propagate_roles(program)
     params = _param_node_names(program)

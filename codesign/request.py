@@ -29,6 +29,7 @@ __all__ = [
     "RequestSpec",
     "StructuredBatch",
     "concat_batches",
+    "even_counts",
     "flatten_inputs",
     "offsets_from_counts",
     "resample_batch",
@@ -55,6 +56,12 @@ def _replace_leaves(inputs: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
     leaves, spec = pytree.tree_flatten_with_path(dict(inputs))
     values = [new.get(".".join(_key_name(k) for k in path), v) for path, v in leaves]
     return pytree.tree_unflatten(values, spec)
+
+
+def even_counts(candidates: int, requests: int) -> list[int]:
+    """Per-request candidate counts that share ``candidates`` as evenly as possible over ``requests``."""
+    base, extra = divmod(candidates, requests)
+    return [base + (1 if i < extra else 0) for i in range(requests)]
 
 
 def offsets_from_counts(counts: Sequence[int] | torch.Tensor) -> torch.Tensor:

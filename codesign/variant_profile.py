@@ -20,7 +20,7 @@ import torch
 from codesign.costmodel import estimate
 from codesign.errors import ConfigError, RoutingError
 from codesign.quality import join_heads, quality_loss
-from codesign.request import resample_batch
+from codesign.request import even_counts, resample_batch
 from codesign.timing import median_latency
 from codesign.variant import Variant
 
@@ -154,11 +154,6 @@ class VariantProfile:
             raise ConfigError(f"not a variant profile record: {exc!r}") from exc
 
 
-def _split(candidates: int, requests: int) -> list[int]:
-    base, extra = divmod(candidates, requests)
-    return [base + (1 if i < extra else 0) for i in range(requests)]
-
-
 def profile_variant(
     variant: Variant,
     *,
@@ -209,7 +204,7 @@ def profile_variant(
             n_req = min(r, c)
             if measured:
                 batch = resample_batch(
-                    variant.reference_inputs, variant.spec, _split(c, n_req), seed=seed + c + r
+                    variant.reference_inputs, variant.spec, even_counts(c, n_req), seed=seed + c + r
                 )
                 row.append(median_latency(partial(variant.score, batch), repeats, warmup=1))
             else:
