@@ -5,11 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint docs bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench,gpu]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench,report,docs,gpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,11 +18,15 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check codesign examples tests benchmarks
-	$(BIN)/ruff format --check codesign examples tests benchmarks
+	$(BIN)/ruff check codesign examples tests benchmarks docs/hooks.py
+	$(BIN)/ruff format --check codesign examples tests benchmarks docs/hooks.py
 	$(BIN)/mypy
 
-test: lint
+# The user guide and API reference; --strict turns every mkdocs/mkdocstrings warning into a failure.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+test: lint docs
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 test-slow: $(STAMP)

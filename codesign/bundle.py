@@ -80,6 +80,7 @@ __all__ = [
     "load",
     "load_bundle",
     "read_manifest",
+    "search_record",
     "write_bundle",
 ]
 
@@ -392,6 +393,8 @@ class Bundle:
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why it did not load
     path: Path | None = None
+    # from_search: the study's trials and which trial each variant is (search_record); for reports
+    search: dict[str, Any] | None = None
 
     @classmethod
     def build(
@@ -511,7 +514,9 @@ class Bundle:
             variants[name] = compile(model, target=target or result.target, **config.compile_args())
             quality[name] = choice.trial.objective("quality_loss_pct")
             labels[name] = (*choice.labels, f"trial-{choice.trial.number}")
-        return cls.build(variants, policy=policy, quality=quality, labels=labels, **profile_kwargs)
+        bundle = cls.build(variants, policy=policy, quality=quality, labels=labels, **profile_kwargs)
+        bundle.search = search_record(result, {name: labels[name] for name in variants})
+        return bundle
 
     # ---- use ------------------------------------------------------------------------------
     def router(self, load: LoadTracker | None = None) -> Router:
@@ -564,6 +569,8 @@ class Bundle:
             "variants": entries,
             "router": {"file": ROUTER, "sha256": _sha256(d / ROUTER)},
         }
+        if self.search is not None:
+            manifest["search"] = self.search
         (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         self.path = d
         return d
@@ -643,7 +650,10 @@ class Bundle:
                 f"no variant of {d} loads: " + "; ".join(f"{n}: {w}" for n, w in failed.items()),
                 fix="recompile the bundle with this codesign and torch",
             )
-        bundle = cls(variants, profiles, policy, features, failed, d)
+        search = manifest.get("search")
+        bundle = cls(
+            variants, profiles, policy, features, failed, d, search if isinstance(search, dict) else None
+        )
         bundle.router()
         return bundle
 
@@ -657,6 +667,32 @@ class Bundle:
             curve = LatencyCurve((1,), (1,), ((0.0,),), "unknown (the bundle records no cost estimates)")
         profile = VariantProfile(variant.name, curve, 0.0, "single variant", variant_memory_bytes(variant))
         return cls({variant.name: variant}, {variant.name: profile}, RulesPolicy((), variant.name), path=d)
+
+
+def search_record(result: SearchResult, chosen: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """What a bundle keeps of the search that chose its variants: every trial's objectives and
+    feasibility, the Pareto front, and which trial each variant is (its labels end in trial-N)."""
+    from codesign.search.objectives import OBJECTIVE_NAMES  # search imports bundle's layer-mates
+
+    front = {t.number for t in result.pareto}
+    return {
+        "study_name": result.study_name,
+        "target": result.target,
+        "latency_source": result.latency_source,
+        "objectives": list(OBJECTIVE_NAMES),
+        "settings": result.settings,
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state,
+                "values": list(t.values) if t.values is not None else None,
+                "feasible": t.feasible,
+                "pareto": t.number in front,
+            }
+            for t in result.trials
+        ],
+        "chosen": {name: list(labels) for name, labels in chosen.items()},
+    }
 
 
 def load_bundle(directory: str | Path, *, strict: bool = False) -> Bundle:

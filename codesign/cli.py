@@ -1,4 +1,4 @@
-"""The ``codesign`` command: profile, compile, fp8, plan, run, search, bundle, serve, targets.
+"""The ``codesign`` command: profile, compile, fp8, plan, run, search, bundle, serve, report, targets.
 
 A model reference is ``path/to/file.py:factory`` (a function returning a ``codesign.Workload``) or
 the name of an example (``dlrm``, ``dcnv2``, ``din``, ``multitask``, ``useq``).
@@ -215,6 +215,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = Plan.from_dict(program.metadata["sharding_plan"])
     print_plan(plan)
     out = args.out or Path(f"{workload.name}-{target.name}-{args.devices}.plan.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_json())
     console.print(f"plan written to [bold]{out}[/]")
     return 0
@@ -274,6 +275,7 @@ def cmd_fp8(args: argparse.Namespace) -> int:
     stats = report.passes[-1].stats
     print_fp8_report(stats)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(stats, indent=2) + "\n")
         console.print(f"report written to {args.out}")
     return 0
@@ -420,6 +422,18 @@ def _print_search(result: SearchResult, variants: int) -> None:
             chosen.get(t.number, ""),
         )
     console.print(table)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from codesign.report import SECTIONS, load_sources, render  # matplotlib only when reporting
+
+    data = load_sources(args.inputs, study=args.study_name)
+    page = render(data, title=args.title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page, encoding="utf-8")
+    shown = [SECTIONS[k] for k in SECTIONS if f'<section id="{k}">' in page]
+    console.print(f"report written to [bold]{args.out}[/] ({len(page) / 1e3:.0f} kB): {', '.join(shown)}")
+    return 0
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -711,6 +725,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     _add_policy_flags(p, None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report from bundles, search results, FP8 reports, plans",
+        description="Inputs: bundle directories (single- or multi-variant), JSON written by codesign "
+        "search/fp8/plan --out, or an Optuna storage URL with --study. Sections appear only where "
+        "the inputs hold their data.",
+    )
+    p.add_argument("inputs", nargs="+", help="bundle directories, result/report/plan JSON, storage URLs")
+    p.add_argument("--out", "-o", type=Path, default=Path("codesign-report.html"))
+    p.add_argument("--study-name", help="the study to read from a storage URL input")
+    p.add_argument("--title", help="page title (default: the model names)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("targets", help="list the target catalogue")
     p.set_defaults(func=cmd_targets)

@@ -10,6 +10,8 @@ serving paths run them; fusion passes show up as fewer, larger kernels.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 from codesign.analysis import NodeCost, ProgramAnalysis, analyze
 from codesign.program import Program
@@ -23,6 +25,8 @@ __all__ = [
     "OpEstimate",
     "estimate",
     "estimate_analysis",
+    "op_profile",
+    "scaling_curve",
 ]
 
 MATMUL_OPS = frozenset(
@@ -200,3 +204,50 @@ def estimate(program: Program, target: Target | str, candidates: int = 64, reque
     >>> estimate(program, "h100", candidates=1024).latency_s
     """
     return estimate_analysis(analyze(program, candidates, requests), target)
+
+
+def op_profile(
+    program: Program, target: Target | str, candidates: int, requests: int, top: int = 40
+) -> dict[str, Any]:
+    """JSON-ready profile at one batch size: totals, FLOPs by role, and the ``top`` kernels by time.
+
+    Each kernel row carries its roofline coordinates (FLOPs, bytes, intensity, the rate it runs at),
+    so a report can place it on the target's roofline without the program.
+    """
+    tgt = get_target(target)
+    analysis = analyze(program, candidates, requests)
+    est = estimate_analysis(analysis, tgt)
+    by_name = {n.name: n for n in analysis.kernels}
+    kernels = sorted((o for o in est.ops if o.name in by_name), key=lambda o: o.time_s, reverse=True)
+    return {
+        "target": tgt.name,
+        "candidates": analysis.candidates,
+        "requests": analysis.requests,
+        "latency_s": est.latency_s,
+        "flops": est.flops,
+        "bytes": est.bytes,
+        "param_bytes": est.param_bytes,
+        "kernels": len(analysis.kernels),
+        "flops_by_role": {r.value: v for r, v in analysis.flops_by_role().items()},
+        "top": [
+            {
+                "name": o.name,
+                "op": o.op,
+                "module": o.module,
+                "role": by_name[o.name].role.value,
+                "flops": o.flops,
+                "bytes": o.bytes,
+                "rate_dtype": o.rate_dtype,
+                "time_s": o.time_s,
+                "bound": o.bound,
+            }
+            for o in kernels[:top]
+        ],
+    }
+
+
+def scaling_curve(
+    program: Program, target: Target | str, candidates: Sequence[int], requests: int = 1
+) -> list[float]:
+    """Predicted latency (s) of one call at each candidate count, spread over ``requests`` requests."""
+    return [estimate(program, target, n, requests).latency_s for n in candidates]

@@ -15,6 +15,7 @@ __all__ = [
     "ModelRefError",
     "NumericsError",
     "PassError",
+    "ReportError",
     "RequestError",
     "RoutingError",
     "SearchError",
@@ -83,3 +84,7 @@ class RequestError(CodesignError):
 
 class RoutingError(CodesignError):
     """A router policy is invalid, or no variant can serve a request."""
+
+
+class ReportError(CodesignError):
+    """A report input is missing, of an unknown kind, or unreadable."""

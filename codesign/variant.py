@@ -17,7 +17,7 @@ import codesign
 from codesign.analysis import embedding_id_bounds
 from codesign.backends import Backend, get_backend
 from codesign.capture import capture
-from codesign.costmodel import estimate
+from codesign.costmodel import estimate, op_profile, scaling_curve
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.passes import default_passes, pass_by_name
 from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
@@ -33,6 +33,10 @@ __all__ = ["BACKEND_TOLERANCE", "COST_CANDIDATES", "Variant", "compile"]
 BACKEND_TOLERANCE = {"eager": Tolerance(rtol=1e-5, atol=1e-6)}
 COMPILED_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
 COST_CANDIDATES = (64, 1024)
+# Where the compile record profiles both programs (what `codesign report` plots): one request's
+# candidates for the request-scaling curve, and a serving-sized batch for the op profile.
+SCALING_CANDIDATES = (1, 4, 16, 64, 256, 1024, 4096)
+PROFILE_BATCH = (1024, 16)
 
 
 @dataclasses.dataclass
@@ -168,7 +172,7 @@ def compile(
         passes=optimized.metadata.get("passes", []),
         reference_inputs=program.example,
         reference_outputs=reference_outputs,
-        cost=_cost_figures(optimized, tgt),
+        cost=_cost_figures(program, optimized, tgt),
         report=report.to_dict(),
         program=optimized,
         cache_key=cache_key(program, pass_list, be, tgt),
@@ -196,8 +200,21 @@ def _verify_backend(variant: Variant, reference: Program) -> None:
             )
 
 
-def _cost_figures(program: Program, target: Target) -> dict[str, Any]:
+def _cost_figures(original: Program, program: Program, target: Target) -> dict[str, Any]:
+    """Predicted figures saved with the variant: the compiled program's estimates, and the original
+    and compiled programs' op profiles and request-scaling curves on the target (cost model)."""
+    candidates, requests = PROFILE_BATCH
     return {
         "target": target.name,
         "estimates": [estimate(program, target, n, max(1, n // 64)).summary() for n in COST_CANDIDATES],
+        "profile": {
+            "original": op_profile(original, target, candidates, requests),
+            "compiled": op_profile(program, target, candidates, requests),
+        },
+        "scaling": {
+            "requests": 1,
+            "candidates": list(SCALING_CANDIDATES),
+            "original_s": scaling_curve(original, target, SCALING_CANDIDATES),
+            "compiled_s": scaling_curve(program, target, SCALING_CANDIDATES),
+        },
     }

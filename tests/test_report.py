@@ -1,0 +1,189 @@
+"""codesign report: one self-contained HTML page with a section per kind of data, charts embedded."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import codesign
+from codesign.cli import main as cli_main
+from codesign.errors import ReportError
+from codesign.passes import SelectiveFp8
+from codesign.pipeline import PassManager
+from codesign.report import SECTIONS, build_report, load_sources, write_report
+from codesign.router import LoadAwarePolicy
+from codesign.target import get_target
+from tests.conftest import tiny_program
+
+pytest.importorskip("matplotlib")
+
+
+class _Page(HTMLParser):
+    """Sections in order, and the images (and external references) inside each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: dict[str, list[str]] = {}
+        self.external: list[str] = []
+        self.tables: dict[str, int] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(str(a["id"]))
+            self.images[self.sections[-1]] = []
+            self.tables[self.sections[-1]] = 0
+        elif tag == "img" and self.sections:
+            self.images[self.sections[-1]].append(str(a.get("src")))
+        elif tag == "table" and self.sections:
+            self.tables[self.sections[-1]] += 1
+        if tag in ("script", "link", "iframe") or any(
+            k in ("src", "href") and v and v.split(":", 1)[0] in ("http", "https", "file") for k, v in attrs
+        ):
+            self.external.append(f"<{tag} {a}>")
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A sharded single-variant bundle, a routed bundle from a search, and an FP8 report for h100."""
+    d = tmp_path_factory.mktemp("report")
+    program = tiny_program("dlrm")
+    host2 = get_target("host", devices=2)
+    single = codesign.compile(program, target=host2).save(d / "single")
+    result = codesign.tune(program, host2, trials=4, storage=":memory:", backends=["eager"])
+    routed = codesign.Bundle.from_search(
+        result,
+        program,
+        k=2,
+        target=host2,
+        policy=LoadAwarePolicy(default_budget_ms=20.0),
+        candidates=(16, 64),
+        requests=(1,),
+        repeats=1,
+    ).save(d / "routed")
+    _, report = PassManager([SelectiveFp8()], get_target("h100")).run(program)
+    fp8 = d / "fp8.json"
+    fp8.write_text(json.dumps(report.passes[-1].stats))
+    result.save(d / "search.json")
+    return [single, routed, fp8, d / "search.json"]
+
+
+def test_every_section_with_embedded_svg_charts(report_inputs: list[Path], tmp_path: Path) -> None:
+    out = write_report(report_inputs[:3], tmp_path / "r.html")
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    parsed = _parse(page)
+    assert parsed.sections == list(SECTIONS)
+    assert parsed.external == [], "the report must open offline: no scripts, links or remote images"
+    for section in SECTIONS:
+        if section == "overview":
+            continue
+        images = parsed.images[section]
+        assert images, f"section {section} has no chart"
+        assert parsed.tables[section] >= 1, f"section {section} has no table"
+        for src in images:
+            assert src.startswith("data:image/svg+xml;base64,")
+            svg = base64.b64decode(src.split(",", 1)[1]).decode()
+            assert "<svg" in svg and svg.rstrip().endswith("</svg>")
+            assert "<text" in svg  # titles and axis labels kept as text (svg.fonttype none)
+    # the compile record behind the profile and scaling sections is the cost model's, for both programs
+    manifest = json.loads((report_inputs[0] / "manifest.json").read_text())
+    scaling = manifest["cost"]["scaling"]
+    assert len(scaling["original_s"]) == len(scaling["candidates"]) == len(scaling["compiled_s"])
+    assert all(b > 0 for b in scaling["compiled_s"])
+    assert "lower bound" in page and "Pareto front" in page and "LoadAwarePolicy" in page
+
+
+def test_sections_appear_only_with_their_data(report_inputs: list[Path]) -> None:
+    only_search = _parse(build_report([report_inputs[3]]))
+    assert only_search.sections == ["overview", "search"]
+    only_fp8 = _parse(build_report([report_inputs[2]]))
+    assert only_fp8.sections == ["overview", "fp8"]
+    single = _parse(build_report([report_inputs[0]]))
+    assert single.sections == ["overview", "profile", "passes", "scaling", "sharding"]
+
+
+def test_routed_bundle_keeps_its_search(report_inputs: list[Path]) -> None:
+    data = load_sources([report_inputs[1]])
+    assert data.search is not None and data.router is not None
+    chosen = data.search["chosen"]
+    assert set(chosen) == {v.name for v in data.variants}
+    front = {t["number"] for t in data.search["trials"] if t["pareto"]}
+    for labels in chosen.values():
+        trial = [int(x.split("-")[1]) for x in labels if x.startswith("trial-")]
+        assert trial and trial[0] in front
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path: Path, report_inputs: list[Path]) -> None:
+    with pytest.raises(ReportError, match="does not exist"):
+        load_sources([tmp_path / "nope"])
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ReportError, match="must be JSON"):
+        load_sources([tmp_path / "notes.txt"])
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ReportError, match="none of the JSON files"):
+        load_sources([tmp_path / "other.json"])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ReportError, match="not a codesign bundle"):
+        load_sources([tmp_path / "folder"])
+    with pytest.raises(ReportError, match="--study-name"):
+        load_sources(["sqlite:///x.db"])
+    with pytest.raises(ReportError, match="at least one input"):
+        load_sources([])
+
+
+def test_cli_writes_the_report(
+    report_inputs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli.html"
+    assert cli_main(["report", str(report_inputs[1]), "--out", str(out), "--title", "routed"]) == 0
+    printed = capsys.readouterr().out
+    assert "report written" in printed and "Router" in printed
+    assert "<title>routed</title>" in out.read_text()
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+
+
+CHROMIUM = next(
+    (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
+def test_renders_in_headless_chromium(report_inputs: list[Path], tmp_path: Path) -> None:
+    """The page draws: the screenshot is tall and has charts' worth of non-white pixels."""
+    from PIL import Image
+
+    page = write_report(report_inputs[:3], tmp_path / "r.html")
+    shot = tmp_path / "r.png"
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,3000",
+            f"--screenshot={shot}",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 3000)
+    dark = sum(1 for p in image.getdata() if p < 200)
+    assert dark > 0.01 * image.size[0] * image.size[1], "the screenshot is (nearly) blank"
