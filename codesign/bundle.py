@@ -70,7 +70,7 @@ from codesign.variant_profile import (
 from codesign.wire import RequestSchema
 
 if TYPE_CHECKING:
-    from codesign.search.result import SearchResult
+    from codesign.search.result import SearchResult, VariantChoice
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -502,7 +502,8 @@ class Bundle:
         variants: dict[str, Variant] = {}
         quality: dict[str, float] = {}
         labels: dict[str, tuple[str, ...]] = {}
-        for choice in result.select_variants(k):
+        choices = result.select_variants(k)
+        for choice in choices:
             config = choice.config()
             if config.backend is None:
                 raise BundleError(
@@ -515,7 +516,7 @@ class Bundle:
             quality[name] = choice.trial.objective("quality_loss_pct")
             labels[name] = (*choice.labels, f"trial-{choice.trial.number}")
         bundle = cls.build(variants, policy=policy, quality=quality, labels=labels, **profile_kwargs)
-        bundle.search = search_record(result, {name: labels[name] for name in variants})
+        bundle.search = search_record(result, choices)
         return bundle
 
     # ---- use ------------------------------------------------------------------------------
@@ -669,9 +670,9 @@ class Bundle:
         return cls({variant.name: variant}, {variant.name: profile}, RulesPolicy((), variant.name), path=d)
 
 
-def search_record(result: SearchResult, chosen: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """What a bundle keeps of the search that chose its variants: every trial's objectives and
-    feasibility, the Pareto front, and which trial each variant is (its labels end in trial-N)."""
+def search_record(result: SearchResult, choices: Sequence[VariantChoice]) -> dict[str, Any]:
+    """What a bundle (or a report) keeps of a search: every trial's objectives and feasibility, the
+    Pareto front, and the chosen variants by name (``VariantChoice.label``) with their trial and roles."""
     from codesign.search.objectives import OBJECTIVE_NAMES  # search imports bundle's layer-mates
 
     front = {t.number for t in result.pareto}
@@ -691,7 +692,7 @@ def search_record(result: SearchResult, chosen: Mapping[str, Sequence[str]]) -> 
             }
             for t in result.trials
         ],
-        "chosen": {name: list(labels) for name, labels in chosen.items()},
+        "chosen": {c.label: {"trial": c.trial.number, "roles": list(c.labels)} for c in choices},
     }
 
 

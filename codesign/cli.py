@@ -425,13 +425,13 @@ def _print_search(result: SearchResult, variants: int) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from codesign.report import SECTIONS, load_sources, render  # matplotlib only when reporting
+    from codesign.report import SECTIONS, load_sources, render, sections_for  # matplotlib only here
 
     data = load_sources(args.inputs, study=args.study_name)
     page = render(data, title=args.title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page, encoding="utf-8")
-    shown = [SECTIONS[k] for k in SECTIONS if f'<section id="{k}">' in page]
+    shown = [SECTIONS[k] for k in sections_for(data)]
     console.print(f"report written to [bold]{args.out}[/] ({len(page) / 1e3:.0f} kB): {', '.join(shown)}")
     return 0
 

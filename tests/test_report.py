@@ -122,9 +122,8 @@ def test_routed_bundle_keeps_its_search(report_inputs: list[Path]) -> None:
     chosen = data.search["chosen"]
     assert set(chosen) == {v.name for v in data.variants}
     front = {t["number"] for t in data.search["trials"] if t["pareto"]}
-    for labels in chosen.values():
-        trial = [int(x.split("-")[1]) for x in labels if x.startswith("trial-")]
-        assert trial and trial[0] in front
+    for name, c in chosen.items():
+        assert c["trial"] in front and name == "+".join(c["roles"])
 
 
 def test_bad_inputs_say_what_is_wrong(tmp_path: Path, report_inputs: list[Path]) -> None:

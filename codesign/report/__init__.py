@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from codesign.report.html import SECTIONS, render
+from codesign.report.html import SECTIONS, render, sections_for
 from codesign.report.sources import ReportData, VariantRecord, load_sources
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "build_report",
     "load_sources",
     "render",
+    "sections_for",
     "write_report",
 ]
 

@@ -225,10 +225,9 @@ def pareto_chart(search: Mapping[str, Any]) -> str:
         label="Pareto front",
     )
     by_number = {t["number"]: t for t in trials}
-    for name, labels in (search.get("chosen") or {}).items():
-        numbers = [int(x.split("-", 1)[1]) for x in labels if str(x).startswith("trial-")]
-        if numbers and numbers[0] in by_number:
-            v = by_number[numbers[0]]["values"]
+    for name, chosen in (search.get("chosen") or {}).items():
+        if chosen["trial"] in by_number:
+            v = by_number[chosen["trial"]]["values"]
             ax.scatter([v[0]], [v[1]], marker="*", s=160, color=COLORS["chosen"], zorder=5)
             ax.annotate(name, (v[0], v[1]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")

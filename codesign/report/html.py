@@ -16,7 +16,7 @@ from codesign.report import charts
 from codesign.report.sources import ReportData, VariantRecord
 from codesign.sharding.types import Plan
 
-__all__ = ["SECTIONS", "render"]
+__all__ = ["SECTIONS", "render", "sections_for"]
 
 SECTIONS = {
     "overview": "Overview",
@@ -338,11 +338,7 @@ def _search(data: ReportData) -> str:
                 "every complete trial; ringed: the Pareto front; stars: the variants chosen for deployment",
             )
         )
-    chosen_by_trial: dict[int, str] = {}
-    for name, labels in (s.get("chosen") or {}).items():
-        for x in labels:
-            if str(x).startswith("trial-"):
-                chosen_by_trial[int(str(x).split("-", 1)[1])] = name
+    chosen_by_trial = {c["trial"]: name for name, c in (s.get("chosen") or {}).items()}
     parts.append(
         _table(
             ("trial", *objectives, "chosen as"),
@@ -423,7 +419,8 @@ def _router(data: ReportData) -> str:
     return "".join(parts)
 
 
-def _present(data: ReportData) -> dict[str, Callable[[ReportData], str]]:
+def sections_for(data: ReportData) -> dict[str, Callable[[ReportData], str]]:
+    """The sections ``data`` has data for, in page order, each with its renderer."""
     out: dict[str, Callable[[ReportData], str]] = {"overview": _overview}
     if any(v.cost.get("profile") and v.target for v in data.variants):
         out["profile"] = _profile
@@ -444,7 +441,7 @@ def _present(data: ReportData) -> dict[str, Callable[[ReportData], str]]:
 
 def render(data: ReportData, *, title: str | None = None) -> str:
     """The whole page. Only sections with data appear; the navigation lists exactly those."""
-    sections = _present(data)
+    sections = sections_for(data)
     title = title or "codesign report: " + ", ".join(
         sorted({v.manifest.get("name", v.name) for v in data.variants}) or data.inputs
     )

@@ -148,10 +148,10 @@ def _add_json(data: ReportData, path: Path) -> None:
 
 def _search_from_result(result: SearchResult) -> dict[str, Any]:
     try:
-        chosen = {c.label: [*c.labels, f"trial-{c.trial.number}"] for c in result.select_variants(3)}
+        choices = result.select_variants(3)
     except CodesignError:
-        chosen = {}  # no feasible trial: the report still shows every trial
-    return search_record(result, chosen)
+        choices = []  # no feasible trial: the report still shows every trial
+    return search_record(result, choices)
 
 
 def load_sources(inputs: Sequence[str | Path], *, study: str | None = None) -> ReportData:
