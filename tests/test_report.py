@@ -16,8 +16,8 @@ from codesign.cli import main as cli_main
 from codesign.errors import ReportError
 from codesign.passes import SelectiveFp8
 from codesign.pipeline import PassManager
-from codesign.report import SECTIONS, build_report, load_sources, write_report
-from codesign.router import LoadAwarePolicy
+from codesign.report import SECTIONS, build_report, load_sources, render, write_report
+from codesign.router import LoadAwarePolicy, Router, Rule, RulesPolicy
 from codesign.target import get_target
 from tests.conftest import tiny_program
 
@@ -186,3 +186,23 @@ def test_renders_in_headless_chromium(report_inputs: list[Path], tmp_path: Path)
     assert image.size == (1200, 3000)
     dark = sum(1 for p in image.getdata() if p < 200)
     assert dark > 0.01 * image.size[0] * image.size[1], "the screenshot is (nearly) blank"
+
+
+def test_rules_policy_and_malformed_search_record(report_inputs: list[Path], tmp_path: Path) -> None:
+    data = load_sources([report_inputs[1]])
+    assert data.router is not None
+    profiles = data.router["profiles"]
+    names = list(profiles)
+    first, last = names[0], names[-1]
+    policy = RulesPolicy((Rule(last, {"history_length": ("<", 32)}, name="light <users>"),), first)
+    data.router["describe"] = Router(list(profiles.values()), policy).describe()
+    page = render(data)
+    assert "<td>light &lt;users&gt;</td><td>history_length &lt; 32</td>" in page  # escaped once, not twice
+
+    broken = tmp_path / "broken"
+    shutil.copytree(report_inputs[1], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["search"]["chosen"] = {first: ["fast", "trial-0"]}  # an older, unsupported shape
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError, match="'search' record is malformed"):
+        load_sources([broken])

@@ -371,14 +371,16 @@ def _router(data: ReportData) -> str:
     if rules:
         parts.append(
             _table(
-                ("rule", "conditions", "variant"),
+                ("rule", "name", "conditions (all must hold)", "variant"),
                 (
                     (
                         i + 1,
-                        _e(rule.get("fields", rule).get("when")),
-                        _e(rule.get("fields", rule).get("variant")),
+                        r.get("name") or "-",
+                        " and ".join(f"{k} {op} {v!r}" for k, (op, v) in r.get("when", {}).items())
+                        or "always",
+                        r.get("variant"),
                     )
-                    for i, rule in enumerate(rules)
+                    for i, r in enumerate(rule.get("fields", rule) for rule in rules)
                 ),
             )
         )

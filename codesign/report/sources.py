@@ -126,8 +126,25 @@ def _add_multi(data: ReportData, directory: Path, manifest: Mapping[str, Any]) -
     except (KeyError, TypeError, CodesignError) as exc:
         raise ReportError(f"{directory / ROUTER}: {exc}") from exc
     data.router = {"describe": router.describe(), "profiles": profiles}
-    if isinstance(manifest.get("search"), dict):
-        data.search = dict(manifest["search"])
+    if "search" in manifest:
+        data.search = _checked_search(manifest["search"], directory / MANIFEST)
+
+
+def _checked_search(record: Any, where: Path) -> dict[str, Any]:
+    """A bundle's search record (``bundle.search_record``), checked before anything plots it."""
+    try:
+        assert isinstance(record, dict)
+        for t in record["trials"]:
+            assert isinstance(t["number"], int) and isinstance(t["pareto"], bool)
+            assert t["values"] is None or all(isinstance(x, int | float) for x in t["values"])
+        for c in record["chosen"].values():
+            assert isinstance(c["trial"], int) and isinstance(c["roles"], list)
+    except (AssertionError, KeyError, TypeError, AttributeError) as exc:
+        raise ReportError(
+            f"{where}: its 'search' record is malformed ({type(exc).__name__} {exc})",
+            fix="rebuild the bundle with Bundle.from_search / codesign bundle --from-search",
+        ) from exc
+    return dict(record)
 
 
 def _add_json(data: ReportData, path: Path) -> None:
