@@ -54,6 +54,7 @@ from codesign.router import (
     RulesPolicy,
     policy_from_dict,
 )
+from codesign.search.objectives import OBJECTIVE_NAMES
 from codesign.sharding.types import Plan
 from codesign.target import Target
 from codesign.variant import Variant, compile
@@ -673,8 +674,6 @@ class Bundle:
 def search_record(result: SearchResult, choices: Sequence[VariantChoice]) -> dict[str, Any]:
     """What a bundle (or a report) keeps of a search: every trial's objectives and feasibility, the
     Pareto front, and the chosen variants by name (``VariantChoice.label``) with their trial and roles."""
-    from codesign.search.objectives import OBJECTIVE_NAMES  # search imports bundle's layer-mates
-
     front = {t.number for t in result.pareto}
     return {
         "study_name": result.study_name,

@@ -211,8 +211,8 @@ def op_profile(
 ) -> dict[str, Any]:
     """JSON-ready profile at one batch size: totals, FLOPs by role, and the ``top`` kernels by time.
 
-    Each kernel row carries its roofline coordinates (FLOPs, bytes, intensity, the rate it runs at),
-    so a report can place it on the target's roofline without the program.
+    Each kernel row carries its roofline coordinates (FLOPs, bytes, predicted time, the dtype rate it
+    runs at, its bound), so a report can place it on the target's roofline without the program.
     """
     tgt = get_target(target)
     analysis = analyze(program, candidates, requests)
