@@ -206,3 +206,13 @@ def test_rules_policy_and_malformed_search_record(report_inputs: list[Path], tmp
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ReportError, match="'search' record is malformed"):
         load_sources([broken])
+
+
+def test_a_variant_folder_outside_the_bundle_is_refused(report_inputs: list[Path], tmp_path: Path) -> None:
+    broken = tmp_path / "escaping"
+    shutil.copytree(report_inputs[1], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["variants"][0]["dir"] = "../elsewhere"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError, match=r"lists folder '\.\./elsewhere'"):
+        load_sources([broken])

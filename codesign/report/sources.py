@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codesign.bundle import BUNDLE_FORMAT, MANIFEST, MULTI_FORMAT, PLAN, ROUTER, search_record
+from codesign.bundle import BUNDLE_FORMAT, MANIFEST, MULTI_FORMAT, PLAN, ROUTER, VARIANTS_DIR, search_record
 from codesign.config import config_from_dict
 from codesign.errors import CodesignError, ReportError
 from codesign.router import FeatureConfig, Router, policy_from_dict
@@ -115,7 +115,12 @@ def _add_multi(data: ReportData, directory: Path, manifest: Mapping[str, Any]) -
             profiles[name] = VariantProfile.from_dict(entry["profile"])
         except (KeyError, TypeError, CodesignError) as exc:
             raise ReportError(f"{directory}: variant {name!r} has no readable profile: {exc}") from exc
-        data.variants.append(_variant(directory / str(entry.get("dir", "")), name, profiles[name]))
+        # as Bundle.save writes it: a plain folder name under variants/, so nothing outside the bundle is read
+        if name in ("", ".", "..") or Path(name).name != name or entry.get("dir") != f"{VARIANTS_DIR}/{name}":
+            raise ReportError(
+                f"{directory}: variant {name!r} lists folder {entry.get('dir')!r}, not {VARIANTS_DIR}/{name}"
+            )
+        data.variants.append(_variant(directory / VARIANTS_DIR / name, name, profiles[name]))
     router_json = _read_json(directory / ROUTER)
     try:
         policy = policy_from_dict(router_json["policy"])
