@@ -425,9 +425,21 @@ def _print_search(result: SearchResult, variants: int) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from codesign.report import SECTIONS, load_sources, render, sections_for  # matplotlib only here
+    from codesign.report import (
+        SECTIONS,
+        load_sources,
+        measure_scaling,
+        render,
+        sections_for,
+    )  # matplotlib only here
 
+    if args.model is not None and not args.measure:
+        raise CodesignError("--model is timed beside the bundle: it needs --measure")
     data = load_sources(args.inputs, study=args.study_name)
+    if args.measure:
+        original = _workload(args) if args.model is not None else None
+        for why in measure_scaling(data, original=original):
+            console.print(f"[yellow]not measured:[/] {why}", highlight=False)
     page = render(data, title=args.title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page, encoding="utf-8")
@@ -737,6 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, default=Path("codesign-report.html"))
     p.add_argument("--study-name", help="the study to read from a storage URL input")
     p.add_argument("--title", help="page title (default: the model names)")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also time each variant that runs here at one request of 1..1024 candidates",
+    )
+    p.add_argument(
+        "--model", help="with --measure: the model the bundles came from, timed eagerly beside them"
+    )
+    p.add_argument("--size", help="the model's size (with --model)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("targets", help="list the target catalogue")

@@ -117,7 +117,8 @@ def main() -> int:
     print(f"   {len(stats['chosen'])} of {len(stats['layers'])} layers chosen; saved {FP8_REPORT}")
 
     print(f"== 8. report → {REPORT}")
-    cli_main(["report", str(OUT), str(ROUTED), str(FP8_REPORT), "--out", str(REPORT)])
+    report_args = [str(OUT), str(ROUTED), str(FP8_REPORT), "--out", str(REPORT)]
+    cli_main(["report", *report_args, "--measure", "--model", MODEL, "--size", "small"])  # + timed here
     page = REPORT.read_text()
     missing = [title for key, title in SECTIONS.items() if f'<section id="{key}">' not in page]
     if missing:

@@ -16,10 +16,10 @@ from codesign.cli import main as cli_main
 from codesign.errors import ReportError
 from codesign.passes import SelectiveFp8
 from codesign.pipeline import PassManager
-from codesign.report import SECTIONS, build_report, load_sources, render, write_report
+from codesign.report import SECTIONS, build_report, load_sources, measure_scaling, render, write_report
 from codesign.router import LoadAwarePolicy, Router, Rule, RulesPolicy
 from codesign.target import get_target
-from tests.conftest import tiny_program
+from tests.conftest import tiny_program, tiny_workload
 
 pytest.importorskip("matplotlib")
 
@@ -216,3 +216,25 @@ def test_a_variant_folder_outside_the_bundle_is_refused(report_inputs: list[Path
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ReportError, match=r"lists folder '\.\./elsewhere'"):
         load_sources([broken])
+
+
+def test_measured_scaling_times_original_and_compiled_here(report_inputs: list[Path]) -> None:
+    data = load_sources([report_inputs[0]])
+    skipped = measure_scaling(data, original=tiny_workload("dlrm"), candidates=(1, 16), rounds=1)
+    assert skipped == []
+    measured = data.variants[0].measured
+    assert measured is not None and measured["candidates"] == [1, 16]
+    assert all(s > 0 for s in measured["compiled_s"] + measured["original_s"])
+    page = render(data)
+    assert "<p>Measured:</p>" in page
+    svgs = [base64.b64decode(src.split(",", 1)[1]).decode() for src in _parse(page).images["scaling"]]
+    assert any("original (measured, eager)" in svg and "compiled (measured)" in svg for svg in svgs)
+
+    with pytest.raises(ReportError, match="was compiled from 'dlrm'"):
+        measure_scaling(load_sources([report_inputs[0]]), original=tiny_workload("din"), rounds=1)
+    # a variant whose target does not run here is skipped, and says why
+    elsewhere = load_sources([report_inputs[0]])
+    elsewhere.variants[0].manifest["target"] = get_target("h100").to_dict()
+    assert measure_scaling(elsewhere) == ["dlrm: target h100 does not run on this machine"]
+    assert elsewhere.variants[0].measured is None
+    assert cli_main(["report", str(report_inputs[0]), "--model", "dlrm"]) == 2  # --model needs --measure

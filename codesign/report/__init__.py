@@ -10,30 +10,55 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from codesign.report.html import SECTIONS, render, sections_for
+from codesign.report.measure import MEASURE_CANDIDATES, measure_scaling
 from codesign.report.sources import ReportData, VariantRecord, load_sources
+from codesign.workload import Workload
 
 __all__ = [
+    "MEASURE_CANDIDATES",
     "SECTIONS",
     "ReportData",
     "VariantRecord",
     "build_report",
     "load_sources",
+    "measure_scaling",
     "render",
     "sections_for",
     "write_report",
 ]
 
 
-def build_report(inputs: Sequence[str | Path], *, study: str | None = None, title: str | None = None) -> str:
-    """The report's HTML for ``inputs`` (see ``load_sources`` for what each may be)."""
-    return render(load_sources(inputs, study=study), title=title)
+def build_report(
+    inputs: Sequence[str | Path],
+    *,
+    study: str | None = None,
+    title: str | None = None,
+    measure: bool = False,
+    original: Workload | None = None,
+) -> str:
+    """The report's HTML for ``inputs`` (see ``load_sources`` for what each may be).
+
+    ``measure=True`` also times each variant that runs on this machine (and ``original``, the model
+    it was compiled from, eagerly) at one request of 1 … 1024 candidates (``measure_scaling``).
+    """
+    data = load_sources(inputs, study=study)
+    if measure:
+        measure_scaling(data, original=original)
+    return render(data, title=title)
 
 
 def write_report(
-    inputs: Sequence[str | Path], out: str | Path, *, study: str | None = None, title: str | None = None
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    study: str | None = None,
+    title: str | None = None,
+    measure: bool = False,
+    original: Workload | None = None,
 ) -> Path:
     """Write the report to ``out`` (one HTML file; charts embedded, nothing fetched when opened)."""
+    page = build_report(inputs, study=study, title=title, measure=measure, original=original)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(inputs, study=study, title=title), encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path

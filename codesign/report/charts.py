@@ -121,17 +121,17 @@ def passes_chart(passes: Sequence[Mapping[str, Any]]) -> str:
     return _svg_uri(fig)
 
 
-def scaling_chart(
-    candidates: Sequence[int],
-    series: Mapping[str, Sequence[float]],
-    target: str,
-) -> str:
-    """Latency of one request vs its candidate count, log-log, one line per series (seconds)."""
+def scaling_chart(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], target: str) -> str:
+    """Latency of one request vs its candidate count, log-log: label -> (candidate counts, seconds).
+
+    Predicted series are solid, measured ones dashed; original and compiled keep one colour each.
+    """
     fig = _figure(7.0, 3.4)
     ax = fig.add_subplot()
-    for i, (label, secs) in enumerate(series.items()):
+    for label, (candidates, secs) in series.items():
         style = "-" if "predicted" in label else "--"
-        ax.plot(candidates, [s * 1e3 for s in secs], style, marker="o", ms=4, color=f"C{i}", label=label)
+        color = "C0" if label.startswith("original") else "C1"
+        ax.plot(candidates, [s * 1e3 for s in secs], style, marker="o", ms=4, color=color, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("candidates in the request")

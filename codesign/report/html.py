@@ -220,18 +220,31 @@ def _scaling_of(v: VariantRecord) -> str:
     sc = v.cost["scaling"]
     target = v.target.name if v.target else "?"
     cands = sc["candidates"]
-    series = {"original (predicted)": sc["original_s"], "compiled (predicted)": sc["compiled_s"]}
-    chart = _figure(
-        charts.scaling_chart(cands, series, target),
-        f"request scaling of {v.name}",
-        f"one request's latency as its candidate count grows, predicted by the cost model on {target}",
-    )
+    series = {
+        "original (predicted)": (cands, sc["original_s"]),
+        "compiled (predicted)": (cands, sc["compiled_s"]),
+    }
+    caption = f"one request's latency as its candidate count grows, predicted by the cost model on {target}"
+    measured = ""
+    if v.measured:
+        m = v.measured
+        if m.get("original_s"):
+            series["original (measured, eager)"] = (m["candidates"], m["original_s"])
+        series["compiled (measured)"] = (m["candidates"], m["compiled_s"])
+        caption += f"; dashed: {m['source']}"
+        measured = "<p>Measured:</p>" + _scaling_table(m["candidates"], m.get("original_s"), m["compiled_s"])
+    chart = _figure(charts.scaling_chart(series, target), f"request scaling of {v.name}", caption)
+    return chart + "<p>Predicted:</p>" + _scaling_table(cands, sc["original_s"], sc["compiled_s"]) + measured
+
+
+def _scaling_table(cands: Sequence[int], original: Sequence[float] | None, compiled: Sequence[float]) -> str:
+    firsts: Sequence[float | None] = original if original else [None] * len(cands)
     rows = (
-        (n, _ms(a), _ms(b), f"{a / b:.2f}×" if b else "-", _ms(b / n))
-        for n, a, b in zip(cands, sc["original_s"], sc["compiled_s"], strict=True)
+        (n, _ms(a) if a else "-", _ms(b), f"{a / b:.2f}×" if a and b else "-", _ms(b / n))
+        for n, a, b in zip(cands, firsts, compiled, strict=True)
     )
     head = ("candidates", "original", "compiled", "speed-up", "compiled per candidate")
-    return chart + _table(head, rows, numeric=(0, 1, 2, 3, 4))
+    return _table(head, rows, numeric=(0, 1, 2, 3, 4))
 
 
 def _fp8(data: ReportData) -> str:

@@ -39,6 +39,7 @@ class VariantRecord:
     manifest: dict[str, Any]
     plan: Plan | None = None
     profile: VariantProfile | None = None
+    measured: dict[str, Any] | None = None  # request scaling timed here (report.measure.measure_scaling)
 
     @property
     def target(self) -> Target | None:
