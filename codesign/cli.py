@@ -425,24 +425,16 @@ def _print_search(result: SearchResult, variants: int) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from codesign.report import (
-        SECTIONS,
-        load_sources,
-        measure_scaling,
-        render,
-        sections_for,
-    )  # matplotlib only here
+    from codesign.report import SECTIONS, collect, render, save_page, sections_for  # matplotlib only here
 
     if args.model is not None and not args.measure:
         raise CodesignError("--model is timed beside the bundle: it needs --measure")
-    data = load_sources(args.inputs, study=args.study_name)
-    if args.measure:
-        original = _workload(args) if args.model is not None else None
-        for why in measure_scaling(data, original=original):
-            console.print(f"[yellow]not measured:[/] {why}", highlight=False)
+    original = _workload(args) if args.model is not None else None
+    data = collect(args.inputs, study=args.study_name, measure=args.measure, original=original)
+    for why in data.not_measured:
+        console.print(f"[yellow]not measured:[/] {why}", highlight=False)
     page = render(data, title=args.title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page, encoding="utf-8")
+    save_page(page, args.out)
     shown = [SECTIONS[k] for k in sections_for(data)]
     console.print(f"report written to [bold]{args.out}[/] ({len(page) / 1e3:.0f} kB): {', '.join(shown)}")
     return 0

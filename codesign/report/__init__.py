@@ -20,12 +20,38 @@ __all__ = [
     "ReportData",
     "VariantRecord",
     "build_report",
+    "collect",
     "load_sources",
     "measure_scaling",
     "render",
+    "save_page",
     "sections_for",
     "write_report",
 ]
+
+
+def collect(
+    inputs: Sequence[str | Path],
+    *,
+    study: str | None = None,
+    measure: bool = False,
+    original: Workload | None = None,
+) -> ReportData:
+    """Read ``inputs`` (see ``load_sources``); with ``measure=True`` also time each variant that runs
+    on this machine (and ``original``, the model it was compiled from, eagerly) at one request of
+    1 … 1024 candidates (``measure_scaling``; variants not measured are listed in ``not_measured``)."""
+    data = load_sources(inputs, study=study)
+    if measure:
+        measure_scaling(data, original=original)
+    return data
+
+
+def save_page(page: str, out: str | Path) -> Path:
+    """Write a rendered page to ``out``, creating its folder."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def build_report(
@@ -36,15 +62,8 @@ def build_report(
     measure: bool = False,
     original: Workload | None = None,
 ) -> str:
-    """The report's HTML for ``inputs`` (see ``load_sources`` for what each may be).
-
-    ``measure=True`` also times each variant that runs on this machine (and ``original``, the model
-    it was compiled from, eagerly) at one request of 1 … 1024 candidates (``measure_scaling``).
-    """
-    data = load_sources(inputs, study=study)
-    if measure:
-        measure_scaling(data, original=original)
-    return render(data, title=title)
+    """The report's HTML for ``inputs`` (see ``collect``)."""
+    return render(collect(inputs, study=study, measure=measure, original=original), title=title)
 
 
 def write_report(
@@ -57,8 +76,4 @@ def write_report(
     original: Workload | None = None,
 ) -> Path:
     """Write the report to ``out`` (one HTML file; charts embedded, nothing fetched when opened)."""
-    page = build_report(inputs, study=study, title=title, measure=measure, original=original)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return save_page(build_report(inputs, study=study, title=title, measure=measure, original=original), out)

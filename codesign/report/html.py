@@ -145,6 +145,14 @@ def _has_profile(v: VariantRecord) -> bool:
     return bool(v.cost.get("profile")) and v.target is not None
 
 
+def _has_passes(v: VariantRecord) -> bool:
+    return bool(v.passes)
+
+
+def _has_scaling(v: VariantRecord) -> bool:
+    return bool(v.cost.get("scaling"))
+
+
 def _profile(data: ReportData) -> str:
     return _each_variant(data, _has_profile, _profile_of)
 
@@ -189,7 +197,7 @@ def _stats_summary(stats: Mapping[str, Any]) -> str:
 
 
 def _passes(data: ReportData) -> str:
-    return _each_variant(data, lambda v: bool(v.passes), _passes_of)
+    return _each_variant(data, _has_passes, _passes_of)
 
 
 def _passes_of(v: VariantRecord) -> str:
@@ -213,7 +221,7 @@ def _passes_of(v: VariantRecord) -> str:
 
 
 def _scaling(data: ReportData) -> str:
-    return _each_variant(data, lambda v: bool(v.cost.get("scaling")), _scaling_of)
+    return _each_variant(data, _has_scaling, _scaling_of)
 
 
 def _scaling_of(v: VariantRecord) -> str:
@@ -437,12 +445,13 @@ def _router(data: ReportData) -> str:
 def sections_for(data: ReportData) -> dict[str, Callable[[ReportData], str]]:
     """The sections ``data`` has data for, in page order, each with its renderer."""
     out: dict[str, Callable[[ReportData], str]] = {"overview": _overview}
-    if any(v.cost.get("profile") and v.target for v in data.variants):
-        out["profile"] = _profile
-    if any(v.passes for v in data.variants):
-        out["passes"] = _passes
-    if any(v.cost.get("scaling") for v in data.variants):
-        out["scaling"] = _scaling
+    for key, has, fn in (
+        ("profile", _has_profile, _profile),
+        ("passes", _has_passes, _passes),
+        ("scaling", _has_scaling, _scaling),
+    ):
+        if any(has(v) for v in data.variants):
+            out[key] = fn
     if data.fp8_reports():
         out["fp8"] = _fp8
     if data.sharding_plans():

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from codesign.bundle import load
 from codesign.errors import ReportError
 from codesign.report.sources import ReportData, VariantRecord
@@ -36,7 +38,8 @@ def _measure_one(
     }
     if original is not None:
         try:
-            original.model(**variant.reference_inputs.inputs)
+            with torch.no_grad():
+                original.model(**variant.reference_inputs.inputs)
         except Exception as exc:  # the user's model and this bundle disagree: say so, not a torch trace
             raise ReportError(
                 f"the model given ('{original.name}') does not take the requests of {record.source}: "
@@ -65,7 +68,8 @@ def measure_scaling(
     """Time every variant of ``data`` that runs here; attach the curves (``VariantRecord.measured``).
 
     ``original`` is the model the bundles were compiled from (its reference), timed eagerly beside
-    each variant. Returns a note per variant that was not measured, saying why.
+    each variant. Returns a note per variant that was not measured, saying why (also kept in
+    ``data.not_measured``).
     """
     if rounds < 1 or not candidates or any(n < 1 for n in candidates):
         raise ReportError(
@@ -86,4 +90,5 @@ def measure_scaling(
                 fix="give the model the bundles were compiled from, or leave --model out",
             )
         record.measured = _measure_one(record, original, candidates, rounds)
+    data.not_measured.extend(skipped)
     return skipped

@@ -71,6 +71,7 @@ class ReportData:
     search: dict[str, Any] | None = None  # bundle.search_record format
     fp8: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)  # (label, stats)
     plans: list[tuple[str, Plan]] = dataclasses.field(default_factory=list)  # (label, plan)
+    not_measured: list[str] = dataclasses.field(default_factory=list)  # why (report.measure.measure_scaling)
 
     def fp8_reports(self) -> list[tuple[str, dict[str, Any]]]:
         """FP8 pass stats from every variant that ran the pass (with a layer table), then given files."""
@@ -92,20 +93,20 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"cannot read {path} as JSON: {exc}") from exc
 
 
-def _plan(path: Path) -> Plan | None:
-    if not path.is_file():
-        return None
+def _plan(data: Any, where: Path) -> Plan:
     try:
-        return Plan.from_dict(_read_json(path))
+        return Plan.from_dict(data)
     except CodesignError as exc:
-        raise ReportError(f"{path}: {exc.message}") from exc
+        raise ReportError(f"{where}: {exc.message}") from exc
 
 
 def _variant(directory: Path, name: str, profile: VariantProfile | None = None) -> VariantRecord:
     manifest = _read_json(directory / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise ReportError(f"{directory / MANIFEST} is not a codesign bundle manifest")
-    return VariantRecord(name, str(directory), manifest, _plan(directory / PLAN), profile)
+    plan_path = directory / PLAN
+    plan = _plan(_read_json(plan_path), plan_path) if plan_path.is_file() else None
+    return VariantRecord(name, str(directory), manifest, plan, profile)
 
 
 def _add_multi(data: ReportData, directory: Path, manifest: Mapping[str, Any]) -> None:
@@ -159,10 +160,13 @@ def _add_json(data: ReportData, path: Path) -> None:
     except ReportError as exc:
         raise ReportError(f"{exc.message}: a file input must be JSON", fix=JSON_KINDS) from exc
     if isinstance(obj, dict) and "study_name" in obj and "trials" in obj:
-        result = SearchResult.load(path)
+        try:
+            result = SearchResult.from_dict(obj, where=str(path))
+        except CodesignError as exc:
+            raise ReportError(exc.message) from exc
         data.search = _search_from_result(result)
     elif isinstance(obj, dict) and obj.get("schema") == PLAN_SCHEMA and "shards" in obj:
-        data.plans.append((path.name, _plan(path)))  # type: ignore[arg-type]
+        data.plans.append((path.name, _plan(obj, path)))
     elif isinstance(obj, dict) and "layers" in obj and "budget_pct" in obj:
         data.fp8.append((path.name, obj))
     else:

@@ -170,6 +170,14 @@ class SearchResult:
     def load(cls, path: str | Path) -> SearchResult:
         try:
             data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SearchError(f"{path} is not a saved search result: {exc}") from exc
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "the record") -> SearchResult:
+        """The inverse of ``to_dict`` (a result JSON already parsed)."""
+        try:
             trials = [
                 TrialRecord(
                     number=int(t["number"]),
@@ -191,8 +199,8 @@ class SearchResult:
                 data["settings"],
                 trials,
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SearchError(f"{path} is not a saved search result: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SearchError(f"{where} is not a saved search result: {exc}") from exc
 
 
 def _scaled(front: Sequence[TrialRecord]) -> list[tuple[float, float, float]]:
