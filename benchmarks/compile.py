@@ -33,10 +33,11 @@ import torch._inductor.metrics as inductor_metrics
 
 import codesign
 from codesign.analysis import count_kernels
+from codesign.hardware.target import get_target
+from codesign.hardware.timing import interleaved_medians, median_latency
+from codesign.numerics import Tolerance, compare_outputs
 from codesign.passes import default_passes
-from codesign.pipeline import PassManager, Tolerance, compare_outputs
-from codesign.target import get_target
-from codesign.timing import interleaved_medians, median_latency
+from codesign.passes.manager import PassManager
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 

@@ -21,9 +21,9 @@ import torch
 
 import codesign
 from codesign.analysis import analyze
-from codesign.costmodel import estimate_analysis
-from codesign.target import get_target
-from codesign.timing import median_latency
+from codesign.hardware.costmodel import estimate_analysis
+from codesign.hardware.target import get_target
+from codesign.hardware.timing import median_latency
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 

@@ -3,7 +3,7 @@
 Models (any machine). For each example, after request sharing: the full-precision program, the
 ``selective_fp8`` choice for the target (default H100, NE budget 0.1 %), and all-FP8 (every
 eligible Linear and table, gain or not). Quality: NE change on fresh requests (labels drawn from
-the full-precision model, as in ``codesign.quality``) and the largest logit error. Latency: measured
+the full-precision model, as in ``codesign.analysis.quality``) and the largest logit error. Latency: measured
 here (interleaved medians) and predicted for the target by the cost model. On a CPU FP8 is
 emulated in fp32 (dequantize + fp32 GEMM): it is *slower* than fp32 there, and the measured column
 says so; the target column is the prediction for the GPU.
@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 import codesign
-from codesign.costmodel import estimate
+from codesign.analysis.quality import join_heads, quality_loss
+from codesign.hardware.costmodel import estimate
+from codesign.hardware.target import get_target
+from codesign.hardware.timing import interleaved_medians, median_latency
+from codesign.ir.program import Program
 from codesign.passes import CommonSubexpressionElimination, RequestSharing, SelectiveFp8, SelectiveFp8Config
-from codesign.pipeline import PassManager
-from codesign.program import Program
-from codesign.quality import join_heads, quality_loss
-from codesign.target import get_target
-from codesign.timing import interleaved_medians, median_latency
+from codesign.passes.manager import PassManager
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
@@ -129,7 +129,7 @@ def useq_large_gemms(requests: int, candidates: int) -> list[tuple[str, int, int
     ``requests x history`` rows, the candidate side on ``requests x candidates`` rows."""
     import importlib.util
 
-    from codesign.workload import examples_dir
+    from codesign.ir.workload import examples_dir
 
     spec = importlib.util.spec_from_file_location("useq_example", examples_dir() / "useq.py")
     assert spec is not None and spec.loader is not None

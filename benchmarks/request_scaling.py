@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 import codesign
+from codesign.hardware.target import get_target
+from codesign.hardware.timing import median_latency
+from codesign.numerics import EXACT, compare_outputs
 from codesign.passes import DeadCodeElimination, RequestSharing, RequestSharingConfig
-from codesign.pipeline import EXACT, PassManager, compare_outputs
-from codesign.target import get_target
-from codesign.timing import median_latency
+from codesign.passes.manager import PassManager
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 

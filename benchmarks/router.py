@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from codesign.router import (
+from codesign.build.profiling import LatencyCurve, VariantProfile
+from codesign.serving.router import (
     BudgetedPolicy,
     LoadAwarePolicy,
     LoadTracker,
@@ -28,7 +29,6 @@ from codesign.router import (
     Rule,
     RulesPolicy,
 )
-from codesign.variant_profile import LatencyCurve, VariantProfile
 
 GOAL_US = 50.0
 TIERS = ("free", "basic", "premium")

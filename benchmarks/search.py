@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 import codesign
+from codesign.hardware.target import get_target
 from codesign.search import ObjectiveSettings, SearchResult, Tuner, tune
-from codesign.target import get_target
 
 warnings.filterwarnings("ignore")
 

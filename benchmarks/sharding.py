@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from codesign.hardware.target import get_target
 from codesign.sharding import Topology, plan_sharding
 from codesign.sharding.tablesets import mlperf_dlrmv2_tables, synthetic_tables
-from codesign.target import get_target
 
 CASES = (
     ("mlperf-dlrmv2", "fp32", "h100", 8),

@@ -5,17 +5,17 @@ capture → Program → passes → backend → variant → bundle. The public AP
 
 from __future__ import annotations
 
-from codesign.bundle import Bundle, load, load_bundle
-from codesign.capture import capture
+from codesign.build.bundle import load
+from codesign.build.variant import Variant, compile
 from codesign.errors import CodesignError
-from codesign.program import Program
-from codesign.request import RequestBatch, RequestSpec, StructuredBatch, offsets_from_counts
+from codesign.hardware.target import HardwareSpec, Target, get_target
+from codesign.ir.capture import capture
+from codesign.ir.program import Program
+from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch, offsets_from_counts
+from codesign.ir.workload import Workload, load_model_ref
 from codesign.search import ObjectiveSettings, SearchResult, tune
-from codesign.target import HardwareSpec, Target, get_target
-from codesign.variant import Variant, compile
-from codesign.workload import Workload, load_model_ref
-
-__version__ = "0.1.0"
+from codesign.serving.deployment import Bundle, load_bundle
+from codesign.version import __version__
 
 __all__ = [
     "Bundle",

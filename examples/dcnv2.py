@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from codesign import RequestBatch, RequestSpec, Workload
-from codesign.request import offsets_from_counts
+from codesign.ir.request import offsets_from_counts
+from codesign.ir.synthetic import per_request, zipf_ids
 from codesign.sharding.tablesets import MLPERF_DLRMV2_HOT, MLPERF_DLRMV2_ROWS
-from codesign.synthetic import per_request, zipf_ids
 
 # MLPerf DLRMv2 (Criteo 1TB multi-hot) table rows and multi-hot sizes.
 MLPERF_ROWS = MLPERF_DLRMV2_ROWS

@@ -18,11 +18,12 @@ import torch
 
 import codesign
 from codesign.cli import main as cli_main
+from codesign.hardware.target import get_target
+from codesign.numerics import compare_outputs
 from codesign.passes import RequestSharing, SelectiveFp8
-from codesign.pipeline import PassManager, compare_outputs
+from codesign.passes.manager import PassManager
 from codesign.report import SECTIONS
-from codesign.router import LoadAwarePolicy
-from codesign.target import get_target
+from codesign.serving.router import LoadAwarePolicy
 
 # torch.export/AOTInductor emit deprecation chatter that is not about this model
 warnings.filterwarnings("ignore", module=r"torch\..*")

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from codesign import RequestBatch, RequestSpec, Workload
-from codesign.request import offsets_from_counts
-from codesign.synthetic import per_request, zipf_ids
+from codesign.ir.request import offsets_from_counts
+from codesign.ir.synthetic import per_request, zipf_ids
 
 SIZES = {
     "tiny": {"dim": 8, "items": 500, "cats": 20, "history": 8, "attn": (16, 8), "top": (32, 16)},

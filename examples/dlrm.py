@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from codesign import RequestBatch, RequestSpec, Workload
-from codesign.request import offsets_from_counts
-from codesign.synthetic import jagged_ids, per_request, repeat_bags
+from codesign.ir.request import offsets_from_counts
+from codesign.ir.synthetic import jagged_ids, per_request, repeat_bags
 
 NUM_DENSE = 13
 NUM_SPARSE = 26

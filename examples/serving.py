@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import codesign
-from codesign.bundle import Bundle
-from codesign.router import FeatureConfig, LoadAwarePolicy, Policy
-from codesign.serve import serve
+from codesign.serving.deployment import Bundle
+from codesign.serving.router import FeatureConfig, LoadAwarePolicy, Policy
+from codesign.serving.server import serve
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from codesign import RequestBatch, RequestSpec, Workload
-from codesign.request import offsets_from_counts
-from codesign.synthetic import per_request, zipf_ids
+from codesign.ir.request import offsets_from_counts
+from codesign.ir.synthetic import per_request, zipf_ids
 
 SIZES = {
     "tiny": {"dim": 16, "heads": 2, "layers": 1, "history": 8, "items": 500},

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import codesign
-from codesign.program import Program
-from codesign.workload import Workload
+from codesign.ir.program import Program
+from codesign.ir.workload import Workload
 
 EXAMPLES = ("dlrm", "dcnv2", "din", "multitask", "useq")
 

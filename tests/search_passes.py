@@ -13,9 +13,10 @@ from typing import ClassVar
 import torch
 
 from codesign.config import Config, register_config
-from codesign.pipeline import Knob, Pass, PassResult, Tolerance
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.numerics import Tolerance
+from codesign.passes.manager import Knob, Pass, PassResult
 
 
 @register_config

@@ -11,9 +11,9 @@ import torch
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.analysis import Role, analyze, propagate_roles, to_networkx
-from codesign.costmodel import estimate, estimate_analysis
 from codesign.errors import TargetError
-from codesign.target import CATALOGUE, HardwareSpec, Target, calibrate_host, get_target
+from codesign.hardware.costmodel import estimate, estimate_analysis
+from codesign.hardware.target import CATALOGUE, HardwareSpec, Target, calibrate_host, get_target
 from tests.conftest import tiny_program, tiny_workload
 
 

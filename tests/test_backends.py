@@ -13,8 +13,8 @@ import codesign
 from codesign.backends import InductorBackend, InductorConfig, TensorRTBackend, TensorRTConfig, get_backend
 from codesign.backends.tensorrt import import_torch_tensorrt
 from codesign.errors import BackendError, ConfigError
-from codesign.pipeline import compare_outputs
-from codesign.target import get_target
+from codesign.hardware.target import get_target
+from codesign.numerics import compare_outputs
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import codesign
-from codesign.bundle import MANIFEST, PROGRAM, _sha256
+from codesign.build.bundle_write import MANIFEST, PROGRAM, file_sha256
 from codesign.errors import BundleError
+from codesign.numerics import compare_outputs
 from codesign.passes import default_passes
-from codesign.pipeline import compare_outputs
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 
@@ -38,7 +38,10 @@ def _reseal(bundle: Path) -> None:
     """Recompute a file's sha in the manifest, as an attacker editing both would."""
     manifest = json.loads((bundle / MANIFEST).read_text())
     for name in manifest["files"]:
-        manifest["files"][name] = {"sha256": _sha256(bundle / name), "bytes": (bundle / name).stat().st_size}
+        manifest["files"][name] = {
+            "sha256": file_sha256(bundle / name),
+            "bytes": (bundle / name).stat().st_size,
+        }
     (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -6,7 +6,7 @@ import torch
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.errors import CaptureError, SpecError
-from codesign.pipeline import Tolerance, compare_outputs
+from codesign.numerics import Tolerance, compare_outputs
 from tests.conftest import tiny_program, tiny_workload
 
 EXACT = Tolerance(rtol=1e-5, atol=1e-6)

@@ -12,8 +12,12 @@ import pytest
 import torch
 
 import codesign
-from codesign.costmodel import estimate
 from codesign.errors import ConfigError, PassError
+from codesign.hardware.costmodel import estimate
+from codesign.hardware.target import get_target
+from codesign.ir.program import Program
+from codesign.ir.request import RequestBatch, RequestSpec, offsets_from_counts
+from codesign.numerics import sqnr_db
 from codesign.ops import (
     Fp8Linear,
     dequantize,
@@ -32,12 +36,8 @@ from codesign.passes import (
     default_passes,
 )
 from codesign.passes.fp8 import LayerSensitivity, select_layers
-from codesign.pipeline import PassManager
-from codesign.program import Program
-from codesign.request import RequestBatch, RequestSpec, offsets_from_counts
+from codesign.passes.manager import PassManager
 from codesign.search.space import build_space
-from codesign.target import get_target
-from codesign.testing import sqnr_db
 from tests.conftest import EXAMPLES, tiny_program
 
 H100 = get_target("h100")

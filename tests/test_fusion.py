@@ -8,6 +8,8 @@ import torch
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.analysis import count_kernels
+from codesign.hardware.target import get_target
+from codesign.ir.program import Program
 from codesign.passes import CommonSubexpressionElimination, RequestSharing, all_passes, pass_names
 from codesign.passes.fusion import (
     REORDERED,
@@ -20,10 +22,8 @@ from codesign.passes.fusion import (
     SharedInputLinearFusion,
     fusion_passes,
 )
-from codesign.pipeline import Pass, PassManager
-from codesign.program import Program
-from codesign.target import get_target
-from codesign.testing import assert_outputs_close
+from codesign.passes.manager import Pass, PassManager
+from codesign.passes.testing import assert_outputs_close
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 HOST = get_target("host")

@@ -11,6 +11,8 @@ import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.config import Config, register_config
 from codesign.errors import ConfigError, NumericsError, PassError
+from codesign.hardware.target import Target, get_target
+from codesign.ir.program import Program
 from codesign.passes import (
     CommonSubexpressionElimination,
     ConstantFolding,
@@ -19,10 +21,8 @@ from codesign.passes import (
     pass_by_name,
 )
 from codesign.passes.cleanup import ConstantFoldingConfig
-from codesign.pipeline import Pass, PassManager, PassResult
-from codesign.program import Program
-from codesign.target import Target, get_target
-from codesign.testing import check_pass_on_program
+from codesign.passes.manager import Pass, PassManager, PassResult
+from codesign.passes.testing import check_pass_on_program
 from tests.conftest import tiny_program
 
 HOST = get_target("h100")  # passes plan for a target; numerics are checked on this CPU either way

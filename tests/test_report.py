@@ -14,11 +14,11 @@ import pytest
 import codesign
 from codesign.cli import main as cli_main
 from codesign.errors import ReportError
+from codesign.hardware.target import get_target
 from codesign.passes import SelectiveFp8
-from codesign.pipeline import PassManager
+from codesign.passes.manager import PassManager
 from codesign.report import SECTIONS, build_report, load_sources, measure_scaling, render, write_report
-from codesign.router import LoadAwarePolicy, Router, Rule, RulesPolicy
-from codesign.target import get_target
+from codesign.serving.router import LoadAwarePolicy, Router, Rule, RulesPolicy
 from tests.conftest import tiny_program, tiny_workload
 
 pytest.importorskip("matplotlib")

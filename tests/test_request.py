@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.config import config_from_json
 from codesign.errors import ConfigError, SpecError
-from codesign.request import flatten_inputs, resample_batch, split_candidates
-from codesign.synthetic import zipf_ids
+from codesign.ir.request import flatten_inputs, resample_batch, split_candidates
+from codesign.ir.synthetic import zipf_ids
 from tests.conftest import EXAMPLES, tiny_workload
 
 

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 import codesign
 from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.analysis import analyze
+from codesign.hardware.target import get_target
+from codesign.ir.program import Program
+from codesign.numerics import Tolerance
 from codesign.passes import DeadCodeElimination, RequestSharing, RequestSharingConfig
-from codesign.pipeline import PassManager, Tolerance
-from codesign.program import Program
-from codesign.target import get_target
-from codesign.testing import assert_outputs_close
+from codesign.passes.manager import PassManager
+from codesign.passes.testing import assert_outputs_close
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 HOST = get_target("host")
@@ -225,7 +226,7 @@ class _BagTwoTower(torch.nn.Module):
 
 
 def _bag_batch(counts: list[int], seed: int) -> RequestBatch:
-    from codesign.synthetic import jagged_ids, repeat_bags
+    from codesign.ir.synthetic import jagged_ids, repeat_bags
 
     g = torch.Generator().manual_seed(seed)
     c = torch.tensor(counts)

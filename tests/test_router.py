@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from codesign.build.profiling import LatencyCurve, VariantProfile
 from codesign.errors import ConfigError, RoutingError
-from codesign.router import (
+from codesign.serving.router import (
     BudgetedPolicy,
     LoadAwarePolicy,
     LoadTracker,
@@ -18,7 +19,6 @@ from codesign.router import (
     RulesPolicy,
     policy_from_dict,
 )
-from codesign.variant_profile import LatencyCurve, VariantProfile
 
 MS = 1e-3
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import codesign
+from codesign.analysis.quality import normalized_entropy, quality_loss
 from codesign.errors import SearchError
+from codesign.hardware.target import get_target
 from codesign.passes import all_passes, default_passes
-from codesign.quality import normalized_entropy, quality_loss
 from codesign.search import (
     Evaluator,
     ObjectiveSettings,
@@ -32,7 +33,6 @@ from codesign.search import (
 )
 from codesign.search.space import MICRO_BATCH
 from codesign.search.tuner import STALE_ATTR, WORKER_ATTR, counted_trials, open_storage
-from codesign.target import get_target
 from tests.conftest import tiny_program
 from tests.search_passes import BrokenPass, GpuOnlyPass, LossyPass, SlowPass
 

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import codesign
-from codesign.bundle import Bundle, load_bundle
 from codesign.errors import BundleError, RequestError
-from codesign.router import BudgetedPolicy, FeatureConfig, RulesPolicy
-from codesign.serve import BatchingConfig, Runtime, Server
-from codesign.wire import RequestSchema
-from codesign.workload import Workload
+from codesign.ir.workload import Workload
+from codesign.serving.deployment import Bundle, load_bundle
+from codesign.serving.router import BudgetedPolicy, FeatureConfig, RulesPolicy
+from codesign.serving.server import BatchingConfig, Runtime, Server
+from codesign.serving.wire import RequestSchema
 
 VARIANTS = {"full": {}, "short": {"keep": 4, "depth": 1}, "tiny": {"keep": 2, "depth": 0}}
 # eager variants of the same fp32 graph; batching changes only the row count of each GEMM
@@ -296,7 +296,7 @@ def test_variant_that_raises_is_taken_out_and_traffic_falls_back(bundle_dir: Pat
 
 
 def test_history_length_feature_drives_rules(bundle_dir: Path) -> None:
-    from codesign.router import Rule
+    from codesign.serving.router import Rule
 
     bundle = load_bundle(bundle_dir)
     policy = RulesPolicy((Rule("tiny", {"history_length": ("<", 4)}, name="cold users"),), default="full")

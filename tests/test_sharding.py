@@ -15,12 +15,12 @@ import torch
 import codesign
 from codesign.cli import main
 from codesign.errors import ShardingError
+from codesign.hardware.target import Target, get_target
+from codesign.ir.workload import load_model_ref
 from codesign.passes.sharding import ShardEmbeddings, ShardingConfig, program_tables
 from codesign.sharding import Plan, PlannerConfig, TableSpec, Topology, plan_sharding
 from codesign.sharding.runtime import ShardedProgram, launch
 from codesign.sharding.tablesets import mlperf_dlrmv2_tables
-from codesign.target import Target, get_target
-from codesign.workload import load_model_ref
 
 H100 = get_target("h100").hardware
 A100_40 = get_target("a100-40gb").hardware

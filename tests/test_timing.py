@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from codesign.timing import median_latency
+from codesign.hardware.timing import median_latency
 
 
 def test_median_latency_reports_the_median_after_warmup() -> None:

@@ -10,9 +10,9 @@ import torch
 
 from codesign.analysis import embedding_id_bounds
 from codesign.errors import RequestError, SpecError
-from codesign.program import flatten_outputs
-from codesign.request import concat_batches
-from codesign.wire import RequestSchema, scores_per_candidate
+from codesign.ir.request import concat_batches
+from codesign.numerics import output_tensors
+from codesign.serving.wire import RequestSchema, scores_per_candidate
 from tests.conftest import tiny_program, tiny_workload
 
 
@@ -32,8 +32,8 @@ def test_every_example_round_trips_through_json_and_scores_the_same(example_name
     for (path, a), (_, b) in zip(batch.leaves().items(), joined.leaves().items(), strict=True):
         assert torch.equal(a, b), path
     with torch.no_grad():
-        want = flatten_outputs(w.model(**batch.inputs))
-        got = flatten_outputs(w.model(**joined.inputs))
+        want = output_tensors(w.model(**batch.inputs))
+        got = output_tensors(w.model(**joined.inputs))
     for x, y in zip(want, got, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 

@@ -15,8 +15,8 @@ import torch._inductor
 
 from codesign.backends.base import Backend, Lowered
 from codesign.errors import BackendError
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
 
 __all__ = ["AOTI_PACKAGE", "AotiBackend"]
 

@@ -16,9 +16,9 @@ import torch
 
 from codesign.config import Config, register_config
 from codesign.errors import BackendError
-from codesign.pipeline import Tunable
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.passes.manager import Tunable
 
 __all__ = ["Backend", "BackendConfig", "Lowered"]
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from codesign.backends.base import Backend, Lowered
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
 
 __all__ = ["EagerBackend"]
 

@@ -15,9 +15,9 @@ import torch
 
 from codesign.backends.base import Backend, Lowered
 from codesign.config import Config, register_config
-from codesign.pipeline import Knob
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.passes.manager import Knob
 
 __all__ = ["INDUCTOR_MODES", "InductorBackend", "InductorConfig"]
 

@@ -22,9 +22,9 @@ import torch.utils._pytree as pytree
 from codesign.backends.base import Backend, Lowered
 from codesign.config import Config, register_config
 from codesign.errors import BackendError
-from codesign.pipeline import Knob
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.passes.manager import Knob
 
 __all__ = ["TENSORRT_PROGRAM", "TensorRTBackend", "TensorRTConfig", "import_torch_tensorrt"]
 

@@ -16,9 +16,9 @@ from codesign.passes.fusion import (
     SharedInputLinearFusion,
     fusion_passes,
 )
+from codesign.passes.manager import Pass
 from codesign.passes.request_sharing import RequestSharing, RequestSharingConfig
 from codesign.passes.sharding import ShardEmbeddings, ShardingConfig
-from codesign.pipeline import Pass
 
 __all__ = [
     "CommonSubexpressionElimination",

@@ -14,9 +14,9 @@ import torch
 import torch.fx
 
 from codesign.config import Config, register_config
-from codesign.pipeline import Knob, Pass, PassResult
-from codesign.program import Program
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.passes.manager import Knob, Pass, PassResult
 
 __all__ = [
     "CommonSubexpressionElimination",

@@ -7,7 +7,7 @@ teams accept; most layers, though, barely notice. The pass:
    cores need) and embedding tables (``nn.Embedding`` / ``nn.EmbeddingBag`` lookups);
 2. **measures** each one alone in FP8 on seeded calibration requests: NE change against labels
    drawn from the full-precision model's own probabilities (synthetic data has no clicks, see
-   ``codesign.quality``), largest logit error and output SQNR. FP8 numerics are emulated exactly
+   ``codesign.analysis.quality``), largest logit error and output SQNR. FP8 numerics are emulated exactly
    in fp32 wherever the pass runs, so the figures hold for the target's tensor cores;
 3. **predicts** each one's latency saving on the target from the cost model: the GEMM at the FP8
    rate plus the activation-quantizing kernel, against the same GEMM at ``baseline_dtype``
@@ -35,18 +35,19 @@ import torch
 import torch.fx
 
 from codesign.analysis import ProgramAnalysis, analyze
+from codesign.analysis.quality import QualityLoss, join_heads, quality_loss
 from codesign.config import Config, register_config
-from codesign.costmodel import estimate_analysis, kernel_time_s
 from codesign.errors import ConfigError, PassError
+from codesign.hardware.costmodel import estimate_analysis, kernel_time_s
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.numerics import Tolerance, sqnr_db
 from codesign.ops.fp8_linear import FP8_KERNELS, quantize_weight, scaled_mm_shape_ok
 from codesign.ops.quantize import GRANULARITIES
 from codesign.ops.quantized_embedding import QUANTIZED_TABLE_FORMATS, quantize_table, table_bytes
 from codesign.passes.fusion import GATE_CANDIDATES, GATE_REQUESTS, UNARY_ACTIVATIONS, embedding_bag_lookup
 from codesign.passes.graph_edit import finish_rewrite, insert_call, param_value, register_constant
-from codesign.pipeline import Knob, Pass, PassResult, Tolerance
-from codesign.program import Program
-from codesign.quality import QualityLoss, join_heads, quality_loss, sqnr_db
-from codesign.target import Target
+from codesign.passes.manager import Knob, Pass, PassResult
 
 __all__ = [
     "ELIGIBLE_KINDS",

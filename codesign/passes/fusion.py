@@ -35,7 +35,10 @@ import torch.fx
 import codesign.ops
 from codesign.analysis import analyze, count_kernels, propagate_roles
 from codesign.config import Config, register_config
-from codesign.costmodel import estimate_analysis
+from codesign.hardware.costmodel import estimate_analysis
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.numerics import Tolerance
 from codesign.passes.graph_edit import (
     finish_rewrite,
     insert_call,
@@ -44,9 +47,7 @@ from codesign.passes.graph_edit import (
     register_constant,
     stable_topological_sort,
 )
-from codesign.pipeline import Knob, Pass, PassResult, Tolerance, gain_knob
-from codesign.program import Program
-from codesign.target import Target
+from codesign.passes.manager import Knob, Pass, PassResult, gain_knob
 
 __all__ = [
     "REORDERED",

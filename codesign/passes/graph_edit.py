@@ -16,8 +16,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
+from codesign.ir.program import Program
 from codesign.passes.cleanup import remove_unused_params
-from codesign.program import Program
 
 __all__ = [
     "fake_mode_of",

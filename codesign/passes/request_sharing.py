@@ -28,10 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import codesign.ops  # noqa: F401  (registers codesign::broadcast_linear, the op this pass rewrites to)
 from codesign.analysis import Role, analyze, is_row_view, propagate_roles, symbolic_dim
 from codesign.config import Config, register_config
-from codesign.costmodel import estimate_analysis
-from codesign.pipeline import Knob, Pass, PassResult, gain_knob
-from codesign.program import REQUEST_OFFSETS, Program
-from codesign.target import Target
+from codesign.hardware.costmodel import estimate_analysis
+from codesign.hardware.target import Target
+from codesign.ir.program import REQUEST_OFFSETS, Program
+from codesign.passes.manager import Knob, Pass, PassResult, gain_knob
 
 __all__ = ["RequestSharing", "RequestSharingConfig"]
 

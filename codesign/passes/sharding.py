@@ -17,15 +17,15 @@ import torch
 import torch.fx
 
 from codesign.config import Config, register_config
-from codesign.costmodel import estimate
 from codesign.errors import PassError, ShardingError
-from codesign.pipeline import Knob, Pass, PassResult
-from codesign.program import Program
-from codesign.request import flatten_inputs
+from codesign.hardware.costmodel import estimate
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.ir.request import flatten_inputs
+from codesign.passes.manager import Knob, Pass, PassResult
 from codesign.sharding.planner import PlannerConfig, plan_sharding
 from codesign.sharding.runtime import Lookup, find_lookups, table_storage
 from codesign.sharding.types import SHARDING_TYPES, TABLE_FORMATS, PlanWorkload, TableSpec, Topology
-from codesign.target import Target
 
 __all__ = ["SHARDING_PRESETS", "ShardEmbeddings", "ShardingConfig", "parse_sharding_types", "program_tables"]
 

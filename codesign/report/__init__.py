@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from codesign.ir.workload import Workload
 from codesign.report.html import SECTIONS, render, sections_for
 from codesign.report.measure import MEASURE_CANDIDATES, measure_scaling
 from codesign.report.sources import ReportData, VariantRecord, load_sources
-from codesign.workload import Workload
 
 __all__ = [
     "MEASURE_CANDIDATES",

@@ -13,10 +13,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from codesign.build.profiling import VariantProfile
 from codesign.errors import ReportError
+from codesign.hardware.target import HardwareSpec
 from codesign.sharding.types import Plan
-from codesign.target import HardwareSpec
-from codesign.variant_profile import VariantProfile
 
 __all__ = [
     "fp8_chart",

@@ -11,10 +11,10 @@ import html
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import codesign
 from codesign.report import charts
 from codesign.report.sources import ReportData, VariantRecord
 from codesign.sharding.types import Plan
+from codesign.version import __version__
 
 __all__ = ["SECTIONS", "render", "sections_for"]
 
@@ -478,7 +478,7 @@ def render(data: ReportData, *, title: str | None = None) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><p class='note'>codesign {_e(codesign.__version__)}, written {stamp}. "
+        f"<header><h1>{_e(title)}</h1><p class='note'>codesign {_e(__version__)}, written {stamp}. "
         "Predicted figures come from the roofline cost model; measured ones say so.</p>"
         f"<nav>{nav}</nav></header>{body}</body></html>\n"
     )

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from codesign.bundle import load
+from codesign.build.bundle import load
 from codesign.errors import ReportError
+from codesign.hardware.timing import interleaved_medians
+from codesign.ir.request import resample_batch
+from codesign.ir.workload import Workload
 from codesign.report.sources import ReportData, VariantRecord
-from codesign.request import resample_batch
-from codesign.timing import interleaved_medians
-from codesign.workload import Workload
 
 __all__ = ["MEASURE_CANDIDATES", "measure_scaling"]
 

@@ -12,14 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codesign.bundle import BUNDLE_FORMAT, MANIFEST, MULTI_FORMAT, PLAN, ROUTER, VARIANTS_DIR, search_record
+from codesign.build.bundle_write import BUNDLE_FORMAT, MANIFEST, PLAN
+from codesign.build.profiling import VariantProfile
 from codesign.config import config_from_dict
 from codesign.errors import CodesignError, ReportError
-from codesign.router import FeatureConfig, Router, policy_from_dict
+from codesign.hardware.target import Target
 from codesign.search.result import SearchResult
+from codesign.serving.deployment import MULTI_FORMAT, ROUTER, VARIANTS_DIR, search_record
+from codesign.serving.router import FeatureConfig, Router, policy_from_dict
 from codesign.sharding.types import PLAN_SCHEMA, Plan
-from codesign.target import Target
-from codesign.variant_profile import VariantProfile
 
 __all__ = ["ReportData", "VariantRecord", "load_sources"]
 

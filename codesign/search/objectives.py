@@ -4,7 +4,7 @@
   calls per configured candidate count, after a warm-up), otherwise predicted by the roofline cost
   model for the target; ``Evaluation.latency_source`` says which. The objective is the mean over
   the candidate counts; the SLO constraint applies to the worst of them.
-- quality loss: NE change in percent against the captured reference (``codesign.quality``), on
+- quality loss: NE change in percent against the captured reference (``codesign.analysis.quality``), on
   seeded calibration requests, scored through the same micro-batching the variant will use.
 - memory: parameters plus the activations of the largest call, from the cost model.
 
@@ -27,15 +27,15 @@ from typing import Any
 import torch
 
 from codesign.analysis import count_kernels
-from codesign.costmodel import estimate
+from codesign.analysis.quality import QualityLoss, join_heads, quality_loss
 from codesign.errors import SearchError
-from codesign.pipeline import Pass, PassManager
-from codesign.program import Program, run_in_pieces
-from codesign.quality import QualityLoss, join_heads, quality_loss
-from codesign.request import RequestBatch
+from codesign.hardware.costmodel import estimate
+from codesign.hardware.target import Target
+from codesign.hardware.timing import median_latency
+from codesign.ir.program import Program, run_in_pieces
+from codesign.ir.request import RequestBatch
+from codesign.passes.manager import Pass, PassManager
 from codesign.search.space import TrialConfig
-from codesign.target import Target
-from codesign.timing import median_latency
 
 __all__ = [
     "MEASURE_MODES",

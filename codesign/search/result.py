@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from codesign.errors import SearchError
-from codesign.pipeline import Pass
+from codesign.passes.manager import Pass
 from codesign.search.objectives import OBJECTIVE_NAMES
 from codesign.search.space import TrialConfig
 

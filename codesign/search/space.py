@@ -26,9 +26,9 @@ from typing import Any
 from codesign.backends import Backend, get_backend
 from codesign.config import Config, config_from_dict
 from codesign.errors import SearchError
+from codesign.hardware.target import Target
 from codesign.passes import all_passes, pass_by_name
-from codesign.pipeline import Knob, Pass
-from codesign.target import Target
+from codesign.passes.manager import Knob, Pass
 
 __all__ = ["MICRO_BATCH", "Param", "SearchSpace", "TrialConfig", "build_space", "micro_batch_choices"]
 

@@ -33,8 +33,9 @@ from typing import Any
 
 from codesign.backends import get_backend
 from codesign.errors import CodesignError, SearchError
-from codesign.pipeline import Pass
-from codesign.program import Program
+from codesign.hardware.target import Target, get_target
+from codesign.ir.program import Program
+from codesign.passes.manager import Pass
 from codesign.search.objectives import (
     CONSTRAINT_NAMES,
     OBJECTIVE_NAMES,
@@ -44,7 +45,6 @@ from codesign.search.objectives import (
 )
 from codesign.search.result import SearchResult, TrialRecord
 from codesign.search.space import SearchSpace, build_space
-from codesign.target import Target, get_target
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -421,8 +421,8 @@ class _WorkerJob:
 
 
 def _worker_main(job: _WorkerJob) -> None:
-    from codesign.capture import capture
-    from codesign.workload import load_model_ref
+    from codesign.ir.capture import capture
+    from codesign.ir.workload import load_model_ref
 
     program = capture(load_model_ref(job.model, **job.factory_kwargs))
     Tuner(
@@ -471,8 +471,8 @@ def tune(
     if isinstance(model, Program):
         program = model
     else:
-        from codesign.capture import capture
-        from codesign.workload import load_model_ref
+        from codesign.ir.capture import capture
+        from codesign.ir.workload import load_model_ref
 
         program = capture(load_model_ref(model, **kwargs))
     if workers > 1 and not isinstance(model, str):

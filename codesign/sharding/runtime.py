@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.fx
 
 from codesign.errors import ShardingError
+from codesign.ir.request import flatten_inputs
 from codesign.ops.quantized_embedding import QUANTIZED_TABLE_FORMATS, quantize_table
-from codesign.request import flatten_inputs
 from codesign.sharding.types import Plan, Shard
 
 __all__ = ["ShardedProgram", "find_lookups", "launch", "table_storage"]

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from codesign.errors import ShardingError
+from codesign.hardware.target import HardwareSpec, Target
 from codesign.ops.quantized_embedding import table_bytes
-from codesign.target import HardwareSpec, Target
 
 __all__ = [
     "PLAN_SCHEMA",

@@ -22,10 +22,16 @@ from rich.table import Table
 
 from codesign.analysis import analyze
 from codesign.backends import backend_names
-from codesign.bundle import Bundle, load, load_bundle
-from codesign.capture import capture
-from codesign.costmodel import estimate_analysis
+from codesign.build.bundle import load
+from codesign.build.variant import Variant, compile
 from codesign.errors import CodesignError
+from codesign.hardware.costmodel import estimate_analysis
+from codesign.hardware.target import CATALOGUE, get_target, target_names
+from codesign.hardware.timing import median_latency
+from codesign.ir.capture import capture
+from codesign.ir.request import resample_batch
+from codesign.ir.workload import Workload, load_model_ref
+from codesign.numerics import output_tensors
 from codesign.passes import (
     CommonSubexpressionElimination,
     RequestSharing,
@@ -33,19 +39,14 @@ from codesign.passes import (
     SelectiveFp8Config,
     pass_by_name,
 )
+from codesign.passes.manager import PassManager
 from codesign.passes.sharding import SHARDING_PRESETS, ShardEmbeddings, ShardingConfig, parse_sharding_types
-from codesign.pipeline import PassManager
-from codesign.program import flatten_outputs
-from codesign.request import resample_batch
-from codesign.router import BudgetedPolicy, FeatureConfig, LoadAwarePolicy, Policy, Rule, RulesPolicy
 from codesign.search import ObjectiveSettings, SearchResult, tune
 from codesign.search.space import MICRO_BATCH
 from codesign.search.tuner import DEFAULT_STORAGE, SAMPLERS, counted_trials
+from codesign.serving.deployment import Bundle, load_bundle
+from codesign.serving.router import BudgetedPolicy, FeatureConfig, LoadAwarePolicy, Policy, Rule, RulesPolicy
 from codesign.sharding import TABLE_FORMATS, Plan
-from codesign.target import CATALOGUE, get_target, target_names
-from codesign.timing import median_latency
-from codesign.variant import Variant, compile
-from codesign.workload import Workload, load_model_ref
 
 __all__ = ["main"]
 
@@ -295,7 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i in range(args.batches):
         batch = resample_batch(variant.reference_inputs, variant.spec, counts, seed=args.seed + i)
         latency = median_latency(partial(variant.score, batch), args.repeats)
-        scores = torch.cat([t.reshape(-1).float() for t in flatten_outputs(variant.score(batch))])
+        scores = torch.cat([t.reshape(-1).float() for t in output_tensors(variant.score(batch))])
         table.add_row(
             str(i),
             str(batch.num_requests),
@@ -565,7 +566,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from codesign.serve import BatchingConfig, Runtime, Server
+    from codesign.serving.server import BatchingConfig, Runtime, Server
 
     if args.threads:
         torch.set_num_threads(args.threads)

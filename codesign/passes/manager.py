@@ -20,9 +20,9 @@ import torch
 
 from codesign.config import Config
 from codesign.errors import ConfigError, NumericsError, PassError
-from codesign.program import Program, flatten_outputs
-from codesign.quality import sqnr_db
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.numerics import EXACT, Tolerance, compare_outputs
 
 __all__ = [
     "CompileReport",
@@ -31,7 +31,6 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
-    "Tolerance",
     "Tunable",
     "combined_tolerance",
     "gain_knob",
@@ -78,23 +77,6 @@ def gain_knob() -> Knob:
         True,
         doc="keep the rewrite only when the cost model predicts lower latency on the target",
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """Numerics allowed after a pass: elementwise ``|out - ref| <= atol + rtol * |ref|``.
-
-    Quantizing passes change every output a little by design; they set ``min_sqnr_db`` instead,
-    and each output's SQNR against the reference must reach it (elementwise bounds are not used).
-    """
-
-    rtol: float
-    atol: float
-    min_sqnr_db: float | None = None
-
-
-# Structural passes reorder nothing numerically; folding may change fp32 rounding in the last bit.
-EXACT = Tolerance(rtol=1e-5, atol=1e-6)
 
 
 @dataclasses.dataclass
@@ -182,27 +164,6 @@ class CompileReport:
             "target": self.target,
             "passes": [dataclasses.asdict(p) for p in self.passes],
         }
-
-
-def compare_outputs(got: Any, want: Any, tol: Tolerance) -> tuple[bool, float, float]:
-    """(within tolerance, max abs error, max relative error) over every output tensor."""
-    g_list, w_list = flatten_outputs(got), flatten_outputs(want)
-    if len(g_list) != len(w_list):
-        return False, float("inf"), float("inf")
-    ok, max_abs, max_rel = True, 0.0, 0.0
-    for g, w in zip(g_list, w_list, strict=True):
-        if g.shape != w.shape:
-            return False, float("inf"), float("inf")
-        g, w = g.detach(), w.detach()
-        diff = (g.double() - w.double()).abs()
-        if diff.numel():
-            max_abs = max(max_abs, float(diff.max()))
-            max_rel = max(max_rel, float((diff / w.double().abs().clamp_min(1e-12)).max()))
-            if tol.min_sqnr_db is not None:
-                ok = ok and sqnr_db(w, g) >= tol.min_sqnr_db
-            else:
-                ok = ok and bool((diff <= tol.atol + tol.rtol * w.double().abs()).all())
-    return ok, max_abs, max_rel
 
 
 def combined_tolerance(passes: Sequence[Pass]) -> Tolerance:

@@ -21,7 +21,8 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from codesign.errors import PassError
-from codesign.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch, split_candidates
+from codesign.ir.request import RequestBatch, RequestSpec, flatten_inputs, resample_batch, split_candidates
+from codesign.numerics import output_tensors
 
 __all__ = [
     "CANDIDATES_DIM",
@@ -30,7 +31,7 @@ __all__ = [
     "call_inputs",
     "concat_outputs",
     "dynamic_shapes_for",
-    "flatten_outputs",
+    "output_tensors",
     "run_in_pieces",
 ]
 
@@ -74,11 +75,6 @@ def call_inputs(batch: RequestBatch, with_request_offsets: bool) -> dict[str, An
     if with_request_offsets:
         return {**batch.inputs, REQUEST_OFFSETS: batch.offsets}
     return dict(batch.inputs)
-
-
-def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Output tensors of a model call, in pytree order (tensor, tuple or dict outputs)."""
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def run_in_pieces(

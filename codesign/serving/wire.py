@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from codesign.errors import RequestError
-from codesign.request import RequestBatch, RequestSpec, _replace_leaves, _segments, offsets_from_counts
+from codesign.ir.request import RequestBatch, RequestSpec, _replace_leaves, _segments, offsets_from_counts
 
 __all__ = ["CONTEXT_KEYS", "MAX_CANDIDATES", "RequestSchema", "WireField", "scores_per_candidate"]
 

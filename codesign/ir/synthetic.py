@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from codesign.request import offsets_from_counts
+from codesign.ir.request import offsets_from_counts
 
 __all__ = ["jagged_ids", "per_request", "repeat_bags", "zipf_ids"]
 

@@ -13,19 +13,22 @@ from typing import Any
 
 import torch
 
-import codesign
+from codesign.version import __version__
+from codesign.numerics import output_tensors
 from codesign.analysis import embedding_id_bounds
 from codesign.backends import Backend, get_backend
-from codesign.capture import capture
-from codesign.costmodel import estimate, op_profile, scaling_curve
+from codesign.build.bundle_write import write_bundle
+from codesign.ir.capture import capture
+from codesign.hardware.costmodel import estimate, op_profile, scaling_curve
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.passes import default_passes, pass_by_name
-from codesign.pipeline import Pass, PassManager, Tolerance, compare_outputs
-from codesign.program import Program, flatten_outputs, run_in_pieces
-from codesign.request import RequestBatch, RequestSpec, StructuredBatch
+from codesign.passes.manager import Pass, PassManager
+from codesign.numerics import Tolerance, compare_outputs
+from codesign.ir.program import Program, run_in_pieces
+from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch
 from codesign.sharding.types import Plan
-from codesign.target import Target, get_target
-from codesign.workload import Workload
+from codesign.hardware.target import Target, get_target
+from codesign.ir.workload import Workload
 
 __all__ = ["BACKEND_TOLERANCE", "COST_CANDIDATES", "Variant", "compile"]
 
@@ -95,7 +98,6 @@ class Variant:
 
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write a bundle (manifest.json + exported program + backend artifacts + reference data)."""
-        from codesign.bundle import write_bundle  # bundle sits beside Variant at the top layer
 
         return write_bundle(self, Path(directory), overwrite=overwrite)
 
@@ -121,7 +123,7 @@ def cache_key(program: Program, passes: Sequence[Pass], backend: Backend, target
         "passes": [p.uuid() for p in passes],
         "backend": backend.uuid(),
         "target": target.to_dict(),
-        "versions": [codesign.__version__, torch.__version__, sys.version.split()[0]],
+        "versions": [__version__, torch.__version__, sys.version.split()[0]],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -160,7 +162,7 @@ def compile(
     optimized, report = PassManager(pass_list, tgt, verify=verify).run(program)
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="codesign-"))
     lowered = be.lower(optimized, tgt, wd)
-    reference_outputs = [t.detach().clone() for t in flatten_outputs(program.run(program.example))]
+    reference_outputs = [t.detach().clone() for t in output_tensors(program.run(program.example))]
     variant = Variant(
         name=program.name,
         spec=program.spec,

@@ -20,9 +20,10 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from codesign.errors import CaptureError, SpecError
-from codesign.program import DEFAULT_MAX_CANDIDATES, Program, dynamic_shapes_for, flatten_outputs
-from codesign.request import RequestBatch, RequestSpec
-from codesign.workload import Workload
+from codesign.ir.program import DEFAULT_MAX_CANDIDATES, Program, dynamic_shapes_for
+from codesign.ir.request import RequestBatch, RequestSpec
+from codesign.ir.workload import Workload
+from codesign.numerics import output_tensors
 
 __all__ = ["CAPTURE_ATOL", "CAPTURE_RTOL", "capture"]
 
@@ -111,8 +112,8 @@ def _verify_capture(model: torch.nn.Module, program: Program) -> None:
     batches = [program.example, program.sample_batch([max(1, n // 2 + 1), 1, 3], seed=12345)]
     for batch in batches:
         with torch.no_grad():
-            want = flatten_outputs(model(**batch.inputs))
-            got = flatten_outputs(program.run(batch))
+            want = output_tensors(model(**batch.inputs))
+            got = output_tensors(program.run(batch))
         for i, (w, g) in enumerate(zip(want, got, strict=True)):
             if not torch.allclose(g, w, rtol=CAPTURE_RTOL, atol=CAPTURE_ATOL):
                 raise CaptureError(

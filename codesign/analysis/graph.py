@@ -22,8 +22,8 @@ import torch
 import torch.fx
 
 import codesign.ops  # noqa: F401  (custom ops the analysis knows the cost of)
-from codesign.program import REQUEST_OFFSETS, Program
-from codesign.request import RequestBatch, even_counts, flatten_inputs
+from codesign.ir.program import REQUEST_OFFSETS, Program
+from codesign.ir.request import RequestBatch, even_counts, flatten_inputs
 
 __all__ = [
     "FLOPS_PER_ELEMENT",

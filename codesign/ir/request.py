@@ -215,7 +215,7 @@ class RequestBatch:
         if off.dim() != 1 or off.numel() < 2 or off.dtype != torch.int64:
             raise SpecError(
                 f"offsets must be a 1-D int64 tensor with R+1 >= 2 entries, got {off.dtype} {tuple(off.shape)}",
-                fix="build it with codesign.request.offsets_from_counts(counts)",
+                fix="build it with codesign.ir.request.offsets_from_counts(counts)",
             )
         counts = self.counts
         if int(off[0]) != 0 or bool((counts < 1).any()):

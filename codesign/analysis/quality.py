@@ -11,14 +11,13 @@ fidelity to the reference, not real-world quality.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from codesign.errors import NumericsError
-from codesign.program import flatten_outputs
+from codesign.numerics import output_tensors
 
 __all__ = [
     "QUALITY_DECIMALS",
@@ -74,18 +73,9 @@ class QualityLoss:
         return dataclasses.asdict(self)
 
 
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 20·log10(‖ref‖ / ‖ref − other‖)."""
-    ref = reference.detach().double()
-    noise = (ref - other.detach().double()).norm()
-    if noise == 0:
-        return math.inf
-    return float(20 * torch.log10(ref.norm() / noise))
-
-
 def join_heads(outputs: Sequence[Any]) -> list[torch.Tensor]:
     """Each output head over several calibration batches, joined along the candidate rows."""
-    per_batch = [flatten_outputs(o) for o in outputs]
+    per_batch = [output_tensors(o) for o in outputs]
     return [torch.cat([b[h] for b in per_batch]) for h in range(len(per_batch[0]))]
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from codesign.pipeline import Pass, PassManager, Tolerance, combined_tolerance, compare_outputs
-from codesign.program import Program, flatten_outputs
-from codesign.quality import sqnr_db
-from codesign.target import Target
+from codesign.hardware.target import Target
+from codesign.ir.program import Program
+from codesign.numerics import Tolerance, compare_outputs, output_tensors, sqnr_db
+from codesign.passes.manager import Pass, PassManager, combined_tolerance
 
-__all__ = ["assert_outputs_close", "assert_sqnr", "check_pass_on_program", "sqnr_db", "verify_program"]
+__all__ = ["assert_outputs_close", "assert_sqnr", "check_pass_on_program", "verify_program"]
 
 
 def verify_program(program: Program) -> None:
@@ -23,7 +23,7 @@ def verify_program(program: Program) -> None:
 
 
 def assert_sqnr(reference: Any, other: Any, min_db: float) -> None:
-    for i, (r, o) in enumerate(zip(flatten_outputs(reference), flatten_outputs(other), strict=True)):
+    for i, (r, o) in enumerate(zip(output_tensors(reference), output_tensors(other), strict=True)):
         got = sqnr_db(r, o)
         if got < min_db:
             raise AssertionError(f"output {i}: SQNR {got:.1f} dB < required {min_db} dB")

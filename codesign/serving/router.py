@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from codesign.build.profiling import VariantProfile
 from codesign.config import Config, config_from_dict, register_config
 from codesign.errors import ConfigError, RoutingError
-from codesign.variant_profile import VariantProfile
 
 __all__ = [
     "FEATURES",

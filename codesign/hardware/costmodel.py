@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from codesign.analysis import NodeCost, ProgramAnalysis, analyze
-from codesign.program import Program
-from codesign.target import Target, get_target, rate_dtype
+from codesign.hardware.target import Target, get_target, rate_dtype
+from codesign.ir.program import Program
 
 __all__ = [
     "FP8_MATMUL_OPS",

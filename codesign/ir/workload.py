@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from codesign.errors import ModelRefError
-from codesign.request import RequestBatch, RequestSpec
+from codesign.ir.request import RequestBatch, RequestSpec
 
 __all__ = ["BatchFactory", "Workload", "example_names", "examples_dir", "load_model_ref"]
 
@@ -41,7 +41,7 @@ class Workload:
 
 def examples_dir() -> Path:
     """The ``examples/`` folder of the source checkout codesign runs from."""
-    return Path(__file__).resolve().parent.parent / "examples"
+    return Path(__file__).resolve().parent.parent.parent / "examples"
 
 
 def example_names() -> list[str]:

@@ -2,7 +2,7 @@
 
 Curves are measured on the host (median wall time of real calls on resampled requests) when the
 variant's target is the host, and predicted by the cost model otherwise; each profile says which.
-Quality is the NE change in percent against a reference variant (``codesign.quality``), taken from
+Quality is the NE change in percent against a reference variant (``codesign.analysis.quality``), taken from
 a search trial, or given by the user; the profile records its source as well.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from codesign.costmodel import estimate
+from codesign.hardware.costmodel import estimate
 from codesign.errors import ConfigError, RoutingError
-from codesign.quality import join_heads, quality_loss
-from codesign.request import even_counts, resample_batch
-from codesign.timing import median_latency
-from codesign.variant import Variant
+from codesign.analysis.quality import join_heads, quality_loss
+from codesign.ir.request import even_counts, resample_batch
+from codesign.hardware.timing import median_latency
+from codesign.build.variant import Variant
 
 __all__ = [
     "DEFAULT_CURVE_CANDIDATES",
@@ -268,7 +268,7 @@ def measure_quality(
     """NE change in percent of each variant against ``reference`` on resampled requests (0 = identical).
 
     The reference scores each batch once for all variants. Labels are drawn from the reference's
-    own click probabilities (``codesign.quality``): this is fidelity to the reference model, not
+    own click probabilities (``codesign.analysis.quality``): this is fidelity to the reference model, not
     real-world quality.
     """
     outs: dict[str, list[Any]] = {name: [] for name in variants}

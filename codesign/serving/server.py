@@ -1,7 +1,7 @@
 """Serving runtime and HTTP server: parse -> route -> batch per variant -> score -> respond.
 
 ``Runtime`` is the in-process part: it checks a JSON request against the bundle's wire format
-(``codesign.wire``), asks the router for a variant, and queues the request on that variant's
+(``codesign.serving.wire``), asks the router for a variant, and queues the request on that variant's
 worker. The worker batches concurrent requests for its variant into one multi-request batch
 (request offsets kept, so request-centric variants do user work once per request) up to
 ``BatchingConfig`` bounds, scores it, and splits the scores back per request. A variant that
@@ -34,15 +34,15 @@ from typing import Any
 
 import torch
 
-from codesign.bundle import Bundle, load_bundle
+from codesign.build.variant import Variant
 from codesign.config import Config, register_config
 from codesign.errors import CodesignError, ConfigError, RequestError, RoutingError
-from codesign.metrics import Metrics
-from codesign.program import flatten_outputs
-from codesign.request import RequestBatch, concat_batches
-from codesign.router import Decision, LoadTracker, Policy, RequestFeatures, Router
-from codesign.variant import Variant
-from codesign.wire import scores_per_candidate
+from codesign.ir.request import RequestBatch, concat_batches
+from codesign.numerics import output_tensors
+from codesign.serving.deployment import Bundle, load_bundle
+from codesign.serving.metrics import Metrics
+from codesign.serving.router import Decision, LoadTracker, Policy, RequestFeatures, Router
+from codesign.serving.wire import scores_per_candidate
 
 __all__ = ["BatchingConfig", "Runtime", "Server", "serve"]
 
@@ -274,7 +274,7 @@ class Runtime:
         try:
             batch = concat_batches([j.batch for j in jobs], variant.spec)
             with torch.no_grad():
-                outputs = flatten_outputs(variant.score(batch))
+                outputs = output_tensors(variant.score(batch))
             bad = [tuple(o.shape) for o in outputs if o.dim() == 0 or o.shape[0] != rows]
             if bad:
                 raise RuntimeError(f"outputs {bad} do not have one row per candidate ({rows})")

@@ -1,0 +1,241 @@
+"""Deployable bundles: write, read and verify.
+
+Layout::
+
+    manifest.json        format, schema version, versions, target, backend, passes + knobs, cost
+                         figures, cache key, and the sha256 + size of every other file
+    program.pt2          the exported program (graph + weights; torch.export archive, no pickles)
+    reference.pt         reference requests and outputs (tensors only, loaded weights-only)
+    aoti_package.pt2     (aoti backend) AOTInductor package, loaded only after its sha256 matches
+    plan.json            (multi-device targets) the embedding sharding plan
+
+Several such bundles behind a router policy form a deployment bundle (``codesign.serving.deployment``,
+format ``codesign-multi-bundle``). A bundle is data: configs load through the allow-list in ``codesign.config``; the program archive
+is checked to hold plain tensors only before torch reads it; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from codesign.build.bundle_write import (
+    ABI_BOUND_BACKENDS,
+    BUNDLE_FORMAT,
+    MANIFEST,
+    MULTI_FORMAT,
+    PLAN,
+    PROGRAM,
+    REFERENCE,
+    SCHEMA_VERSION,
+    file_sha256,
+)
+from codesign.backends import backend_names, get_backend
+from codesign.config import config_from_dict
+from codesign.errors import BundleError, CodesignError
+from codesign.ir.request import RequestBatch, RequestSpec
+from codesign.sharding.types import Plan
+from codesign.hardware.target import Target
+from codesign.build.variant import Variant
+
+__all__ = ["load", "read_manifest"]
+
+log = logging.getLogger(__name__)
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Parse and check a bundle's manifest (format, schema version, required keys)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise BundleError(f"bundle folder {d} does not exist")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{d} is not a codesign bundle: it has no {MANIFEST}",
+            fix="point at the folder written by variant.save() / codesign compile --out",
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON (truncated or edited?): {exc}") from exc
+    if isinstance(manifest, dict) and manifest.get("format") == MULTI_FORMAT:
+        raise BundleError(
+            f"{d} is a multi-variant bundle (variants {[v.get('name') for v in manifest.get('variants', [])]})",
+            fix="load it with codesign.load_bundle(path), or load one variant from its variants/<name> folder",
+        )
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{d} is a foreign bundle: manifest format is {manifest.get('format')!r}"
+            if isinstance(manifest, dict)
+            else f"{path} is not a manifest object"
+        )
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise BundleError(
+            f"bundle schema version {version!r} is not supported (this codesign reads 1..{SCHEMA_VERSION})",
+            fix="upgrade codesign, or recompile the bundle with this version",
+        )
+    missing = {"versions", "target", "backend", "passes", "spec", "inputs", "files", "name"} - manifest.keys()
+    if missing:
+        raise BundleError(f"{path} lacks required keys {sorted(missing)} (truncated or hand-edited)")
+    return manifest
+
+
+def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError("manifest 'files' is not a mapping")
+    present = {p.name for p in d.iterdir()} - {MANIFEST}
+    extra = present - files.keys()
+    if extra:
+        raise BundleError(
+            f"bundle {d} holds files the manifest does not list: {sorted(extra)}",
+            fix="a bundle is sealed at write time; remove the extra files or recompile",
+        )
+    out: dict[str, Path] = {}
+    for name, meta in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise BundleError(f"manifest lists an unsafe file name {name!r}")
+        p = d / name
+        if not p.is_file():
+            raise BundleError(f"bundle {d} is missing {name}", fix="copy the whole bundle folder")
+        size = p.stat().st_size
+        if size != meta.get("bytes"):
+            raise BundleError(
+                f"{name} is {size} bytes but the manifest says {meta.get('bytes')}: "
+                "the file is truncated or was replaced"
+            )
+        if file_sha256(p) != meta.get("sha256"):
+            raise BundleError(
+                f"{name} does not match its sha256 in the manifest: the bundle was tampered with",
+                fix="recompile the bundle from the model; never edit bundle files by hand",
+            )
+        out[name] = p
+    return out
+
+
+def _check_program_archive(path: Path) -> None:
+    """Refuse a program archive that would make torch unpickle anything."""
+    try:
+        z = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise BundleError(f"{path.name} is not a torch.export archive") from exc
+    with z:
+        for name in z.namelist():
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith(("custom_obj", "opaque_obj")):
+                raise BundleError(
+                    f"{path.name} holds a pickled object ({name}); codesign bundles carry tensors only"
+                )
+            if name.endswith("_config.json"):
+                config = json.loads(z.read(name)).get("config", {})
+                if any(isinstance(v, dict) and v.get("use_pickle") for v in config.values()):
+                    raise BundleError(f"{path.name} stores pickled tensors ({name}); refusing to load")
+            if "/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                except Exception as exc:
+                    raise BundleError(f"{path.name}: sample inputs are not plain tensors ({exc})") from exc
+
+
+def load(directory: str | Path) -> Variant:
+    """Verify and load a bundle: checksums, versions, allow-listed configs; then build the runner.
+
+    >>> variant = codesign.load("out/dlrm-bundle"); variant.score(batch)
+    """
+    d = Path(directory)
+    manifest = read_manifest(d)
+    files = _verify_files(d, manifest)
+    versions = manifest["versions"]
+    backend_rec = manifest["backend"]
+    if backend_rec.get("name") not in backend_names():
+        raise BundleError(
+            f"bundle backend {backend_rec.get('name')!r} is unknown", fix=f"known: {backend_names()}"
+        )
+    built_with = str(versions.get("torch", "?"))
+    if built_with != torch.__version__:
+        if backend_rec["name"] in ABI_BOUND_BACKENDS:
+            raise BundleError(
+                f"bundle was built with torch {built_with}; this is torch {torch.__version__} "
+                f"and '{backend_rec['name']}' artifacts are tied to the torch build",
+                fix=f"install torch=={built_with} or recompile the bundle",
+            )
+        log.warning("bundle built with torch %s, loading with %s", built_with, torch.__version__)
+    if PROGRAM not in files or REFERENCE not in files:
+        raise BundleError(f"bundle lacks {PROGRAM} or {REFERENCE}")
+    try:
+        backend = get_backend(backend_rec["name"]).__class__(config_from_dict(backend_rec["config"]))
+        spec = config_from_dict(manifest["spec"])
+        target = Target.from_dict(manifest["target"])
+    except CodesignError as exc:
+        raise BundleError(f"bundle manifest has an invalid record: {exc.message}") from exc
+    if not isinstance(spec, RequestSpec):
+        raise BundleError("bundle spec is not a RequestSpec record")
+    _check_program_archive(files[PROGRAM])
+    exported = torch.export.load(str(files[PROGRAM]))
+    try:
+        ref = torch.load(files[REFERENCE], weights_only=True)
+        treespec = pytree.treespec_loads(manifest["inputs"]["treespec"])
+        leaves = [ref["inputs"][p] for p in manifest["inputs"]["paths"]]
+        inputs = pytree.tree_unflatten(leaves, treespec)
+    except Exception as exc:
+        raise BundleError(f"bundle reference data is unreadable: {type(exc).__name__}: {exc}") from exc
+    plan = None
+    if PLAN in files:
+        try:
+            plan = Plan.from_json(files[PLAN].read_text())
+        except CodesignError as exc:
+            raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
+    artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
+    runner = backend.load(exported, artifacts)
+    return Variant(
+        name=str(manifest["name"]),
+        spec=spec,
+        target=target,
+        backend=backend,
+        runner=runner,
+        exported=exported,
+        artifacts=artifacts,
+        passes=list(manifest["passes"]),
+        reference_inputs=RequestBatch(inputs=inputs, offsets=ref["offsets"]),
+        reference_outputs=list(ref["outputs"]),
+        cost=dict(manifest.get("cost") or {}),
+        report=manifest.get("compile_report"),
+        program=None,
+        cache_key=str(manifest.get("cache_key", "")),
+        takes_request_offsets=bool(manifest.get("takes_request_offsets", False)),
+        micro_batch=_micro_batch(manifest.get("micro_batch")),
+        plan=plan,
+        id_bounds=_id_bounds(manifest.get("id_bounds")),
+    )
+
+
+def _micro_batch(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"bundle manifest micro_batch {value!r} is not a positive integer or null")
+    return value
+
+
+def _id_bounds(value: Any) -> dict[str, dict[str, int]]:
+    if value is None:
+        return {}
+    ok = isinstance(value, dict) and all(
+        isinstance(per, dict)
+        and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in per.values())
+        for per in value.values()
+    )
+    if not ok:
+        raise BundleError(
+            f"bundle manifest id_bounds {value!r} is not a mapping of input -> {{column: rows}}"
+        )
+    return {str(k): {str(c): int(r) for c, r in per.items()} for k, per in value.items()}
+
+

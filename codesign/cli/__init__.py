@@ -1,0 +1,7 @@
+"""The ``codesign`` command line."""
+
+from __future__ import annotations
+
+from codesign.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Hardware: target specs (datasheet numbers, host calibration), the roofline cost model and timing helpers."""
