@@ -1,7 +1,7 @@
-"""The ``codesign`` command line."""
+"""The ``codesign`` command line: one module per command, dispatched by ``codesign.cli.app``."""
 
 from __future__ import annotations
 
-from codesign.cli.main import main
+from codesign.cli.app import main
 
 __all__ = ["main"]
