@@ -1,7 +1,9 @@
 """Roofline latency and memory estimate of a Program on a Target.
 
 Per kernel: time = max(FLOPs / achievable rate for its dtype, bytes / achievable bandwidth)
-+ launch overhead. Matmul-class ops use the tensor (matrix) rate of their dtype; others the vector
++ launch overhead. FLOPs, bytes, the engine (matmul, fp8 or vector) and the launches per call all
+come from ``codesign.analysis`` (each op's registered cost); this module only prices them: matmul
+ops at the tensor (matrix) rate of their dtype, fp8 ones at the FP8 rate, others at the vector
 rate. Views launch nothing on accelerators; where the target says views cost a dispatch (the host
 CPU running the graph op by op), each view adds ``view_overhead_s``. Sums over kernels assume one kernel at a time, as eager and most
 serving paths run them; fusion passes show up as fewer, larger kernels.
@@ -18,9 +20,6 @@ from codesign.hardware.target import Target, get_target, rate_dtype
 from codesign.ir.program import Program
 
 __all__ = [
-    "FP8_MATMUL_OPS",
-    "KERNELS_PER_CALL",
-    "MATMUL_OPS",
     "CostEstimate",
     "OpEstimate",
     "estimate",
@@ -28,25 +27,6 @@ __all__ = [
     "op_profile",
     "scaling_curve",
 ]
-
-MATMUL_OPS = frozenset(
-    {
-        "linear.default",
-        "broadcast_linear.default",
-        "fused_linear.default",
-        "mm.default",
-        "addmm.default",
-        "bmm.default",
-        "baddbmm.default",
-        "matmul.default",
-        "scaled_dot_product_attention.default",
-        "fp8_linear.default",
-    }
-)
-# Ops whose GEMM runs at the FP8 rate whatever their output dtype.
-FP8_MATMUL_OPS = frozenset({"fp8_linear.default"})
-# Kernels one call launches where it is more than one: FP8 Linear quantizes its activation first.
-KERNELS_PER_CALL = {"fp8_linear.default": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +124,9 @@ def kernel_time_s(target: Target, flops: float, nbytes: float, rate: str | None,
 
 def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
     hw = target.hardware
-    if node.op in FP8_MATMUL_OPS:
+    if node.engine == "fp8":
         rate, used = hw.matmul_rate("fp8")
-    elif node.op in MATMUL_OPS:
+    elif node.engine == "matmul":
         rate, used = hw.matmul_rate(rate_dtype(node.dtype))
     else:
         rate, used = hw.vector_flops_per_s * hw.compute_efficiency, "vector"
@@ -159,7 +139,7 @@ def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
         bytes=node.bytes,
         compute_s=node.flops / rate if rate else 0.0,
         memory_s=node.bytes / bandwidth,
-        launch_s=hw.launch_overhead_s * KERNELS_PER_CALL.get(node.op, 1),
+        launch_s=hw.launch_overhead_s * node.kernels,
         rate_dtype=used,
     )
 

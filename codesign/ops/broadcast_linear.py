@@ -14,7 +14,12 @@ import math
 from typing import Any
 
 import torch
+import torch.fx
 from torch.utils.flop_counter import register_flop_formula
+
+from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
+from codesign.analysis.graph_queries import tensor_arg
+from codesign.analysis.shapes import ConcreteShapes
 
 __all__ = ["ACTIVATIONS", "activate", "broadcast_linear", "broadcast_linear_reference"]
 
@@ -79,7 +84,16 @@ def _(
 
 @register_flop_formula(torch.ops.codesign.broadcast_linear)
 def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
-    """GEMM plus the gathered row and bias in the epilogue (as ``codesign.analysis`` counts it)."""
+    """GEMM plus the gathered row and bias in the epilogue (as ``_cost`` counts it)."""
     m = math.prod(x_shape[:-1])
     n_out, k = w_shape
-    return 2 * m * k * n_out + 2 * m * n_out
+    return gemm_flops(m, k, n_out) + 2 * m * n_out
+
+
+@register_cost(torch.ops.codesign.broadcast_linear.default)
+def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """GEMM plus two epilogue terms per output (the request's row, the bias); inputs read once."""
+    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
+    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
+    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
+    return OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node), engine="matmul")

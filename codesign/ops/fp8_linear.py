@@ -22,9 +22,13 @@ import math
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
+from codesign.analysis.graph_queries import tensor_arg
+from codesign.analysis.shapes import ConcreteShapes
 from codesign.ops.broadcast_linear import activate
 from codesign.ops.quantize import FP8_DTYPE, GRANULARITIES, quantize
 
@@ -203,9 +207,23 @@ def _(
 
 @register_flop_formula(torch.ops.codesign.fp8_linear)
 def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
-    m = math.prod(x_shape[:-1])
+    """The GEMM alone, as FlopCounterMode counts aten's linear."""
     n_out, k = w_shape
-    return 2 * m * k * n_out
+    return gemm_flops(math.prod(x_shape[:-1]), k, n_out)
+
+
+@register_cost(torch.ops.codesign.fp8_linear.default)
+def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """GEMM at the FP8 rate plus the scale and bias epilogue, after a quantize kernel (two launches).
+
+    The activation is quantized first: read it, write one byte per value, and the GEMM reads that
+    back, on top of reading the inputs and writing the output once.
+    """
+    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
+    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
+    quant = shapes.nbytes(x) + 2 * m * k
+    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
+    return OpCost(flops, io_bytes(node, shapes) + quant, shapes.param_bytes(node), engine="fp8", kernels=2)
 
 
 class Fp8Linear(nn.Module):

@@ -13,8 +13,12 @@ import math
 from typing import Any
 
 import torch
+import torch.fx
 from torch.utils.flop_counter import register_flop_formula
 
+from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
+from codesign.analysis.graph_queries import tensor_arg
+from codesign.analysis.shapes import ConcreteShapes
 from codesign.ops.broadcast_linear import activate
 
 __all__ = ["fused_linear", "fused_linear_reference"]
@@ -45,6 +49,15 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activati
 
 @register_flop_formula(torch.ops.codesign.fused_linear)
 def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
-    m = math.prod(x_shape[:-1])
+    """The GEMM alone, as FlopCounterMode counts the aten linear this op replaces."""
     n_out, k = w_shape
-    return 2 * m * k * n_out
+    return gemm_flops(math.prod(x_shape[:-1]), k, n_out)
+
+
+@register_cost(torch.ops.codesign.fused_linear.default)
+def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """GEMM plus two epilogue terms per output (bias, activation): the Linear and activation it fuses."""
+    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
+    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
+    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
+    return OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node), engine="matmul")

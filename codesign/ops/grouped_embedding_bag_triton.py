@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codesign.ops.grouped_embedding_bag import EMBEDDING_BAG_MODES, flatten_groups
+from codesign.ops.embedding_bags import EMBEDDING_BAG_MODES, flatten_groups
 
 __all__ = ["grouped_embedding_bag_triton"]
 

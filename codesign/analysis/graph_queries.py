@@ -1,0 +1,190 @@
+"""Small read-only questions about FX nodes that every analysis (and pass) asks.
+
+What tensor a node holds, which ops are views, what an op is called, which module it came from, how
+many kernels a graph launches, which inputs index an embedding table directly. One helper per
+question, so the cost registry, the role rules and the passes agree on the answers.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from codesign.ir.program import Program
+
+__all__ = [
+    "VIEW_OPS",
+    "as_int",
+    "count_kernels",
+    "embedding_id_bounds",
+    "module_of",
+    "node_value",
+    "op_name",
+    "tensor_arg",
+    "tensor_values",
+]
+
+aten = torch.ops.aten
+
+# Ops that launch no kernel: views, shape queries and bookkeeping (their cost is zero).
+VIEW_OPS: frozenset[Any] = frozenset(
+    {
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.t.default,
+        aten.transpose.int,
+        aten.permute.default,
+        aten.expand.default,
+        aten.expand_as.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.squeeze.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.unflatten.int,
+        aten.flatten.using_ints,
+        aten.split.Tensor,
+        aten.chunk.default,
+        aten.unbind.int,
+        aten.split_with_sizes.default,
+        aten.narrow.default,
+        aten.as_strided.default,
+        aten.sym_size.int,
+        aten.sym_numel.default,
+        aten.sym_stride.int,
+        aten._assert_tensor_metadata.default,
+        aten.lift_fresh_copy.default,
+        operator.getitem,
+    }
+)
+
+
+def node_value(node: object) -> torch.Tensor | None:
+    """The (fake) tensor an FX node holds in ``meta["val"]``; None for non-nodes and non-tensors.
+
+    >>> node_value(graph_node).shape
+    """
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def tensor_values(obj: object) -> list[torch.Tensor]:
+    """Every tensor value in ``obj``: a node (a tensor or a tuple of them), or nested lists of nodes."""
+    vals: list[torch.Tensor] = []
+    if isinstance(obj, torch.fx.Node):
+        v = obj.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            vals.append(v)
+        elif isinstance(v, list | tuple):
+            vals += [t for t in v if isinstance(t, torch.Tensor)]
+    elif isinstance(obj, list | tuple):
+        for o in obj:
+            vals += tensor_values(o)
+    return vals
+
+
+def tensor_arg(node: torch.fx.Node, index: int) -> torch.Tensor:
+    """The tensor value of ``node.args[index]``: cost formulas read their operands' shapes this way.
+
+    Raises ``TypeError`` naming the node when that argument holds no tensor (a graph captured
+    without fake values, or a formula registered for the wrong op).
+    """
+    val = node_value(node.args[index]) if index < len(node.args) else None
+    if val is None:
+        raise TypeError(
+            f"node {node.name} ({node.target}): argument {index} has no tensor value in meta['val']; "
+            "capture the graph with torch.export so every node carries one"
+        )
+    return val
+
+
+def as_int(value: Any) -> int:
+    """An FX argument known to be an int (dims, indices); SymInts are not expected here."""
+    return int(value)
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """Short op name (``linear.default``, ``getitem``) as cost tables and reports show it."""
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    name = getattr(t, "__name__", None) or str(t)
+    return str(name).removeprefix("aten.")
+
+
+def module_of(node: torch.fx.Node) -> str:
+    """Path of the innermost nn.Module the node was traced in ("" when unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return str(path)
+
+
+def count_kernels(program: Program) -> int:
+    """Ops that launch work: call_function nodes other than views and shape bookkeeping."""
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target not in VIEW_OPS)
+
+
+# Ops that pass ids through unchanged (up to layout), so a bound on their output bounds their input.
+_ID_VIEWS = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.expand.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.alias.default,
+}
+_LOOKUPS = {
+    aten.embedding.default: 1,  # (weight, indices)
+    aten.embedding_bag.default: 1,
+    aten.embedding_bag.padding_idx: 1,
+    aten._embedding_bag.default: 1,
+    aten._embedding_bag_forward_only.default: 1,
+}
+
+
+def embedding_id_bounds(program: Program) -> dict[str, dict[str, int]]:
+    """Input path -> {column: table rows} for integer inputs that index an embedding table directly.
+
+    ``column`` is ``"*"`` when the whole input indexes one table, or the column number when the
+    model reads column ``i`` of a 2-D id input (``x[:, i]``) into table ``i``. Ids outside
+    ``[0, rows)`` would crash the lookup or read garbage; a server checks them before batching.
+    Inputs that reach a table through arithmetic (hashing, offsets) are not bounded here.
+    """
+    inputs = {node.name: path for path, node in program.placeholders().items()}
+    bounds: dict[str, dict[str, int]] = {}
+    for node in program.graph.nodes:
+        pos = _LOOKUPS.get(node.target) if node.op == "call_function" else None
+        if pos is None or len(node.args) <= pos:
+            continue
+        weight, ids = node.args[0], node.args[pos]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        rows = int(program.fetch_attr(str(weight.target)).shape[0])
+        column = "*"
+        while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
+            if ids.target is aten.select.int and as_int(ids.args[1]) == 1 and column == "*":
+                column = str(as_int(ids.args[2]))
+            elif ids.target not in _ID_VIEWS:
+                break
+            ids = ids.args[0]
+        if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and ids.name in inputs:
+            per = bounds.setdefault(inputs[ids.name], {})
+            per[column] = min(rows, per.get(column, rows))
+    return bounds
