@@ -1,0 +1,1 @@
+"""Build: a compiled ``Variant``, its latency profile, and the bundle format (write, read, verify)."""
