@@ -1,6 +1,8 @@
 """Custom torch ops the passes rewrite to. Each has a CPU reference implementation and a fake
 (shape) implementation for export; GPU implementations (Triton, cuBLASLt FP8) are picked at run time
-when present."""
+when present. Each op module also registers the op's FLOPs/bytes formula with
+``codesign.analysis.costs.register_cost`` next to its definition, so importing an op is what
+makes the analysis able to price it."""
 
 from __future__ import annotations
 
