@@ -3,6 +3,15 @@
 A config class is registered once (``@register_config``); loading accepts only registered class
 names, so a bundle's JSON can never name arbitrary code. ``VERSION`` is bumped when fields change
 meaning; loading a config written by a newer version is refused.
+
+A *knob* (a value search may tune) is declared once, on its field, with ``knob(...)``: its type comes
+from the annotation, its range, scale and help from the call. Validation (on construction), the search
+space, CLI flags and the docs tables all read ``Config.knobs()``.
+
+>>> @register_config
+... @dataclasses.dataclass(frozen=True)
+... class MyPassConfig(Config):
+...     min_rows: int = knob(2, low=1, high=64, help="fewest rows worth the rewrite")
 """
 
 from __future__ import annotations
@@ -14,18 +23,105 @@ from typing import Any, ClassVar, TypeVar
 
 from codesign.errors import ConfigError
 
-__all__ = ["Config", "config_from_dict", "config_from_json", "register_config", "registered_configs"]
+__all__ = [
+    "Config",
+    "Knob",
+    "config_from_dict",
+    "config_from_json",
+    "knob",
+    "register_config",
+    "registered_configs",
+]
 
 _REGISTRY: dict[str, type[Config]] = {}
 
 C = TypeVar("C", bound="type[Config]")
 
 
+_KNOB_KINDS: dict[Any, str] = {bool: "bool", int: "int", float: "float"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """A config value search may tune: its name, kind, default, range, scale and help.
+
+    ``kind`` is ``int``, ``float``, ``bool`` or ``categorical``. ``step`` is the search grid of a float knob
+    (values closer than this act alike); ``when`` makes the knob active only while another knob of the same
+    config takes one of the given values.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    log: bool = False
+    doc: str = ""
+    step: float | None = None
+    when: tuple[str, tuple[Any, ...]] | None = None
+
+    def check(self, value: Any) -> None:
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "categorical": value in self.choices,
+        }[self.kind]
+        if ok and self.kind in ("int", "float"):
+            ok = (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+        if not ok:
+            rng = list(self.choices) if self.kind == "categorical" else f"[{self.low}, {self.high}]"
+            raise ConfigError(
+                f"knob {self.name}={value!r} is not a valid {self.kind} in {rng}",
+                fix=f"{self.name}: {self.doc}" if self.doc else "",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _KnobSpec:
+    low: float | None
+    high: float | None
+    choices: tuple[Any, ...]
+    log: bool
+    help: str
+    step: float | None
+    when: tuple[str, tuple[Any, ...]] | None
+
+
+def knob(
+    default: Any,
+    *,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[Any, ...] = (),
+    log: bool = False,
+    step: float | None = None,
+    when: tuple[str, tuple[Any, ...]] | None = None,
+) -> Any:
+    """Declare a config field as a tunable knob (a ``dataclasses.field`` carrying its range and help)."""
+    spec = _KnobSpec(low, high, tuple(choices), log, help, step, when)
+    return dataclasses.field(default=default, metadata={"knob": spec})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base of every knob/config dataclass. Subclasses are frozen dataclasses with JSON-able fields."""
+    """Base of every knob/config dataclass. Subclasses are frozen dataclasses with JSON-able fields.
+
+    Knob fields (``knob(...)``) are checked against their declared kind and range on construction.
+    """
 
     VERSION: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        for k in type(self).knobs():
+            k.check(getattr(self, k.name))
+
+    @classmethod
+    def knobs(cls) -> tuple[Knob, ...]:
+        """The knobs of this config, in field order, built from their ``knob(...)`` declarations."""
+        return _knobs_of(cls)
 
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -36,6 +132,42 @@ class Config:
 
     def replace(self: Any, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)
+
+
+_KNOBS: dict[type, tuple[Knob, ...]] = {}
+
+
+def _knobs_of(cls: type[Config]) -> tuple[Knob, ...]:
+    if cls in _KNOBS:
+        return _KNOBS[cls]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("knob")
+        if spec is None:
+            continue
+        kind = "categorical" if spec.choices else _KNOB_KINDS.get(hints.get(f.name, object))
+        if kind is None:
+            raise ConfigError(
+                f"knob {cls.__name__}.{f.name} has type {hints.get(f.name)!r}",
+                fix="declare knobs as bool, int or float fields, or give choices=",
+            )
+        out.append(
+            Knob(
+                f.name,
+                kind,
+                f.default,
+                spec.low,
+                spec.high,
+                spec.choices,
+                spec.log,
+                spec.help,
+                spec.step,
+                spec.when,
+            )
+        )
+    _KNOBS[cls] = tuple(out)
+    return _KNOBS[cls]
 
 
 def _to_jsonable(value: Any) -> Any:

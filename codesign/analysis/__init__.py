@@ -16,6 +16,8 @@ from codesign.analysis.costs import (
     default_cost,
     gemm_flops,
     io_bytes,
+    linear_cost,
+    linear_flops,
     register_cost,
     registered_cost,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "gemm_flops",
     "io_bytes",
     "is_row_view",
+    "linear_cost",
+    "linear_flops",
     "node_value",
     "propagate_roles",
     "register_cost",

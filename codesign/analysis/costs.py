@@ -38,6 +38,8 @@ __all__ = [
     "default_cost",
     "gemm_flops",
     "io_bytes",
+    "linear_cost",
+    "linear_flops",
     "register_cost",
     "registered_cost",
 ]
@@ -170,12 +172,29 @@ def _gemm_cost(node: torch.fx.Node, shapes: ConcreteShapes, flops: int) -> OpCos
     return OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node), engine="matmul")
 
 
+def linear_flops(m: int, k: int, n_out: int, bias: bool) -> int:
+    """``x @ w.T (+ b)`` over m rows: a GEMM plus one add per output for the bias."""
+    return gemm_flops(m, k, n_out) + (m * n_out if bias else 0)
+
+
+def linear_cost(m: int, k: int, n_out: int, itemsize: int, bias: bool) -> OpCost:
+    """A Linear over m rows with every tensor in one dtype: read x, weight (and bias) once, write y.
+
+    For asking what a layer would cost in another precision (the FP8 pass's bf16 baseline); a graph
+    node is priced from its own tensors' dtypes by the registered formula below.
+    """
+    params = (k * n_out + (n_out if bias else 0)) * itemsize
+    return OpCost(
+        linear_flops(m, k, n_out, bias), (m * k + m * n_out) * itemsize + params, params, engine="matmul"
+    )
+
+
 def _linear_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
     """``x @ w.T (+ b)``: a GEMM over every row of x, plus one add per output for the bias."""
     x, w = tensor_arg(node, 0), tensor_arg(node, 1)
     m, (n_out, k) = shapes.rows(x), shapes.shape(w)
     bias = len(node.args) > 2 and node.args[2] is not None
-    return _gemm_cost(node, shapes, gemm_flops(m, k, n_out) + (m * n_out if bias else 0))
+    return _gemm_cost(node, shapes, linear_flops(m, k, n_out, bias))
 
 
 def _product_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:

@@ -17,8 +17,8 @@ import torch
 from codesign.config import Config, register_config
 from codesign.errors import BackendError
 from codesign.hardware.target import Target
+from codesign.hardware.tunable import Tunable
 from codesign.ir.program import Program
-from codesign.passes.manager import Tunable
 
 __all__ = ["Backend", "BackendConfig", "Lowered"]
 

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from codesign.backends.base import Backend, Lowered
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
-from codesign.passes.manager import Knob
 
 __all__ = ["INDUCTOR_MODES", "InductorBackend", "InductorConfig"]
 
@@ -27,16 +26,13 @@ INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "m
 @register_config
 @dataclasses.dataclass(frozen=True)
 class InductorConfig(Config):
-    mode: str = "default"
+    mode: str = knob("default", choices=INDUCTOR_MODES, help="torch.compile mode")
 
 
 class InductorBackend(Backend):
     name = "inductor"
     config_class = InductorConfig
 
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("mode", "categorical", "default", choices=INDUCTOR_MODES, doc="torch.compile mode"),)
 
     def _compile(self, module: torch.nn.Module) -> Callable[..., Any]:
         mode = self.config.mode  # type: ignore[attr-defined]

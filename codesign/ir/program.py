@@ -113,6 +113,11 @@ class Program:
     max_candidates: int = DEFAULT_MAX_CANDIDATES
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     takes_request_offsets: bool = False  # request-centric programs also take ``request_offsets``
+    # sampled batches by (counts, seed): the same for every copy (they depend on the inputs, not the graph);
+    # analysis and the pass manager's checks sample the same shapes many times per pipeline
+    _batches: dict[tuple[tuple[int, ...], int], RequestBatch] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     # ---- running -------------------------------------------------------------------------
     def __call__(self, **inputs: Any) -> Any:
@@ -127,10 +132,18 @@ class Program:
             return self.graph_module(**self.call_inputs(batch))
 
     def sample_batch(self, candidates: Sequence[int], seed: int) -> RequestBatch:
-        """Fresh requests: the workload's generator when known, else resampled from the example."""
-        if self.make_batch is not None:
-            return self.make_batch(list(candidates), seed)
-        return resample_batch(self.example, self.spec, candidates, seed=seed)
+        """Fresh requests: the workload's generator when known, else resampled from the example.
+
+        Deterministic in (candidates, seed), so each is made once per program and its copies; callers
+        must not change the returned tensors in place.
+        """
+        key = (tuple(int(c) for c in candidates), int(seed))
+        if key not in self._batches:
+            if self.make_batch is not None:
+                self._batches[key] = self.make_batch(list(candidates), seed)
+            else:
+                self._batches[key] = resample_batch(self.example, self.spec, candidates, seed=seed)
+        return self._batches[key]
 
     # ---- structure -----------------------------------------------------------------------
     @property

@@ -26,8 +26,8 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
-from codesign.analysis.graph_queries import tensor_arg
+from codesign.analysis.costs import OpCost, gemm_flops, register_cost
+from codesign.analysis.graph_queries import tensor_arg, tensor_values
 from codesign.analysis.shapes import ConcreteShapes
 from codesign.ops.broadcast_linear import activate
 from codesign.ops.quantize import FP8_DTYPE, GRANULARITIES, quantize
@@ -36,6 +36,7 @@ __all__ = [
     "FP8_KERNELS",
     "Fp8Linear",
     "fp8_linear",
+    "fp8_linear_cost",
     "fp8_linear_reference",
     "quantize_weight",
     "scaled_mm_shape_ok",
@@ -212,18 +213,35 @@ def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
     return gemm_flops(math.prod(x_shape[:-1]), k, n_out)
 
 
-@register_cost(torch.ops.codesign.fp8_linear.default)
-def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+def fp8_linear_cost(
+    m: int, k: int, n_out: int, x_itemsize: int, out_itemsize: int, bias_bytes: int
+) -> OpCost:
     """GEMM at the FP8 rate plus the scale and bias epilogue, after a quantize kernel (two launches).
 
-    The activation is quantized first: read it, write one byte per value, and the GEMM reads that
-    back, on top of reading the inputs and writing the output once.
+    The quantize kernel reads x and writes one byte per value and a 4-byte scale per row; the GEMM reads
+    that copy, the FP8 weight and its fp32 scales (per row: the worst case), the bias, and writes y.
     """
+    weight = k * n_out + 4 * n_out + bias_bytes
+    moved = m * k * x_itemsize + 2 * (m * k + 4 * m) + weight + m * n_out * out_itemsize
+    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
+    return OpCost(flops, moved, weight, engine="fp8", kernels=2)
+
+
+@register_cost(torch.ops.codesign.fp8_linear.default)
+def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """``fp8_linear_cost`` at the node's own shapes and dtypes."""
     x, w = tensor_arg(node, 0), tensor_arg(node, 1)
     m, (n_out, k) = shapes.rows(x), shapes.shape(w)
-    quant = shapes.nbytes(x) + 2 * m * k
-    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
-    return OpCost(flops, io_bytes(node, shapes) + quant, shapes.param_bytes(node), engine="fp8", kernels=2)
+    bias = node.args[3] if len(node.args) > 3 else None
+    out = tensor_values(node)[0]
+    return fp8_linear_cost(
+        m,
+        k,
+        n_out,
+        x.dtype.itemsize,
+        out.dtype.itemsize,
+        shapes.total_bytes([bias] if bias is not None else []),
+    )
 
 
 class Fp8Linear(nn.Module):

@@ -26,6 +26,7 @@ __all__ = [
     "quantize_table",
     "quantized_embedding",
     "quantized_embedding_bag",
+    "quantized_lookup_cost",
     "table_bytes",
 ]
 
@@ -106,17 +107,22 @@ def _(
     return torch.empty((offsets.shape[0], weight.shape[1]), dtype=out_dtype, device=weight.device)
 
 
-def _lookup_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
-    """Gather one byte per value and a 4-byte scale per row; dequantizing is one multiply per value.
+def quantized_lookup_cost(rows: int, dim: int, itemsize: int, other_bytes: int) -> OpCost:
+    """Gather ``rows`` table rows of ``dim`` values (``itemsize`` bytes each) and a 4-byte scale per row;
+    dequantizing is one multiply per value. ``other_bytes``: ids, offsets and the output."""
+    return OpCost(rows * dim, rows * (dim * itemsize + 4) + other_bytes)
 
-    Serves both lookups (argument 2 is the ids, argument 3 the bag offsets when there are bags).
-    """
+
+def _lookup_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """``quantized_lookup_cost`` of the node (argument 2 is the ids, argument 3 the bag offsets)."""
     weight, ids = tensor_arg(node, 0), tensor_arg(node, 2)
-    rows = shapes.numel(ids)
-    looked_up = rows * shapes.dim(weight.shape[-1])
     meta = shapes.total_bytes(list(node.args[2:4]))
-    gathered = looked_up * weight.dtype.itemsize + 4 * rows
-    return OpCost(looked_up, meta + gathered + shapes.total_bytes(node))
+    return quantized_lookup_cost(
+        shapes.numel(ids),
+        shapes.dim(weight.shape[-1]),
+        weight.dtype.itemsize,
+        meta + shapes.total_bytes(node),
+    )
 
 
 register_cost(torch.ops.codesign.quantized_embedding.default, _lookup_cost)

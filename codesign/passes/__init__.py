@@ -1,6 +1,11 @@
-"""Graph passes: each a ``Pass`` subclass with a registered config of knobs."""
+"""Graph passes: each a ``Pass`` subclass with a registered config of knobs, registered by name.
+
+Importing this package imports every pass module, so ``pass_by_name`` knows every pass.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from codesign.passes.cleanup import (
     CommonSubexpressionElimination,
@@ -17,6 +22,7 @@ from codesign.passes.fusion import (
     fusion_passes,
 )
 from codesign.passes.manager import Pass
+from codesign.passes.registry import pass_by_name, pass_names
 from codesign.passes.request_sharing import RequestSharing, RequestSharingConfig
 from codesign.passes.sharding import ShardEmbeddings, ShardingConfig
 
@@ -42,37 +48,8 @@ __all__ = [
     "pass_names",
 ]
 
-_PASSES: dict[str, type[Pass]] = {
-    p.name: p
-    for p in (
-        DeadCodeElimination,
-        CommonSubexpressionElimination,
-        ConstantFolding,
-        RequestSharing,
-        SelectiveFp8,
-        ShardEmbeddings,
-        EmbeddingGrouping,
-        SharedInputLinearFusion,
-        ParallelLinearFusion,
-        LinearEpilogueFusion,
-    )
-}
 
-
-def pass_names() -> list[str]:
-    return sorted(_PASSES)
-
-
-def pass_by_name(name: str) -> type[Pass]:
-    """The pass class registered under ``name`` (see ``pass_names()``)."""
-    from codesign.errors import PassError
-
-    if name not in _PASSES:
-        raise PassError(f"unknown pass {name!r}", fix=f"choose from {pass_names()}")
-    return _PASSES[name]
-
-
-def all_passes() -> list[Pass]:
+def all_passes() -> list[Pass[Any]]:
     """Every optimization in order: share request work, merge the duplicates it leaves, FP8 where
     the quality budget allows, plan embedding sharding (multi-device targets; before grouping,
     which then keeps sharded tables apart), fuse, clean up. Search chooses among these."""
@@ -86,7 +63,7 @@ def all_passes() -> list[Pass]:
     ]
 
 
-def default_passes() -> list[Pass]:
+def default_passes() -> list[Pass[Any]]:
     """The pipeline ``compile`` runs when given none: every pass that keeps numerics exact
     (lossy ones such as ``selective_fp8`` are opt-in)."""
     return [p for p in all_passes() if p.enabled_by_default]

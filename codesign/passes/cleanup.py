@@ -13,10 +13,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
-from codesign.passes.manager import Knob, Pass, PassResult
+from codesign.passes.graph_edit import remove_unused_params, run_target
+from codesign.passes.manager import Pass, PassResult
+from codesign.passes.registry import register_pass
 
 __all__ = [
     "CommonSubexpressionElimination",
@@ -37,46 +39,25 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return not (schema is not None and schema.is_mutable)
 
 
-def remove_unused_params(gm: torch.fx.GraphModule, only: set[str] | None = None) -> tuple[int, int]:
-    """Delete parameters/buffers no get_attr reads (restricted to ``only`` if given); (count, bytes) freed."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    removed, freed = 0, 0
-    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        if name in used or (only is not None and name not in only):
-            continue
-        owner_path, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if hasattr(owner, leaf):
-            delattr(owner, leaf)
-            removed += 1
-            freed += t.numel() * t.element_size()
-    gm.delete_all_unused_submodules()
-    return removed, freed
-
-
 @register_config
 @dataclasses.dataclass(frozen=True)
 class DeadCodeConfig(Config):
-    remove_unused_params: bool = True
+    remove_unused_params: bool = knob(True, help="also drop parameters no node reads")
 
 
-class DeadCodeElimination(Pass):
+@register_pass
+class DeadCodeElimination(Pass[DeadCodeConfig]):
     """Remove nodes whose values nobody uses (side-effecting ops stay), and orphaned parameters."""
 
     name = "dce"
     config_class = DeadCodeConfig
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("remove_unused_params", "bool", True, doc="also drop parameters no node reads"),)
 
     def apply(self, program: Program, target: Target) -> PassResult:
         before = len(program.graph.nodes)
         program.graph.eliminate_dead_code()
         removed_nodes = before - len(program.graph.nodes)
         params, freed = (0, 0)
-        if self.config.remove_unused_params:  # type: ignore[attr-defined]
+        if self.config.remove_unused_params:
             params, freed = remove_unused_params(program.graph_module)
         return PassResult(
             program,
@@ -106,7 +87,8 @@ def _key(node: torch.fx.Node) -> Any:
     return (node.op, node.target, norm(node.args), norm(node.kwargs))
 
 
-class CommonSubexpressionElimination(Pass):
+@register_pass
+class CommonSubexpressionElimination(Pass[CseConfig]):
     """Merge pure nodes that compute the same op on the same inputs (e.g. a shared embedding lookup)."""
 
     name = "cse"
@@ -130,10 +112,17 @@ class CommonSubexpressionElimination(Pass):
 @register_config
 @dataclasses.dataclass(frozen=True)
 class ConstantFoldingConfig(Config):
-    max_growth: float = 1.0  # folded constant may be at most this many times its constant inputs' size
+    max_growth: float = knob(
+        1.0,
+        low=0.0,
+        high=16.0,
+        step=0.25,
+        help="largest allowed ratio of folded bytes to the constant bytes it replaces",
+    )
 
 
-class ConstantFolding(Pass):
+@register_pass
+class ConstantFolding(Pass[ConstantFoldingConfig]):
     """Evaluate once the nodes that depend only on parameters and constants; store the results.
 
     ``max_growth`` stops folds that would grow constant memory (e.g. expanding a bias to a full
@@ -142,20 +131,6 @@ class ConstantFolding(Pass):
 
     name = "constant_folding"
     config_class = ConstantFoldingConfig
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob(
-                "max_growth",
-                "float",
-                1.0,
-                low=0.0,
-                high=16.0,
-                doc="largest allowed ratio of folded bytes to the constant bytes it replaces",
-                step=0.25,
-            ),
-        )
 
     def apply(self, program: Program, target: Target) -> PassResult:
         gm = program.graph_module
@@ -167,7 +142,7 @@ class ConstantFolding(Pass):
                     constants[node.name] = value
         folded, grown_refused = 0, 0
         orphan_candidates: set[torch.fx.Node] = set()
-        max_growth = float(self.config.max_growth)  # type: ignore[attr-defined]
+        max_growth = float(self.config.max_growth)
         for node in list(gm.graph.nodes):
             if not _is_pure(node) or node.target is torch.ops.aten._assert_tensor_metadata.default:
                 continue
@@ -176,7 +151,7 @@ class ConstantFolding(Pass):
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: constants[a.name])
             with torch.no_grad():
-                value = node.target(*args, **kwargs)  # type: ignore[operator]
+                value = run_target(node, args, kwargs)
             if not isinstance(value, torch.Tensor):
                 continue
             read = sum(constants[a.name].numel() * constants[a.name].element_size() for a in inputs)

@@ -34,20 +34,26 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis import ProgramAnalysis, analyze
+from codesign.analysis import ProgramAnalysis, analyze, linear_cost
 from codesign.analysis.quality import QualityLoss, join_heads, quality_loss
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.errors import ConfigError, PassError
 from codesign.hardware.costmodel import estimate_analysis, kernel_time_s
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 from codesign.numerics import Tolerance, sqnr_db
-from codesign.ops.fp8_linear import FP8_KERNELS, quantize_weight, scaled_mm_shape_ok
+from codesign.ops.fp8_linear import FP8_KERNELS, fp8_linear_cost, quantize_weight, scaled_mm_shape_ok
 from codesign.ops.quantize import GRANULARITIES
-from codesign.ops.quantized_embedding import QUANTIZED_TABLE_FORMATS, quantize_table, table_bytes
-from codesign.passes.fusion import GATE_CANDIDATES, GATE_REQUESTS, UNARY_ACTIVATIONS, embedding_bag_lookup
+from codesign.ops.quantized_embedding import (
+    QUANTIZED_TABLE_FORMATS,
+    quantize_table,
+    quantized_lookup_cost,
+    table_bytes,
+)
 from codesign.passes.graph_edit import finish_rewrite, insert_call, param_value, register_constant
-from codesign.passes.manager import Knob, Pass, PassResult
+from codesign.passes.manager import GATE_CANDIDATES, GATE_REQUESTS, Pass, PassResult, SkipKind
+from codesign.passes.patterns import embedding_bag_lookup, epilogue_activation
+from codesign.passes.registry import register_pass
 
 __all__ = [
     "ELIGIBLE_KINDS",
@@ -76,11 +82,24 @@ _KNAPSACK_STEPS = 200
 @register_config
 @dataclasses.dataclass(frozen=True)
 class SelectiveFp8Config(Config):
-    quality_budget_pct: float = 0.1  # NE may rise by at most this many percent (worst head)
-    granularity: str = "row"  # weight and activation scales: per row, or one per tensor
-    eligible: str = "linear+embedding"  # which layer kinds may go to FP8
-    table_format: str = "fp8"  # storage of chosen embedding tables: fp8 (e4m3) or int8, row-wise scales
-    selection: str = "greedy"  # greedy by saving per NE, or a 0/1 knapsack
+    # NE may rise by at most this many percent (worst head)
+    quality_budget_pct: float = knob(
+        0.1,
+        low=0.0,
+        high=0.5,
+        step=0.025,
+        help="largest NE increase (%) the chosen FP8 layers may cost together",
+    )
+    granularity: str = knob("row", choices=GRANULARITIES, help="FP8 scales per row or per tensor")
+    eligible: str = knob("linear+embedding", choices=ELIGIBLE_KINDS, help="layer kinds FP8 may take")
+    # fp8 (e4m3) or int8, row-wise scales
+    table_format: str = knob(
+        "fp8",
+        choices=QUANTIZED_TABLE_FORMATS,
+        help="storage of quantized embedding tables",
+        when=("eligible", ("embedding", "linear+embedding")),
+    )
+    selection: str = knob("greedy", choices=SELECTIONS, help="how layers are chosen under the budget")
     kernel: str = "auto"  # fp8_linear kernel: auto, scaled_mm, te, emulate
     baseline_dtype: str = "bf16"  # precision the predicted saving is measured against
     # False: every eligible layer within the budget may be chosen, gain or not (all-FP8 studies)
@@ -92,21 +111,14 @@ class SelectiveFp8Config(Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the knobs
         choices = {
-            "granularity": GRANULARITIES,
-            "eligible": ELIGIBLE_KINDS,
-            "table_format": QUANTIZED_TABLE_FORMATS,
-            "selection": SELECTIONS,
             "kernel": FP8_KERNELS,
             "baseline_dtype": BASELINE_DTYPES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"selective_fp8: {name}={getattr(self, name)!r} is not one of {allowed}")
-        if not self.quality_budget_pct >= 0:
-            raise ConfigError(
-                f"selective_fp8: quality_budget_pct must be >= 0, got {self.quality_budget_pct}"
-            )
         if self.calibration_requests < 1 or self.calibration_candidates < 1:
             raise ConfigError("selective_fp8: calibration_requests and calibration_candidates must be >= 1")
 
@@ -209,7 +221,8 @@ def _find_layers(program: Program, cfg: SelectiveFp8Config) -> list[LayerSensiti
             if w is None or w.dim() != 2 or not w.is_floating_point():
                 continue
             kind = "embedding" if node.target is aten.embedding.default else "embedding_bag"
-            layer = LayerSensitivity(node.name, _module(node), kind, tuple(w.shape), tables_ok)  # type: ignore[arg-type]
+            rows, dim = w.shape
+            layer = LayerSensitivity(node.name, _module(node), kind, (int(rows), int(dim)), tables_ok)
             if not tables_ok:
                 layer.reason = f"embedding tables are not eligible (eligible={cfg.eligible!r})"
         else:
@@ -245,6 +258,14 @@ def _replace(node: torch.fx.Node, new: torch.fx.Node) -> None:
     node.graph.erase_node(node)
 
 
+def _param(program: Program, node: Any) -> torch.Tensor:
+    """The parameter a layer reads (its weight); layers are found only where it is one."""
+    value = param_value(program, node)
+    if value is None:
+        raise PassError(f"{getattr(node, 'name', node)} does not read a parameter")
+    return value
+
+
 def _rewrite(program: Program, names: Sequence[str], cfg: SelectiveFp8Config, quantized: _Quantized) -> None:
     """Rewrite the named layers of ``program`` in place to their FP8 / quantized-table ops."""
     graph = program.graph
@@ -252,7 +273,7 @@ def _rewrite(program: Program, names: Sequence[str], cfg: SelectiveFp8Config, qu
     for name in names:
         node = nodes[name]
         weight_node = node.args[1] if node.target is aten.linear.default else node.args[0]
-        base = str(weight_node.target).replace(".", "_")  # type: ignore[union-attr]
+        base = str(getattr(weight_node, "target", "weight")).replace(".", "_")
         w_idx = 1 if node.target is aten.linear.default else 0
         q, scale = quantized.get(node, w_idx)
         q_node = register_constant(program, f"{base}_{'fp8' if w_idx else cfg.table_format}", q)
@@ -260,7 +281,7 @@ def _rewrite(program: Program, names: Sequence[str], cfg: SelectiveFp8Config, qu
         if node.target is aten.linear.default:
             _rewrite_linear(graph, node, q_node, s_node, cfg)
         elif node.target is aten.embedding.default:
-            dtype = param_value(program, node.args[0]).dtype  # type: ignore[union-attr]
+            dtype = _param(program, node.args[0]).dtype
             with graph.inserting_before(node):
                 new = insert_call(
                     graph,
@@ -278,12 +299,9 @@ def _rewrite_linear(
     bias = node.args[2] if len(node.args) > 2 else None
     last: torch.fx.Node = node
     activation = "none"
-    if len(node.users) == 1:
-        (user,) = node.users
-        act = UNARY_ACTIVATIONS.get(user.target)
-        exact_gelu = act != "gelu" or user.kwargs.get("approximate", "none") == "none"
-        if act is not None and user.args == (node,) and exact_gelu:
-            last, activation = user, act  # the activation runs in the op's epilogue
+    epilogue = epilogue_activation(node)
+    if epilogue is not None:
+        last, activation = epilogue  # the activation runs in the op's epilogue
     with graph.inserting_before(last):
         new = insert_call(
             graph,
@@ -296,7 +314,10 @@ def _rewrite_linear(
 
 
 def _rewrite_bag(program: Program, node: torch.fx.Node, q_node: Any, s_node: Any) -> None:
-    weight, ids, offsets, mode = embedding_bag_lookup(program, node)  # type: ignore[misc]
+    lookup = embedding_bag_lookup(program, node)
+    if lookup is None:
+        raise PassError(f"{node.name} is no longer an EmbeddingBag lookup the quantized op can take")
+    weight, ids, offsets, mode = lookup
     graph = program.graph
     with graph.inserting_before(node):
         new = insert_call(
@@ -355,25 +376,25 @@ def _predict(
         if layer.kind == "linear":
             n_out, k = layer.shape
             m = math.prod(cost.out_shape) // max(1, n_out)
-            flops = 2 * m * k * n_out
-            io = (m * k + m * n_out) * base_bytes
-            layer.baseline_s = kernel_time_s(target, flops, io + k * n_out * base_bytes, cfg.baseline_dtype)
-            # FP8: read x, write its FP8 copy, GEMM reads that and the FP8 weight; two kernels
-            quant = m * k * (base_bytes + 1)
-            fp8 = io - m * k * base_bytes + m * k + k * n_out + 4 * (m + n_out)
-            layer.fp8_s = kernel_time_s(target, flops, quant + fp8, "fp8", launches=2)
+            bias = len(nodes[layer.node].args) > 2 and nodes[layer.node].args[2] is not None
+            base = linear_cost(m, k, n_out, base_bytes, bias)
+            fp8 = fp8_linear_cost(m, k, n_out, base_bytes, base_bytes, n_out * base_bytes if bias else 0)
+            layer.baseline_s = kernel_time_s(target, base.flops, base.bytes, cfg.baseline_dtype, base.kernels)
+            layer.fp8_s = kernel_time_s(target, fp8.flops, fp8.bytes, "fp8", fp8.kernels)
             layer.memory_saved_bytes = k * n_out * 4 - (k * n_out + 4 * n_out)
         else:
             rows, dim = layer.shape
-            w_dtype = param_value(program, nodes[layer.node].args[0]).dtype  # type: ignore[union-attr]
+            w_dtype = _param(program, nodes[layer.node].args[0]).dtype
             if layer.kind == "embedding":
                 gathered = math.prod(cost.out_shape) // max(1, dim)
             else:  # the analysis counts one FLOP per looked-up value of a bag
                 gathered = cost.flops // max(1, dim)
-            # the same lookup, reading D bytes and a 4-byte scale per row instead of D values
-            fp8_bytes = cost.bytes - gathered * dim * w_dtype.itemsize + gathered * (dim + 4)
+            # the same lookup, reading one byte and a 4-byte scale per row instead of D values
+            quantized = quantized_lookup_cost(
+                gathered, dim, 1, cost.bytes - gathered * dim * w_dtype.itemsize
+            )
             layer.baseline_s = kernel_time_s(target, 0, cost.bytes, None)
-            layer.fp8_s = kernel_time_s(target, gathered * dim, fp8_bytes, None)
+            layer.fp8_s = kernel_time_s(target, quantized.flops, quantized.bytes, None, quantized.kernels)
             fmt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(w_dtype, "fp32")
             layer.memory_saved_bytes = table_bytes(rows, dim, fmt) - table_bytes(rows, dim, cfg.table_format)
 
@@ -429,7 +450,8 @@ def _value(layer: LayerSensitivity) -> float:
 # ---- the pass -----------------------------------------------------------------------------
 
 
-class SelectiveFp8(Pass):
+@register_pass
+class SelectiveFp8(Pass[SelectiveFp8Config]):
     """Linears and embedding tables to FP8/INT8 where a quality budget allows and the target gains."""
 
     name = "selective_fp8"
@@ -438,71 +460,26 @@ class SelectiveFp8(Pass):
     enabled_by_default = False
 
     @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob(
-                "quality_budget_pct",
-                "float",
-                0.1,
-                low=0.0,
-                high=0.5,
-                step=0.025,
-                doc="largest NE increase (%) the chosen FP8 layers may cost together",
-            ),
-            Knob(
-                "granularity",
-                "categorical",
-                "row",
-                choices=GRANULARITIES,
-                doc="FP8 scales per row or per tensor",
-            ),
-            Knob(
-                "eligible",
-                "categorical",
-                "linear+embedding",
-                choices=ELIGIBLE_KINDS,
-                doc="layer kinds FP8 may take",
-            ),
-            Knob(
-                "table_format",
-                "categorical",
-                "fp8",
-                choices=QUANTIZED_TABLE_FORMATS,
-                doc="storage of quantized embedding tables",
-                when=("eligible", ("embedding", "linear+embedding")),
-            ),
-            Knob(
-                "selection",
-                "categorical",
-                "greedy",
-                choices=SELECTIONS,
-                doc="how layers are chosen under the budget",
-            ),
-        )
-
-    @classmethod
     def unavailable(cls, target: Target) -> str | None:
         if target.hardware.has_fp8:
             return None
         have = ", ".join(sorted(target.hardware.matmul_flops_per_s))
         return (
-            f"target '{target.name}' ({target.hardware.name}) has no FP8 matrix units (matrix rates: {have})"
+            f"target '{target.name}' ({target.hardware.name}) has no FP8 matrix units (matrix rates: {have}); "
+            "compile for a target with FP8 (h100, h200, l4, mi300x ...: see 'codesign targets')"
         )
 
     def apply(self, program: Program, target: Target) -> PassResult:
-        cfg: SelectiveFp8Config = self.config  # type: ignore[assignment]
-        why = self.unavailable(target)
-        if why is not None:
-            raise PassError(
-                f"selective_fp8 refuses: {why}",
-                fix="compile for a target with FP8 (h100, h200, l4, mi300x ...: see 'codesign targets') "
-                "or leave selective_fp8 out",
-            )
+        cfg = self.config
         layers = _find_layers(program, cfg)
         if not any(layer.eligible for layer in layers):
             reason = "no eligible Linear or embedding table" if layers else "no Linear or embedding table"
-            return PassResult(
-                program, False, {"reason": reason, "layers": [layer.to_dict() for layer in layers]}
+            return PassResult.skipped(
+                program,
+                SkipKind.NOT_APPLICABLE,
+                reason,
+                fix="widen 'eligible' or check the layers' shapes (multiples of 16)",
+                layers=[layer.to_dict() for layer in layers],
             )
         quantized = _Quantized(program, cfg)
         calib = _Calibration(program, cfg, quantized)
@@ -545,10 +522,14 @@ class SelectiveFp8(Pass):
         )
         stats = report.to_dict()
         if not chosen:
-            stats["reason"] = (
-                f"no layer fits the NE budget of {cfg.quality_budget_pct}% with a predicted gain"
+            return PassResult.skipped(
+                out,
+                SkipKind.BELOW_THRESHOLD,
+                f"no layer fits the NE budget of {cfg.quality_budget_pct}% with a predicted gain",
+                fix="raise quality_budget_pct",
+                **stats,
             )
-        return PassResult(out, bool(chosen), stats)
+        return PassResult(out, True, stats)
 
     @staticmethod
     def _verify(

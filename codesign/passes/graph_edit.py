@@ -1,14 +1,17 @@
 """Graph editing helpers shared by the rewriting passes (fusion, selective FP8).
 
 Every node a pass inserts gets its fake value in ``meta['val']`` at once, so later rewrites can
-match on its shape; ``finish_rewrite`` sorts, prunes and re-exports so the program leaving a pass
-carries fresh shape metadata.
+match on its shape. A rewrite that changes the shapes of nodes it keeps (request sharing moves nodes to
+one row per request) calls ``propagate_meta``, which recomputes every value on fake tensors in the
+graph's own shape environment. Programs are never re-traced by ``torch.export`` between passes: that
+costs seconds per pass, this milliseconds; backends export once, at lowering.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,17 +20,34 @@ import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
 from codesign.ir.program import Program
-from codesign.passes.cleanup import remove_unused_params
 
 __all__ = [
+    "dynamic_placeholder_value",
     "fake_mode_of",
     "finish_rewrite",
     "insert_call",
-    "node_value",
+    "list_arg",
     "param_value",
+    "propagate_meta",
     "register_constant",
+    "remove_unused_params",
+    "run_target",
     "stable_topological_sort",
 ]
+
+
+def list_arg(node: torch.fx.Node, index: int) -> list[Any]:
+    """The list argument ``node.args[index]`` (``cat``/``stack`` inputs), or [] if it is not a list."""
+    arg = node.args[index] if len(node.args) > index else None
+    return list(arg) if isinstance(arg, list | tuple) else []
+
+
+def run_target(node: torch.fx.Node, args: Any, kwargs: Any) -> Any:
+    """Call the op of a ``call_function`` node on ``args`` (real or fake values)."""
+    target = node.target
+    if not callable(target):
+        raise TypeError(f"node {node.name} calls {target!r}, which is not callable")
+    return target(*args, **kwargs)
 
 
 def param_value(program: Program, node: Any) -> torch.Tensor | None:
@@ -36,11 +56,6 @@ def param_value(program: Program, node: Any) -> torch.Tensor | None:
         return None
     value = program.fetch_attr(str(node.target))
     return value if isinstance(value, torch.Tensor) else None
-
-
-def node_value(node: Any) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def fake_mode_of(graph: torch.fx.Graph) -> Any:
@@ -64,6 +79,54 @@ def insert_call(
     return node
 
 
+def propagate_meta(program: Program, dirty: Iterable[torch.fx.Node] | None = None) -> None:
+    """Recompute ``meta['val']`` on fake tensors in the graph's own shape environment, in graph order.
+
+    With ``dirty`` (the nodes a rewrite made or changed) only those are recomputed, and then the users of
+    any whose shape or dtype changed, transitively; without it, every node. Symbolic sizes stay in the
+    graph's shape environment, so a node moved to R rows gets R's symbol.
+    """
+    graph = program.graph
+    mode = fake_mode_of(graph)
+    if mode is None:
+        raise RuntimeError("the graph's placeholders carry no fake values")
+    todo = None if dirty is None else set(dirty)
+    with mode:
+        for node in graph.nodes:
+            if todo is not None and node not in todo:
+                continue
+            old = node.meta.get("val")
+            if node.op == "get_attr":
+                value = program.fetch_attr(str(node.target))
+                if isinstance(value, torch.Tensor):
+                    node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+            elif node.op == "call_function":
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+                node.meta["val"] = run_target(node, args, kwargs)
+            if todo is not None and _signature(old) != _signature(node.meta.get("val")):
+                todo.update(node.users)
+
+
+def _signature(value: Any) -> Any:
+    """Shapes and dtypes of a fake value (or list of them), as text: comparing SymInts would add guards."""
+    if isinstance(value, list | tuple):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return (str(tuple(value.shape)), value.dtype)
+    return repr(value)
+
+
+def dynamic_placeholder_value(graph: torch.fx.Graph, example: torch.Tensor) -> Any:
+    """A fake value for a new input whose every size is a fresh symbol of the graph's shape environment."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    mode = fake_mode_of(graph)
+    context: Any = StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC] * example.dim(), constraint_sizes=[None] * example.dim()
+    )
+    return mode.from_tensor(example, symbolic_context=context)
+
+
 def register_constant(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node:
     """A new buffer holding ``value`` and a get_attr node reading it (inserted at the graph's start)."""
     gm = program.graph_module
@@ -75,6 +138,24 @@ def register_constant(program: Program, base: str, value: torch.Tensor) -> torch
     if mode is not None:
         node.meta["val"] = mode.from_tensor(gm.get_buffer(name), static_shapes=True)
     return node
+
+
+def remove_unused_params(gm: torch.fx.GraphModule, only: set[str] | None = None) -> tuple[int, int]:
+    """Delete parameters/buffers no get_attr reads (restricted to ``only`` if given); (count, bytes) freed."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    removed, freed = 0, 0
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if name in used or (only is not None and name not in only):
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+            removed += 1
+            freed += t.numel() * t.element_size()
+    gm.delete_all_unused_submodules()
+    return removed, freed
 
 
 def stable_topological_sort(graph: torch.fx.Graph) -> None:
@@ -106,9 +187,9 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
 
 
 def finish_rewrite(program: Program) -> Program:
-    """Sort, drop dead nodes and orphaned weights, and re-export for fresh shape metadata."""
+    """Sort, drop dead nodes and orphaned weights, and recompile (in place; no re-export)."""
     stable_topological_sort(program.graph)
     program.graph.eliminate_dead_code()
     remove_unused_params(program.graph_module)
     program.recompile()
-    return program.reexported()
+    return program

@@ -10,121 +10,106 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
+import enum
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, Union
 
 import torch
 
-from codesign.config import Config
+from codesign.analysis import analyze
+from codesign.config import Config, Knob
 from codesign.errors import ConfigError, NumericsError, PassError
+from codesign.hardware.costmodel import estimate_analysis
 from codesign.hardware.target import Target
+from codesign.hardware.tunable import Tunable
 from codesign.ir.program import Program
 from codesign.numerics import EXACT, Tolerance, compare_outputs
+from codesign.passes.registry import pass_by_name, pass_names
 
 __all__ = [
+    "GAIN_HELP",
+    "GATE_CANDIDATES",
+    "GATE_REQUESTS",
     "CompileReport",
     "Knob",
     "Pass",
     "PassManager",
     "PassRecord",
     "PassResult",
-    "Tunable",
+    "SkipKind",
+    "SkipReason",
     "combined_tolerance",
-    "gain_knob",
+    "predicted_latency",
+    "resolve_passes",
 ]
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C", bound=Config)
+
+# The batch every cost gate predicts at: one shape for every pass, so gates compare like with like.
+GATE_CANDIDATES, GATE_REQUESTS = 1024, 16
+
+# Help of the knob every cost-gated pass declares (``require_predicted_gain``); the manager acts on it.
+GAIN_HELP = "keep the rewrite only when the cost model predicts lower latency on the target"
+
+
+class SkipKind(str, enum.Enum):
+    """Why a pass left the program as it was."""
+
+    UNAVAILABLE = "unavailable"  # the pass cannot serve this target (e.g. FP8 without FP8 units)
+    NOT_APPLICABLE = "not_applicable"  # the pattern it rewrites does not occur in this program
+    BELOW_THRESHOLD = "below_threshold"  # it occurs, but below a knob's threshold
+    NO_PREDICTED_GAIN = "no_predicted_gain"  # rewritten, then discarded: the cost model predicts no gain
+    DISABLED = "disabled"  # a knob turns it off on this target
+    ALREADY_APPLIED = "already_applied"  # the program already has the form the pass produces
+
 
 @dataclasses.dataclass(frozen=True)
-class Knob:
-    """A pass parameter search may tune: a config field with its type and range."""
+class SkipReason:
+    """A typed skip: what kind, what happened in words, and what a user could change."""
 
-    name: str
-    kind: str  # "int" | "float" | "bool" | "categorical"
-    default: Any
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[Any, ...] = ()
-    log: bool = False
-    doc: str = ""
-    step: float | None = None  # search grid for float knobs (values closer than this act alike)
-    # active only when another knob of the same pass/backend takes one of these values
-    when: tuple[str, tuple[Any, ...]] | None = None
+    kind: SkipKind
+    message: str
+    fix: str = ""
 
-    def check(self, value: Any) -> None:
-        ok = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
-            "bool": isinstance(value, bool),
-            "categorical": value in self.choices,
-        }[self.kind]
-        if ok and self.kind in ("int", "float"):
-            ok = (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-        if not ok:
-            rng = self.choices if self.kind == "categorical" else f"[{self.low}, {self.high}]"
-            raise ConfigError(f"knob {self.name}={value!r} is not a valid {self.kind} in {rng}")
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "message": self.message, "fix": self.fix}
 
-
-# The knob of every pass that keeps its rewrite only where the cost model predicts a gain.
-def gain_knob() -> Knob:
-    return Knob(
-        "require_predicted_gain",
-        "bool",
-        True,
-        doc="keep the rewrite only when the cost model predicts lower latency on the target",
-    )
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.message}" + (f" ({self.fix})" if self.fix else "")
 
 
 @dataclasses.dataclass
 class PassResult:
+    """What a pass's rewrite returns: the program, whether it changed, its own stats, or why it skipped."""
+
     program: Program
     modified: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-class Tunable:
-    """Shared by passes and backends: a typed config of knobs checked on construction, and a stable uuid."""
-
-    name: ClassVar[str]
-    config_class: ClassVar[type[Config]]
-    version: ClassVar[int] = 1
-
-    def __init__(self, config: Config | None = None) -> None:
-        cfg = config if config is not None else self.config_class()
-        if not isinstance(cfg, self.config_class):
-            raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
-        for knob in self.knobs():
-            knob.check(getattr(cfg, knob.name))
-        self.config = cfg
+    skip: SkipReason | None = None
 
     @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        """The knobs search may tune (by default: none)."""
-        return ()
-
-    @classmethod
-    def unavailable(cls, target: Target) -> str | None:
-        """Why this pass or backend cannot be used for ``target`` (None when it can).
-
-        Search leaves unavailable ones (and their knobs) out of the space for that target.
-        """
-        return None
-
-    def uuid(self) -> str:
-        """Stable id of this code version and config, for cache keys."""
-        raw = f"{type(self).__module__}.{type(self).__qualname__}:v{self.version}:{self.config.to_json()}"
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
+    def skipped(
+        cls, program: Program, kind: SkipKind, message: str, fix: str = "", **stats: Any
+    ) -> PassResult:
+        return cls(program, False, dict(stats), SkipReason(kind, message, fix))
 
 
-class Pass(Tunable, abc.ABC):
-    """Base of every graph pass. Subclasses set ``name``, ``config_class`` and implement ``apply``."""
+def predicted_latency(program: Program, target: Target) -> float:
+    """The cost model's latency of ``program`` on ``target`` at the gate batch."""
+    return estimate_analysis(analyze(program, GATE_CANDIDATES, GATE_REQUESTS), target).latency_s
+
+
+class Pass(Tunable[C], abc.ABC):
+    """Base of every graph pass. Subclasses set ``name``, ``config_class`` and implement ``apply``.
+
+    ``apply`` holds only the rewrite. The manager resolves names, skips unavailable passes, verifies
+    numerics, times each pass and gates it on the cost model: a pass whose config has
+    ``require_predicted_gain`` set is kept only if the predicted latency at the gate batch drops.
+    """
 
     tolerance: ClassVar[Tolerance] = EXACT
     # lossy passes (quantization) are opt-in: left out of ``default_passes()`` and off in the
@@ -133,12 +118,17 @@ class Pass(Tunable, abc.ABC):
 
     @abc.abstractmethod
     def apply(self, program: Program, target: Target) -> PassResult:
-        """Rewrite ``program`` (already a private copy) for ``target``."""
+        """Rewrite ``program`` (a private copy whose existing parameters must not change in place)."""
+
+    @property
+    def gated(self) -> bool:
+        """Whether the manager keeps this pass's rewrite only on a predicted gain."""
+        return bool(getattr(self.config, "require_predicted_gain", False))
 
 
 @dataclasses.dataclass
 class PassRecord:
-    """What one pass did: modified or not, op counts, numerics, time, its own stats."""
+    """What one pass did: modified or why not, op counts, numerics, time, predictions, its own stats."""
 
     name: str
     uuid: str
@@ -150,6 +140,15 @@ class PassRecord:
     max_rel_error: float
     seconds: float
     stats: dict[str, Any]
+    skip: SkipReason | None = None
+    # the cost model at the gate batch, before and after the rewrite (gated passes that rewrote; else None)
+    predicted_latency_before_s: float | None = None
+    predicted_latency_after_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["skip"] = self.skip.to_dict() if self.skip is not None else None
+        return out
 
 
 @dataclasses.dataclass
@@ -162,11 +161,11 @@ class CompileReport:
         return {
             "program": self.program_name,
             "target": self.target,
-            "passes": [dataclasses.asdict(p) for p in self.passes],
+            "passes": [p.to_dict() for p in self.passes],
         }
 
 
-def combined_tolerance(passes: Sequence[Pass]) -> Tolerance:
+def combined_tolerance(passes: Sequence[Pass[Any]]) -> Tolerance:
     """The loosest tolerance of ``passes`` (elementwise bounds, and the lowest SQNR floor if any)."""
     floors = [p.tolerance.min_sqnr_db for p in passes if p.tolerance.min_sqnr_db is not None]
     return Tolerance(
@@ -176,16 +175,48 @@ def combined_tolerance(passes: Sequence[Pass]) -> Tolerance:
     )
 
 
-class PassManager:
-    """Runs passes in order and verifies numerics after each one.
+PassLike = Union["Pass[Any]", "type[Pass[Any]]", str]
 
-    >>> program, report = PassManager([DeadCodeElimination(), ConstantFolding()], target).run(program)
+
+def resolve_passes(passes: Sequence[PassLike]) -> list[Pass[Any]]:
+    """Pass objects for a mix of objects, classes and registered names (``pass_names()``)."""
+    out: list[Pass[Any]] = []
+    for i, p in enumerate(passes):
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(pass_by_name(p)())
+        elif isinstance(p, type) and issubclass(p, Pass):
+            out.append(p())
+        else:
+            raise PassError(
+                f"passes[{i}] is a {type(p).__name__} ({p!r}), not a pass",
+                fix=f"give Pass objects, Pass classes or names from {pass_names()}",
+            )
+    return out
+
+
+class PassManager:
+    """Runs passes in order and owns what every pass needs around its rewrite.
+
+    For each pass: skip it (typed reason) when it is unavailable for the target; run its rewrite on a copy
+    that shares the parameters; for a gated pass, predict the latency before and after on the target and
+    keep the rewrite only on a predicted gain; verify the IR and the numerics against the pass's input on
+    fresh random requests; time it.
+
+    >>> program, report = PassManager(["dce", "constant_folding"], target).run(program)
     """
 
     def __init__(
-        self, passes: Sequence[Pass], target: Target, *, verify: bool = True, checks: int = 2, seed: int = 0
+        self,
+        passes: Sequence[PassLike],
+        target: Target,
+        *,
+        verify: bool = True,
+        checks: int = 2,
+        seed: int = 0,
     ) -> None:
-        self.passes = list(passes)
+        self.passes = resolve_passes(passes)
         self.target = target
         self.verify = verify
         self.checks = checks
@@ -204,60 +235,102 @@ class PassManager:
         current = program.copy()
         records: list[PassRecord] = []
         done: list[str] = []
+        predicted: float | None = None  # of ``current``, once computed
         for index, p in enumerate(self.passes):
-            ops_before = current.op_count()
-            # each pass is held to its own tolerance against its input (a lossy pass earlier in
-            # the pipeline must not make the exact ones after it fail)
-            checks: list[tuple[Any, Any]] = []
-            if self.verify:
-                with torch.no_grad():
-                    checks = [(b, current.run(b)) for b in self._check_batches(reference, index)]
             t0 = time.perf_counter()
-            try:
-                result = p.apply(current, self.target)
-                result.program.recompile()
-                result.program.verify()
-            except PassError:
-                raise
-            except Exception as exc:
-                raise PassError(
-                    f"pass '{p.name}' failed after {done or 'no passes'}: {type(exc).__name__}: {exc}",
-                    fix=f"run without '{p.name}' or report the model that triggers it",
-                ) from exc
-            seconds = time.perf_counter() - t0
+            ops_before = current.op_count()
+            why = p.unavailable(self.target)
+            if why is not None:
+                skip = SkipReason(SkipKind.UNAVAILABLE, why, fix=f"leave '{p.name}' out for this target")
+                records.append(self._record(p, current, ops_before, PassResult(current, False, {}, skip), t0))
+                done.append(p.name)
+                continue
+            result = self._apply(p, current.shallow_copy(), done)
+            before = after = None
+            if result.modified and p.gated:
+                before = predicted if predicted is not None else predicted_latency(current, self.target)
+                after = predicted_latency(result.program, self.target)
+                if after >= before:
+                    result = PassResult(
+                        current,
+                        False,
+                        result.stats,
+                        SkipReason(
+                            SkipKind.NO_PREDICTED_GAIN,
+                            f"the cost model predicts {after * 1e3:.4g} ms after vs {before * 1e3:.4g} ms "
+                            f"before on {self.target.name}; the rewrite was discarded",
+                            fix="set require_predicted_gain=False to keep it anyway",
+                        ),
+                    )
+            elif result.skip is None:
+                result.skip = SkipReason(SkipKind.NOT_APPLICABLE, "the pass found nothing to rewrite")
             max_abs = max_rel = 0.0
-            if self.verify:
-                tol = p.tolerance
-                for batch, want in checks:
-                    with torch.no_grad():
-                        got = result.program.run(batch)
-                    ok, a, r = compare_outputs(got, want, tol)
-                    max_abs, max_rel = max(max_abs, a), max(max_rel, r)
-                    if not ok:
-                        raise NumericsError(
-                            f"pass '{p.name}' (after {done or 'no passes'}) changed outputs beyond its tolerance "
-                            f"({tol}): max abs error {a:.3g}, max rel error {r:.3g} "
-                            f"on {batch.num_requests} requests / {batch.num_candidates} candidates",
-                            fix=f"disable '{p.name}' for this model or loosen its config",
-                        )
-            current = result.program
-            records.append(
-                PassRecord(
-                    p.name,
-                    p.uuid(),
-                    p.config.to_dict()["fields"],
-                    result.modified,
-                    ops_before,
-                    current.op_count(),
-                    max_abs,
-                    max_rel,
-                    seconds,
-                    result.stats,
-                )
-            )
+            if self.verify and result.modified:
+                # each pass is held to its own tolerance against its input (a lossy pass earlier in
+                # the pipeline must not make the exact ones after it fail)
+                batches = self._check_batches(reference, index)
+                max_abs, max_rel = self._check_numerics(p, current, result.program, batches, done)
+            record = self._record(p, current, ops_before, result, t0)
+            record.max_abs_error, record.max_rel_error = max_abs, max_rel
+            record.predicted_latency_before_s, record.predicted_latency_after_s = before, after
+            records.append(record)
+            if result.modified:
+                current, predicted = result.program, after
             log.info(
                 "pass %s: modified=%s ops %d -> %d", p.name, result.modified, ops_before, current.op_count()
             )
             done.append(p.name)
         current.metadata["passes"] = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
         return current, CompileReport(program.name, self.target.name, records)
+
+    def _apply(self, p: Pass[Any], program: Program, done: list[str]) -> PassResult:
+        try:
+            result = p.apply(program, self.target)
+            if result.modified:
+                result.program.recompile()
+                result.program.verify()
+        except (PassError, ConfigError):
+            raise
+        except Exception as exc:
+            raise PassError(
+                f"pass '{p.name}' failed after {done or 'no passes'}: {type(exc).__name__}: {exc}",
+                fix=f"run without '{p.name}' or report the model that triggers it",
+            ) from exc
+        return result
+
+    def _check_numerics(
+        self, p: Pass[Any], before: Program, after: Program, batches: list[Any], done: list[str]
+    ) -> tuple[float, float]:
+        max_abs = max_rel = 0.0
+        tol = p.tolerance
+        for batch in batches:
+            with torch.no_grad():
+                want, got = before.run(batch), after.run(batch)
+            ok, a, r = compare_outputs(got, want, tol)
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+            if not ok:
+                raise NumericsError(
+                    f"pass '{p.name}' (after {done or 'no passes'}) changed outputs beyond its tolerance "
+                    f"({tol}): max abs error {a:.3g}, max rel error {r:.3g} "
+                    f"on {batch.num_requests} requests / {batch.num_candidates} candidates",
+                    fix=f"disable '{p.name}' for this model or loosen its config",
+                )
+        return max_abs, max_rel
+
+    def _record(
+        self, p: Pass[Any], current: Program, ops_before: int, result: PassResult, t0: float
+    ) -> PassRecord:
+        program = result.program if result.modified else current
+        return PassRecord(
+            p.name,
+            p.uuid(),
+            p.config.to_dict()["fields"],
+            result.modified,
+            ops_before,
+            program.op_count(),
+            0.0,
+            0.0,
+            time.perf_counter() - t0,
+            result.stats,
+            result.skip,
+        )

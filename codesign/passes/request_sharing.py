@@ -26,20 +26,28 @@ import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 import codesign.ops  # noqa: F401  (registers codesign::broadcast_linear, the op this pass rewrites to)
-from codesign.analysis import Role, analyze, is_row_view, propagate_roles, symbolic_dim
-from codesign.config import Config, register_config
+from codesign.analysis import Role, analyze, is_row_view, node_value, propagate_roles, symbolic_dim
+from codesign.config import Config, knob, register_config
 from codesign.hardware.costmodel import estimate_analysis
 from codesign.hardware.target import Target
 from codesign.ir.program import REQUEST_OFFSETS, Program
-from codesign.passes.manager import Knob, Pass, PassResult, gain_knob
+from codesign.passes.graph_edit import dynamic_placeholder_value, list_arg, propagate_meta
+from codesign.passes.manager import (
+    GAIN_HELP,
+    GATE_CANDIDATES,
+    GATE_REQUESTS,
+    Pass,
+    PassResult,
+    SkipKind,
+    SkipReason,
+)
+from codesign.passes.patterns import epilogue_activation
+from codesign.passes.registry import register_pass
 
 __all__ = ["RequestSharing", "RequestSharingConfig"]
 
 aten = torch.ops.aten
 
-# Candidate and request counts at which the pass reports predicted savings.
-REPORT_CANDIDATES = 1024
-REPORT_REQUESTS = 16
 # A real run at this size counts executed FLOPs (kept small: the original program runs it naively).
 MEASURE_CANDIDATES = 64
 MEASURE_REQUESTS = 4
@@ -48,52 +56,38 @@ MEASURE_REQUESTS = 4
 @register_config
 @dataclasses.dataclass(frozen=True)
 class RequestSharingConfig(Config):
-    min_request_fraction: float = 0.0  # rewrite only if at least this share of FLOPs is request-level
-    split_concat_linears: bool = True  # Linear(concat(user, cand)) -> W_u·u + W_c·c; user x user dot products
-    # add the per-request row inside the candidate GEMM (codesign::broadcast_linear)
-    fuse_broadcast: bool = True
-    # keep the rewrite only if the cost model predicts it faster on the target
-    require_predicted_gain: bool = True
+    min_request_fraction: float = knob(
+        0.0,
+        low=0.0,
+        high=1.0,
+        step=0.05,
+        help="skip the rewrite when request-level FLOPs are below this share of the total",
+    )
+    # Linear(concat(user, cand)) -> W_u·u + W_c·c; user x user dot products
+    split_concat_linears: bool = knob(True, help="split Linear over concat(user, candidate) features")
+    fuse_broadcast: bool = knob(True, help="fuse the per-request row gather into the candidate GEMM")
+    require_predicted_gain: bool = knob(True, help=GAIN_HELP)
 
 
-class RequestSharing(Pass):
+@register_pass
+class RequestSharing(Pass[RequestSharingConfig]):
     """Compute request-level work on one row per request; gather it back where candidates need it."""
 
     name = "request_sharing"
     config_class = RequestSharingConfig
 
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob(
-                "min_request_fraction",
-                "float",
-                0.0,
-                low=0.0,
-                high=1.0,
-                doc="skip the rewrite when request-level FLOPs are below this share of the total",
-                step=0.05,
-            ),
-            Knob(
-                "split_concat_linears", "bool", True, doc="split Linear over concat(user, candidate) features"
-            ),
-            Knob(
-                "fuse_broadcast", "bool", True, doc="fuse the per-request row gather into the candidate GEMM"
-            ),
-            gain_knob(),
-        )
-
     def apply(self, program: Program, target: Target) -> PassResult:
         if program.takes_request_offsets:
-            return PassResult(program, False, {"reason": "already request-centric"})
-        cfg: RequestSharingConfig = self.config  # type: ignore[assignment]
-        before = analyze(program, REPORT_CANDIDATES, REPORT_REQUESTS)
-        predicted_before = estimate_analysis(before, target).latency_s
+            return PassResult.skipped(
+                program, SkipKind.ALREADY_APPLIED, "the program is already request-centric"
+            )
+        cfg = self.config
+        before = analyze(program, GATE_CANDIDATES, GATE_REQUESTS)
         # algebraic splits trade FLOPs for extra ops and copies: try them, keep what the cost model prefers
         splits = cfg.split_concat_linears
         plans = list(dict.fromkeys([(splits, splits), (splits, False), (False, False)]))
         built: list[tuple[float, Program, dict[str, Any]]] = []
-        reason = "no request-level work"
+        skip = SkipReason(SkipKind.NOT_APPLICABLE, "no request-level work")
         found: tuple[int, int] | None = None  # splits the fullest plan found; later plans skip repeats of it
         seen: set[tuple[bool, bool]] = set()
         for linears, pairwise in plans:
@@ -108,57 +102,62 @@ class RequestSharing(Pass):
                 fuse=cfg.fuse_broadcast,
                 min_fraction=cfg.min_request_fraction,
             )
-            if isinstance(result, str):
-                reason = result
+            if isinstance(result, SkipReason):
+                skip = result
                 continue
             out, stats = result
             n_linears, n_pairwise = stats["linears_split"], stats["pairwise_interactions_split"]
             found = found or (n_linears, n_pairwise)
             seen.add((n_linears > 0, n_pairwise > 0))
-            after = analyze(out, REPORT_CANDIDATES, REPORT_REQUESTS)
+            after = analyze(out, GATE_CANDIDATES, GATE_REQUESTS)
             stats["flops_after"] = after.total_flops
             built.append((estimate_analysis(after, target).latency_s, out, stats))
         if not built:
-            return PassResult(program, False, {"reason": reason})
-        predicted_after, out, stats = min(built, key=lambda b: b[0])
+            return PassResult(program, False, {}, skip)
+        _, out, stats = min(built, key=lambda b: b[0])
         stats.update(
             {
                 "flops_before": before.total_flops,
                 "flops_moved_to_request_level": before.total_flops - stats["flops_after"],
-                "at": f"{REPORT_CANDIDATES} candidates / {REPORT_REQUESTS} requests on {target.name}",
-                "predicted_latency_before_s": predicted_before,
-                "predicted_latency_after_s": predicted_after,
+                "at": f"{GATE_CANDIDATES} candidates / {GATE_REQUESTS} requests",
+                "measured_matmul_flops_before": _measured_matmul_flops(program),
+                "measured_matmul_flops_after": _measured_matmul_flops(out),
+                "measured_at": f"{MEASURE_CANDIDATES} candidates / {MEASURE_REQUESTS} requests",
             }
         )
-        if cfg.require_predicted_gain and predicted_after >= predicted_before:
-            stats["reason"] = "the cost model predicts no gain on this target"
-            return PassResult(program, False, stats)
-        stats["measured_matmul_flops_before"] = _measured_matmul_flops(program)
-        stats["measured_matmul_flops_after"] = _measured_matmul_flops(out)
-        stats["measured_at"] = f"{MEASURE_CANDIDATES} candidates / {MEASURE_REQUESTS} requests"
         return PassResult(out, True, stats)
 
 
 def _build(
     program: Program, *, linears: bool, pairwise: bool, fuse: bool, min_fraction: float
-) -> tuple[Program, dict[str, Any]] | str:
-    """One request-centric rewrite of ``program``; a string says why there is nothing to share."""
-    work = program.copy()
+) -> tuple[Program, dict[str, Any]] | SkipReason:
+    """One request-centric rewrite of ``program``, or why there is nothing to share."""
+    work = program.shallow_copy()
+    known = set(work.graph.nodes)
     n_linears = _split_concat_linears(work) if linears else 0
     n_pairwise = _split_pairwise_interactions(work) if pairwise else 0
     if n_linears or n_pairwise:
         work.recompile()
-        work = work.reexported()  # fresh shapes for the new nodes before roles are recomputed
-    split_analysis = analyze(work, REPORT_CANDIDATES, REPORT_REQUESTS)
+        propagate_meta(work, [n for n in work.graph.nodes if n not in known])  # before roles are recomputed
+        known = set(work.graph.nodes)
+    split_analysis = analyze(work, GATE_CANDIDATES, GATE_REQUESTS)
     request_flops = split_analysis.flops_by_role()[Role.REQUEST]
     fraction = request_flops / max(1, split_analysis.total_flops)
     if request_flops == 0:
-        return "no request-level work"
+        return SkipReason(
+            SkipKind.NOT_APPLICABLE,
+            "no request-level work",
+            fix="declare the user inputs or columns request-level in the RequestSpec",
+        )
     if fraction < min_fraction:
-        return f"request-level FLOPs {fraction:.1%} < min_request_fraction {min_fraction:.1%}"
+        return SkipReason(
+            SkipKind.BELOW_THRESHOLD,
+            f"request-level FLOPs {fraction:.1%} < min_request_fraction {min_fraction:.1%}",
+            fix="lower min_request_fraction",
+        )
     compressed, expanded, request_index = _rewrite(work)
     if compressed == 0:
-        return "request-level values feed no shareable op"
+        return SkipReason(SkipKind.NOT_APPLICABLE, "request-level values feed no shareable op")
     fused = _fuse_broadcast_linear(work, request_index) if fuse else 0
     work.takes_request_offsets = True
     work.recompile()
@@ -170,7 +169,8 @@ def _build(
         "broadcast_linears": fused,
         "request_flops_fraction": round(fraction, 4),
     }
-    return work.reexported(), stats
+    propagate_meta(work, [n for n in work.graph.nodes if n not in known])  # shared nodes now have R rows
+    return work, stats
 
 
 def _measured_matmul_flops(program: Program) -> int:
@@ -193,8 +193,9 @@ def _is_matrix(node: Any) -> bool:
 
 
 def _tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
-    val = node.meta.get("val")
-    return val if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+    """The node's tensor value when it has rows (scalars are never shared or gathered)."""
+    val = node_value(node)
+    return val if val is not None and val.dim() > 0 else None
 
 
 def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
@@ -209,6 +210,7 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
 
     with graph.inserting_after(last_placeholder):
         offsets = graph.placeholder(REQUEST_OFFSETS)
+    offsets.meta["val"] = dynamic_placeholder_value(graph, program.example.offsets)
     with graph.inserting_after(offsets):
         first_rows = graph.call_function(aten.slice.Tensor, (offsets, 0, 0, -1))
     with graph.inserting_after(first_rows):
@@ -340,7 +342,7 @@ def _split_concat_linears(program: Program) -> int:
             continue
         if w.op != "get_attr" or str(w.target) not in tensors or roles.get(x.name) is not Role.CANDIDATE:
             continue
-        parts = list(x.args[0])  # type: ignore[arg-type]
+        parts = list_arg(x, 0)
         rank = x.meta["val"].dim()
         dim = _int_arg(x.args[1]) if len(x.args) > 1 else 0
         if dim % rank != rank - 1 or not all(
@@ -413,7 +415,7 @@ def _split_pairwise_interactions(program: Program) -> int:
         if sorted(_int_arg(d) % 3 for d in right.args[1:3]) != [1, 2]:
             continue
         dim = _int_arg(left.args[1]) if len(left.args) > 1 else 0
-        parts = list(left.args[0])  # type: ignore[arg-type]
+        parts = list_arg(left, 0)
         if dim % 3 != 1 or not all(_is_matrix(p) for p in parts):
             continue
         is_req = [request_on_rows(p) for p in parts]
@@ -450,14 +452,6 @@ def _split_pairwise_interactions(program: Program) -> int:
     return split
 
 
-_FUSABLE_ACTIVATIONS = {
-    aten.relu.default: "relu",
-    aten.sigmoid.default: "sigmoid",
-    aten.tanh.default: "tanh",
-    aten.gelu.default: "gelu",
-}
-
-
 def _fuse_broadcast_linear(program: Program, request_index: torch.fx.Node) -> int:
     """``act(linear(c, W, b) + index_select(u_r, 0, request_index))`` -> ``codesign::broadcast_linear``."""
     graph = program.graph
@@ -477,11 +471,9 @@ def _fuse_broadcast_linear(program: Program, request_index: torch.fx.Node) -> in
         if lin.meta["val"].dim() != 2 or len(gather.users) != 1:
             continue
         last, activation = node, "none"
-        if len(node.users) == 1:
-            (user,) = node.users
-            act = _FUSABLE_ACTIVATIONS.get(user.target)
-            if act is not None and (act != "gelu" or user.kwargs.get("approximate", "none") == "none"):
-                activation, last = act, user
+        epilogue = epilogue_activation(node)
+        if epilogue is not None:
+            last, activation = epilogue
         bias = lin.args[2] if len(lin.args) > 2 else None
         with graph.inserting_before(last):
             op = graph.call_function(

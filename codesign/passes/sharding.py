@@ -16,13 +16,14 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.errors import PassError, ShardingError
 from codesign.hardware.costmodel import estimate
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 from codesign.ir.request import flatten_inputs
-from codesign.passes.manager import Knob, Pass, PassResult
+from codesign.passes.manager import Pass, PassResult, SkipKind
+from codesign.passes.registry import register_pass
 from codesign.sharding.planner import PlannerConfig, plan_sharding
 from codesign.sharding.runtime import Lookup, find_lookups, table_storage
 from codesign.sharding.types import SHARDING_TYPES, TABLE_FORMATS, PlanWorkload, TableSpec, Topology
@@ -57,10 +58,18 @@ def parse_sharding_types(value: str) -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig(Config):
     devices: int = 0  # 0: the target's device count
-    sharding_types: str = "all"  # a preset of SHARDING_PRESETS (the search knob)
+    sharding_types: str = knob(
+        "all",
+        choices=tuple(SHARDING_PRESETS),
+        help="sharding types the planner may use (replicas trade memory for no communication)",
+    )
     allowed_types: tuple[str, ...] = ()  # explicit sharding types; overrides the preset when given
-    memory_margin: float = 0.1  # fraction of each device's memory kept free
-    table_format: str = "model"  # storage planned for float tables: the model's own, or a format
+    memory_margin: float = knob(0.1, low=0.0, high=0.3, step=0.05, help="device memory kept free")
+    table_format: str = knob(
+        "model",
+        choices=("model", "bf16", "fp8", "int8"),
+        help="storage of float tables in the plan (the runtime stores each shard so)",
+    )
     batch_per_device: int = 8192  # candidates each device scores per step
     constraints: tuple[tuple[str, str], ...] = ()  # (table, sharding type) forced
 
@@ -125,32 +134,13 @@ def program_tables(
     return tables, lookups, refused
 
 
-class ShardEmbeddings(Pass):
+@register_pass
+class ShardEmbeddings(Pass[ShardingConfig]):
     """Plan every EmbeddingBag table across the target's devices (metadata only; graph unchanged)."""
 
     name = "shard_embeddings"
     config_class = ShardingConfig
     version: ClassVar[int] = 1
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob(
-                "sharding_types",
-                "categorical",
-                "all",
-                choices=tuple(SHARDING_PRESETS),
-                doc="sharding types the planner may use (replicas trade memory for no communication)",
-            ),
-            Knob("memory_margin", "float", 0.1, low=0.0, high=0.3, step=0.05, doc="device memory kept free"),
-            Knob(
-                "table_format",
-                "categorical",
-                "model",
-                choices=("model", "bf16", "fp8", "int8"),
-                doc="storage of float tables in the plan (the runtime stores each shard so)",
-            ),
-        )
 
     @classmethod
     def unavailable(cls, target: Target) -> str | None:
@@ -159,18 +149,18 @@ class ShardEmbeddings(Pass):
         return None
 
     def apply(self, program: Program, target: Target) -> PassResult:
-        cfg: ShardingConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         devices = cfg.devices or target.devices
         if devices < 2:
-            return PassResult(program, False, {"skipped": "one device: nothing to shard"})
+            return PassResult.skipped(program, SkipKind.UNAVAILABLE, "one device: nothing to shard")
         if cfg.table_format != "model" and cfg.table_format not in TABLE_FORMATS:
             raise PassError(
                 f"shard_embeddings: table_format {cfg.table_format!r} is not 'model' or one of {TABLE_FORMATS}"
             )
         tables, lookups, refused = program_tables(program, cfg.table_format)
         if not tables:
-            return PassResult(
-                program, False, {"skipped": "no shardable EmbeddingBag tables", "not_sharded": refused}
+            return PassResult.skipped(
+                program, SkipKind.NOT_APPLICABLE, "no shardable EmbeddingBag tables", not_sharded=refused
             )
         sharded = {t.name for t in tables} | {lk.scale for lk in lookups if lk.scale}
         # every device holds the dense part (data-parallel) and the activations of its batch
