@@ -198,16 +198,22 @@ def _tensor_val(node: torch.fx.Node) -> torch.Tensor | None:
     return val if val is not None and val.dim() > 0 else None
 
 
-def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
-    """Rewrite ``program.graph`` in place; returns (nodes recomputed on R rows, expansions, request_index)."""
-    graph = program.graph
-    roles = propagate_roles(program)
-    placeholders = program.placeholders()
-    row_source = _row_source(program)
-    on_rows = _request_rows(program)
-    last_placeholder = list(placeholders.values())[-1]
-    device = program.example.offsets.device
+@dataclasses.dataclass
+class _RequestIndex:
+    """The nodes every rewrite shares: the offsets input, each request's first row, and request_index[N]."""
 
+    offsets: torch.fx.Node
+    first_rows: torch.fx.Node
+    request_index: torch.fx.Node
+    nodes: frozenset[torch.fx.Node]
+
+
+def _add_request_index(program: Program) -> _RequestIndex:
+    """Add the ``request_offsets`` input and the nodes that map candidate rows to their request."""
+    graph = program.graph
+    last_placeholder = list(program.placeholders().values())[-1]
+    row_source = _row_source(program)  # before the graph gains an input the spec does not list
+    device = program.example.offsets.device
     with graph.inserting_after(last_placeholder):
         offsets = graph.placeholder(REQUEST_OFFSETS)
     offsets.meta["val"] = dynamic_placeholder_value(graph, program.example.offsets)
@@ -221,8 +227,19 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
         rows = graph.call_function(aten.arange.default, (n_rows,), {"dtype": torch.int64, "device": device})
     with graph.inserting_after(rows):
         request_index = graph.call_function(aten.searchsorted.Tensor, (ends, rows), {"right": True})
-    helpers = {offsets, first_rows, ends, n_rows, rows, request_index}
+    nodes = frozenset({offsets, first_rows, ends, n_rows, rows, request_index})
+    return _RequestIndex(offsets, first_rows, request_index, nodes)
 
+
+def _compress(
+    program: Program, index: _RequestIndex, on_rows: Callable[[Any], bool], roles: dict[str, Role]
+) -> tuple[dict[torch.fx.Node, torch.fx.Node], set[torch.fx.Node]]:
+    """Copy every request-level node whose inputs are request-level rows or parameters onto R rows.
+
+    Returns (original -> its R-row value, the originals that were recomputed); a request-level *source*
+    is gathered once per request with ``index_select(x, 0, first_rows)``.
+    """
+    graph = program.graph
     compressed: dict[torch.fx.Node, torch.fx.Node] = {}
     copied: set[torch.fx.Node] = set()
 
@@ -234,13 +251,13 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
         if (
             node not in compressed
         ):  # a source: keep its N rows for candidate users, gather one row per request
-            with graph.inserting_after(request_index if node.op == "placeholder" else node):
-                compressed[node] = graph.call_function(aten.index_select.default, (node, 0, first_rows))
+            with graph.inserting_after(index.request_index if node.op == "placeholder" else node):
+                compressed[node] = graph.call_function(aten.index_select.default, (node, 0, index.first_rows))
             compressed[node].meta = dict(node.meta)
         return compressed[node]
 
     for node in list(graph.nodes):
-        if node in helpers or node.op != "call_function" or not on_rows(node):
+        if node in index.nodes or node.op != "call_function" or not on_rows(node):
             continue
         inputs = node.all_input_nodes
         row_inputs = [a for a in inputs if on_rows(a)]
@@ -253,7 +270,16 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
         new.meta = dict(node.meta)
         compressed[node] = new
         copied.add(node)
+    return compressed, copied
 
+
+def _expand(
+    graph: torch.fx.Graph,
+    index: _RequestIndex,
+    compressed: dict[torch.fx.Node, torch.fx.Node],
+    copied: set[torch.fx.Node],
+) -> int:
+    """Point candidate-level users of shared nodes at N-row gathers by request_index; returns the gathers."""
     expansions: dict[torch.fx.Node, torch.fx.Node] = {}
 
     def expand(node: torch.fx.Node) -> torch.fx.Node:
@@ -271,25 +297,37 @@ def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
                 new = graph.node_copy(node, lambda a: gathered if a is base else a)
         else:
             with graph.inserting_after(compressed[node]):
-                new = graph.call_function(aten.index_select.default, (compressed[node], 0, request_index))
+                new = graph.call_function(
+                    aten.index_select.default, (compressed[node], 0, index.request_index)
+                )
         new.meta = dict(node.meta)
         expansions[node] = new
         return new
 
+    shared_values = set(compressed.values())
     for node in list(copied):
         if _tensor_val(node) is None:
             continue  # list values reach candidates only through their (shared) getitems
         for user in list(node.users):
-            if user in compressed.values() or user in compressed or user.op == "call_module":
+            if user in shared_values or user in compressed or user.op == "call_module":
                 continue
             if user in expansions.values():
                 continue
             user.replace_input_with(node, expand(node))
-    for node in reversed(list(graph.nodes)):  # the N-row originals of shared nodes are now unused
+    return len(expansions)
+
+
+def _rewrite(program: Program) -> tuple[int, int, torch.fx.Node]:
+    """Rewrite ``program.graph`` in place; returns (nodes recomputed on R rows, expansions, request_index)."""
+    roles, on_rows = propagate_roles(program), _request_rows(program)  # before the graph gains an input
+    index = _add_request_index(program)
+    compressed, copied = _compress(program, index, on_rows, roles)
+    expanded = _expand(program.graph, index, compressed, copied)
+    for node in reversed(list(program.graph.nodes)):  # the N-row originals of shared nodes are now unused
         if node in copied and not node.users:
-            graph.erase_node(node)
+            program.graph.erase_node(node)
     _add_offsets_to_signature(program)
-    return len(copied), len(expansions), request_index
+    return len(copied), expanded, index.request_index
 
 
 def _row_source(program: Program) -> torch.fx.Node:
