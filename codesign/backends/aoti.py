@@ -2,6 +2,8 @@
 
 The package holds generated C++/CUDA code compiled into a shared library plus the weights; it is
 tied to the torch version that built it, which the bundle manifest records and checks.
+``torch._inductor`` (about 2 s to import, torch._dynamo with it) is imported by ``lower`` and
+``load``, not by this module, so importing codesign does not pay for it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor
 
 from codesign.backends.base import Backend, Lowered
 from codesign.errors import BackendError
@@ -31,9 +32,11 @@ class AotiBackend(Backend):
         exported = program.export()
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / AOTI_PACKAGE
+        from torch._inductor import aoti_compile_and_package
+
         try:
             with torch.no_grad():
-                torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+                aoti_compile_and_package(exported, package_path=str(path))
         except Exception as exc:
             raise BackendError(
                 f"AOTInductor could not compile '{program.name}': {type(exc).__name__}: {str(exc)[:500]}",
@@ -48,4 +51,6 @@ class AotiBackend(Backend):
     def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
         if AOTI_PACKAGE not in files:
             raise BackendError(f"the bundle has no {AOTI_PACKAGE}", fix="recompile with backend 'aoti'")
-        return torch._inductor.aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from codesign.backends import backend_class, backend_names
 from codesign.build.bundle_write import (
     ABI_BOUND_BACKENDS,
     BUNDLE_FORMAT,
@@ -37,17 +38,15 @@ from codesign.build.bundle_write import (
     SCHEMA_VERSION,
     file_sha256,
 )
-from codesign.backends import backend_names, get_backend
+from codesign.build.variant import Variant
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
 from codesign.ir.request import RequestBatch, RequestSpec
-from codesign.sharding.types import Plan
-from codesign.hardware.target import Target
-from codesign.build.variant import Variant
 
 __all__ = ["load", "read_manifest"]
 
 log = logging.getLogger(__name__)
+
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Parse and check a bundle's manifest (format, schema version, required keys)."""
@@ -149,6 +148,13 @@ def load(directory: str | Path) -> Variant:
 
     >>> variant = codesign.load("out/dlrm-bundle"); variant.score(batch)
     """
+    # Imported here, not with the module: the custom ops a program may call (which torch.export.load
+    # needs registered), the target catalogue and the sharding plan pull in the ops and analysis
+    # layers; loading a bundle pays for them, importing the serving runtime does not.
+    import codesign.ops  # noqa: F401
+    from codesign.hardware.target import Target
+    from codesign.sharding.types import Plan
+
     d = Path(directory)
     manifest = read_manifest(d)
     files = _verify_files(d, manifest)
@@ -170,7 +176,7 @@ def load(directory: str | Path) -> Variant:
     if PROGRAM not in files or REFERENCE not in files:
         raise BundleError(f"bundle lacks {PROGRAM} or {REFERENCE}")
     try:
-        backend = get_backend(backend_rec["name"]).__class__(config_from_dict(backend_rec["config"]))
+        backend = backend_class(backend_rec["name"])(config_from_dict(backend_rec["config"]))
         spec = config_from_dict(manifest["spec"])
         target = Target.from_dict(manifest["target"])
     except CodesignError as exc:
@@ -237,5 +243,3 @@ def _id_bounds(value: Any) -> dict[str, dict[str, int]]:
             f"bundle manifest id_bounds {value!r} is not a mapping of input -> {{column: rows}}"
         )
     return {str(k): {str(c): int(r) for c, r in per.items()} for k, per in value.items()}
-
-

@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
-from codesign.hardware.costmodel import estimate
-from codesign.errors import ConfigError, RoutingError
-from codesign.analysis.quality import join_heads, quality_loss
-from codesign.ir.request import even_counts, resample_batch
-from codesign.hardware.timing import median_latency
 from codesign.build.variant import Variant
+from codesign.errors import ConfigError, RoutingError
+from codesign.hardware.timing import median_latency
+from codesign.ir.request import even_counts, resample_batch
 
 __all__ = [
     "DEFAULT_CURVE_CANDIDATES",
@@ -227,6 +225,9 @@ def profile_variant(
 
 def _predicted(variant: Variant, candidates: int, requests: int) -> float:
     assert variant.program is not None  # loaded variants take curve_from_estimates
+    # loads the analysis layer; only variants compiled in this process get here
+    from codesign.hardware.costmodel import estimate
+
     return estimate(variant.program, variant.target, candidates, requests).latency_s
 
 
@@ -271,6 +272,10 @@ def measure_quality(
     own click probabilities (``codesign.analysis.quality``): this is fidelity to the reference model, not
     real-world quality.
     """
+    # imported here: importing any codesign.analysis module loads the whole analysis layer, which the
+    # router (and so the serving runtime), importing this module for VariantProfile, does not need
+    from codesign.analysis.quality import join_heads, quality_loss
+
     outs: dict[str, list[Any]] = {name: [] for name in variants}
     ref_out = []
     with torch.no_grad():

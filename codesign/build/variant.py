@@ -9,26 +9,26 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from codesign.version import __version__
-from codesign.numerics import output_tensors
-from codesign.analysis import embedding_id_bounds
-from codesign.backends import Backend, get_backend
+from codesign.backends import get_backend
 from codesign.build.bundle_write import write_bundle
-from codesign.ir.capture import capture
-from codesign.hardware.costmodel import estimate, op_profile, scaling_curve
 from codesign.errors import ConfigError, NumericsError, PassError
-from codesign.passes import default_passes, pass_by_name
-from codesign.passes.manager import Pass, PassManager
-from codesign.numerics import Tolerance, compare_outputs
 from codesign.ir.program import Program, run_in_pieces
 from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch
-from codesign.sharding.types import Plan
-from codesign.hardware.target import Target, get_target
-from codesign.ir.workload import Workload
+from codesign.numerics import Tolerance, compare_outputs, output_tensors
+from codesign.version import __version__
+
+if TYPE_CHECKING:
+    # compile() imports the passes, capture, cost model and sharding plan it uses when it runs, so
+    # that a process loading and scoring bundles (the serving runtime) imports none of them.
+    from codesign.backends.base import Backend
+    from codesign.hardware.target import Target
+    from codesign.ir.workload import Workload
+    from codesign.passes.manager import Pass
+    from codesign.sharding.types import Plan
 
 __all__ = ["BACKEND_TOLERANCE", "COST_CANDIDATES", "Variant", "compile"]
 
@@ -103,6 +103,9 @@ class Variant:
 
 
 def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
+    from codesign.passes import default_passes, pass_by_name
+    from codesign.passes.manager import Pass
+
     if passes is None:
         return default_passes()
     out: list[Pass] = []
@@ -155,6 +158,12 @@ def compile(
         raise ConfigError(
             f"micro_batch must be a positive number of candidate rows or None, got {micro_batch!r}"
         )
+    from codesign.analysis import embedding_id_bounds
+    from codesign.hardware.target import get_target
+    from codesign.ir.capture import capture
+    from codesign.passes.manager import PassManager
+    from codesign.sharding.types import Plan
+
     program = model if isinstance(model, Program) else capture(model, example, spec)
     tgt = get_target(target)
     be = get_backend(backend)
@@ -205,6 +214,8 @@ def _verify_backend(variant: Variant, reference: Program) -> None:
 def _cost_figures(original: Program, program: Program, target: Target) -> dict[str, Any]:
     """Predicted figures saved with the variant: the compiled program's estimates, and the original
     and compiled programs' op profiles and request-scaling curves on the target (cost model)."""
+    from codesign.hardware.costmodel import estimate, op_profile, scaling_curve
+
     candidates, requests = PROFILE_BATCH
     return {
         "target": target.name,

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
@@ -146,14 +145,17 @@ class _SpecializationSpy(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
+        import sympy  # half a second to import; only a failed capture gets here
+
+        self._constant = sympy.Integer
         self.where: tuple[str, int, str] | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         env = _shape_env((args, kwargs)) if self.where is None else None
-        before = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)} if env else set()
+        before = {k for k, v in env.replacements.items() if isinstance(v, self._constant)} if env else set()
         out = func(*args, **(kwargs or {}))
         if env is not None:
-            after = {k for k, v in env.replacements.items() if isinstance(v, sympy.Integer)}
+            after = {k for k, v in env.replacements.items() if isinstance(v, self._constant)}
             if after - before:
                 frames = [f for f in traceback.extract_stack() if _is_user_file(f.filename)]
                 if frames:

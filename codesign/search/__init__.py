@@ -3,27 +3,33 @@
 ``space`` turns declared knobs into distributions, ``objectives`` judges a configuration
 (latency, quality loss, memory), ``tuner`` runs the study on a storage shared by workers, and
 ``result`` holds the trials, the Pareto front and the variants chosen from it. Optuna is imported
-only when a search runs (the ``search`` extra).
+only when a search runs (the ``search`` extra). The names below load lazily: importing
+``codesign.search.result`` (as a deployment bundle or a report does) runs this file first, and
+should not import the tuner with it.
 """
 
 from __future__ import annotations
 
-from codesign.search.objectives import (
-    OBJECTIVE_NAMES,
-    Evaluation,
-    Evaluator,
-    ObjectiveSettings,
-)
-from codesign.search.result import SearchResult, TrialRecord, VariantChoice, pareto_front
-from codesign.search.space import Param, SearchSpace, TrialConfig, build_space
-from codesign.search.tuner import (
-    DEFAULT_STORAGE,
-    Tuner,
-    load_result,
-    open_storage,
-    recover_stale_trials,
-    tune,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from codesign.search.objectives import (
+        OBJECTIVE_NAMES,
+        Evaluation,
+        Evaluator,
+        ObjectiveSettings,
+    )
+    from codesign.search.result import SearchResult, TrialRecord, VariantChoice, pareto_front
+    from codesign.search.space import Param, SearchSpace, TrialConfig, build_space
+    from codesign.search.tuner import (
+        DEFAULT_STORAGE,
+        Tuner,
+        load_result,
+        open_storage,
+        recover_stale_trials,
+        tune,
+    )
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -45,3 +51,33 @@ __all__ = [
     "recover_stale_trials",
     "tune",
 ]
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "codesign.search.objectives": ("OBJECTIVE_NAMES", "Evaluation", "Evaluator", "ObjectiveSettings"),
+    "codesign.search.result": ("SearchResult", "TrialRecord", "VariantChoice", "pareto_front"),
+    "codesign.search.space": ("Param", "SearchSpace", "TrialConfig", "build_space"),
+    "codesign.search.tuner": (
+        "DEFAULT_STORAGE",
+        "Tuner",
+        "load_result",
+        "open_storage",
+        "recover_stale_trials",
+        "tune",
+    ),
+}
+# public name -> the module that defines it (imported on first access)
+_LAZY: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module behind a public name on first access."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codesign.search' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

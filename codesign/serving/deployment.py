@@ -47,8 +47,6 @@ from codesign.build.profiling import (
 from codesign.build.variant import Variant, compile
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
-from codesign.hardware.target import Target
-from codesign.search.objectives import OBJECTIVE_NAMES
 from codesign.serving.router import (
     BudgetedPolicy,
     FeatureConfig,
@@ -62,6 +60,7 @@ from codesign.serving.wire import RequestSchema
 from codesign.version import __version__
 
 if TYPE_CHECKING:
+    from codesign.hardware.target import Target
     from codesign.search.result import SearchResult, VariantChoice
 
 __all__ = ["MULTI_FORMAT", "Bundle", "load_bundle", "search_record"]
@@ -383,6 +382,8 @@ class Bundle:
 def search_record(result: SearchResult, choices: Sequence[VariantChoice]) -> dict[str, Any]:
     """What a bundle (or a report) keeps of a search: every trial's objectives and feasibility, the
     Pareto front, and the chosen variants by name (``VariantChoice.label``) with their trial and roles."""
+    from codesign.search.objectives import OBJECTIVE_NAMES  # search is loaded already: result is its own
+
     front = {t.number for t in result.pareto}
     return {
         "study_name": result.study_name,
