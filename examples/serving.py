@@ -22,8 +22,8 @@ from typing import Any
 
 import codesign
 from codesign.serving.deployment import Bundle
+from codesign.serving.http import serve
 from codesign.serving.router import FeatureConfig, LoadAwarePolicy, Policy
-from codesign.serving.server import serve
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 

@@ -25,8 +25,9 @@ import codesign
 from codesign.errors import BundleError, RequestError
 from codesign.ir.workload import Workload
 from codesign.serving.deployment import Bundle, load_bundle
+from codesign.serving.http import Server
 from codesign.serving.router import BudgetedPolicy, FeatureConfig, RulesPolicy
-from codesign.serving.server import BatchingConfig, Runtime, Server
+from codesign.serving.runtime import BatchingConfig, Runtime
 from codesign.serving.wire import RequestSchema
 
 VARIANTS = {"full": {}, "short": {"keep": 4, "depth": 1}, "tiny": {"keep": 2, "depth": 0}}
