@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codesign.serving.deployment import load_bundle
-    from codesign.serving.server import BatchingConfig, Runtime, Server
+    from codesign.serving.http import Server
+    from codesign.serving.runtime import BatchingConfig, Runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)
