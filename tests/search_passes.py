@@ -12,18 +12,19 @@ from typing import ClassVar
 
 import torch
 
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 from codesign.numerics import Tolerance
-from codesign.passes.manager import Knob, Pass, PassResult
+from codesign.passes.manager import Pass, PassResult
 
 
 @register_config
 @dataclasses.dataclass(frozen=True)
 class SlowConfig(Config):
     seconds: float = 0.4
-    tag: int = 0  # every tag is a distinct config, so the evaluator's cache never hides the sleep
+    # every tag is a distinct config, so the evaluator's cache never hides the sleep
+    tag: int = knob(0, low=0, high=1_000_000, help="distinguishes otherwise equal configs")
 
 
 class SlowPass(Pass):
@@ -31,10 +32,6 @@ class SlowPass(Pass):
 
     name = "test_slow"
     config_class = SlowConfig
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("tag", "int", 0, low=0, high=1_000_000),)
 
     def apply(self, program: Program, target: Target) -> PassResult:
         time.sleep(self.config.seconds)  # type: ignore[attr-defined]
@@ -44,8 +41,8 @@ class SlowPass(Pass):
 @register_config
 @dataclasses.dataclass(frozen=True)
 class LossyConfig(Config):
-    scale: float = 0.0
-    lossy: bool = False
+    lossy: bool = knob(False, help="damage the last parameter")
+    scale: float = knob(0.0, low=0.0, high=1.0, step=0.1, when=("lossy", (True,)), help="how much damage")
 
 
 class LossyPass(Pass):
@@ -55,36 +52,29 @@ class LossyPass(Pass):
     config_class = LossyConfig
     tolerance: ClassVar[Tolerance] = Tolerance(rtol=1e9, atol=1e9)
 
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob("lossy", "bool", False),
-            Knob("scale", "float", 0.0, low=0.0, high=1.0, step=0.1, when=("lossy", (True,))),
-        )
-
     def apply(self, program: Program, target: Target) -> PassResult:
         cfg = self.config
         if not cfg.lossy or cfg.scale == 0:  # type: ignore[attr-defined]
             return PassResult(program, False)
-        name, param = list(program.graph_module.named_parameters())[-1]
-        with torch.no_grad():
-            param.mul_(1 + cfg.scale)  # type: ignore[attr-defined]
+        # a new tensor, not an in-place change: the program shares its parameters with the pass's input
+        gm = program.graph_module
+        name, param = list(gm.named_parameters())[-1]
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        scaled = param.detach() * (1 + cfg.scale)  # type: ignore[attr-defined]
+        setattr(owner, leaf, torch.nn.Parameter(scaled, requires_grad=False))
         return PassResult(program, True, {"scaled": name})
 
 
 @register_config
 @dataclasses.dataclass(frozen=True)
 class BrokenConfig(Config):
-    explode: bool = False
+    explode: bool = knob(False, help="raise in apply")
 
 
 class BrokenPass(Pass):
     name = "test_broken"
     config_class = BrokenConfig
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("explode", "bool", False),)
 
     def apply(self, program: Program, target: Target) -> PassResult:
         if self.config.explode:  # type: ignore[attr-defined]
@@ -95,16 +85,12 @@ class BrokenPass(Pass):
 @register_config
 @dataclasses.dataclass(frozen=True)
 class GpuOnlyConfig(Config):
-    level: int = 1
+    level: int = knob(1, low=1, high=3, help="an unused level")
 
 
 class GpuOnlyPass(Pass):
     name = "test_gpu_only"
     config_class = GpuOnlyConfig
-
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (Knob("level", "int", 1, low=1, high=3),)
 
     @classmethod
     def unavailable(cls, target: Target) -> str | None:

@@ -60,12 +60,9 @@ def _aoti_round_trip(name: str, tmp_path: Path) -> None:
         assert ok, (counts, err)
 
 
-def test_aoti_package_round_trip(tmp_path: Path) -> None:
-    _aoti_round_trip("dlrm", tmp_path)
-
-
+# an AOTInductor C++ build per example (30 s and more each): `make test-slow`
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXAMPLES if n != "dlrm"])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_aoti_round_trip_every_example(name: str, tmp_path: Path) -> None:
     _aoti_round_trip(name, tmp_path)
 

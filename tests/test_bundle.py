@@ -18,14 +18,22 @@ from codesign.passes import default_passes
 from tests.conftest import EXAMPLES, tiny_program, tiny_workload
 
 
+class _Bundles(dict[str, Path]):
+    """Eager bundles of the examples with the default passes, each built the first time a test asks."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        variant = codesign.compile(tiny_program(name), target="host", backend="eager")
+        self[name] = variant.save(self.root / name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def eager_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for name in EXAMPLES:
-        variant = codesign.compile(tiny_program(name), target="host", backend="eager")
-        out[name] = variant.save(root / name)
-    return out
+    return _Bundles(tmp_path_factory.mktemp("bundles"))
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:

@@ -16,8 +16,9 @@ from codesign.passes import pass_names
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
-# the example scripts that take minutes; `make test-slow` runs their documented commands
-SLOW_SECTIONS = {"demo", "serving"}
+# the example scripts that take minutes, and the CLI sections beyond the one the fast suite keeps (each
+# command is a fresh interpreter that captures and compiles: 10-20 s a section); `make test-slow` runs them
+SLOW_SECTIONS = {"demo", "serving", "dlrm", "dcnv2", "multitask", "useq"}
 
 
 def _blocks(page: Path, lang: str) -> list[str]:
@@ -83,7 +84,7 @@ def test_documented_example_commands_run(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SLOW_SECTIONS))
+@pytest.mark.parametrize("name", sorted(SLOW_SECTIONS & set(_example_sections())))
 def test_documented_example_scripts_run(name: str) -> None:
     _run_section(name)
 
