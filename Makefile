@@ -26,11 +26,18 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
+# The fast suite (budget: 6 min wall on 2 cores, lint and docs included). Its wall time and the slowest
+# tests are printed, so CI logs show when it grows; heavy checks are marked slow and run by `make test-slow`.
+# MAKE_START is read once, when make parses this file: the time printed covers the prerequisites too.
+MAKE_START := $(shell date +%s)
+
 test: lint docs
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	@$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15; \
+	rc=$$?; echo "make test: $$(( $$(date +%s) - $(MAKE_START) )) s wall (lint + docs + pytest), exit $$rc"; exit $$rc
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow"
+	@$(BIN)/python -m pytest -q -m "slow" --durations=15; \
+	rc=$$?; echo "make test-slow: $$(( $$(date +%s) - $(MAKE_START) )) s wall, exit $$rc"; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costmodel.py
