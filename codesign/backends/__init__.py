@@ -29,6 +29,7 @@ __all__ = [
     "Lowered",
     "TensorRTBackend",
     "TensorRTConfig",
+    "backend_class",
     "backend_names",
     "get_backend",
 ]
