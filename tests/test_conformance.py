@@ -18,6 +18,7 @@ Pass-specific behaviour lives in the per-pass test files.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,7 @@ def test_pass_conforms(name: str, example: str, target: str, devices: int) -> No
     program = tiny_program(example)
     # the graph itself, not only its generated code (which changes only on recompile)
     code, graph, params = program.graph_module.code, str(program.graph), _state(program)
+    metadata = copy.deepcopy(program.metadata)
     out, record = run_pass(name, example, target, devices)
     _check_record(record, name)
     assert (record.ops_before, record.ops_after) == (program.op_count(), out.op_count())
@@ -112,6 +114,7 @@ def test_pass_conforms(name: str, example: str, target: str, devices: int) -> No
 
     # the input program is untouched (the manager rewrites copies)
     assert program.graph_module.code == code and str(program.graph) == graph
+    assert program.metadata == metadata  # e.g. a sharding plan belongs to the output only
     now = _state(program)
     assert now.keys() == params.keys() and all(torch.equal(now[k], params[k]) for k in params)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -307,6 +308,7 @@ def test_every_unmodified_record_says_why() -> None:
 def test_every_example_keeps_its_scores_through_the_generic_pipeline(example_name: str) -> None:
     program = tiny_program(example_name)
     code, graph, ops = program.graph_module.code, str(program.graph), program.op_count()
+    metadata = copy.deepcopy(program.metadata)
     params = {k: v.clone() for k, v in program.graph_module.state_dict().items()}
     out, report = PassManager(generic_passes(), HOST).run(program)
     out.verify()
@@ -320,5 +322,6 @@ def test_every_example_keeps_its_scores_through_the_generic_pipeline(example_nam
             assert_outputs_close(out.run(batch), w.model(**batch.inputs), EXACT)
     # the input program is not changed by the pipeline
     assert program.graph_module.code == code and str(program.graph) == graph and program.op_count() == ops
+    assert program.metadata == metadata
     now = program.graph_module.state_dict()
     assert now.keys() == params.keys() and all(torch.equal(now[k], v) for k, v in params.items())
