@@ -5,7 +5,8 @@ between trees), alternating between the trees round by round; the table shows me
 this/baseline. Measured, on the tiny dcnv2 example:
 
 * ``compile``: ``codesign.compile(program, target="host", backend="eager")`` (passes + export once);
-* ``search``: ``codesign.tune(program, "h100", trials=N)`` on the cost model (no backend runs).
+* ``search``: ``codesign.tune(program, "h100", trials=N, storage=":memory:")`` on the cost model (no backend
+  runs on this machine for an H100 target).
 
 Capture is outside both timings; a warm-up run per tree first fills its host-calibration cache. The baseline is any checkout of codesign with the same public API
 (``codesign.load_model_ref``, ``capture``, ``compile``, ``tune``), e.g. a ``git worktree`` of an older
@@ -23,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ t0 = time.perf_counter()
 if what == "compile":
     codesign.compile(program, target="host", backend="eager")
 else:
-    codesign.tune(program, "h100", trials=trials)
+    codesign.tune(program, "h100", trials=trials, storage=":memory:")
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
@@ -75,12 +77,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     trees = {"this": HERE, "baseline": args.baseline.resolve()}
     rows: dict[str, dict[str, list[float]]] = {w: {t: [] for t in trees} for w in ("compile", "search")}
-    for tree in trees.values():  # warm-up: the host calibration each tree caches on first use
-        _measure(tree, "compile", args.model, 1)
+    caches = {tag: Path(tempfile.mkdtemp(prefix=f"codesign-bench-{tag}-")) for tag in trees}
+    for tag, tree in trees.items():  # warm-up: the host calibration each tree caches on first use
+        _measure(tree, caches[tag], "compile", args.model, 1)
     for what in rows:
         for _ in range(args.rounds):
             for tag, tree in trees.items():
-                rows[what][tag].append(_measure(tree, what, args.model, args.trials))
+                rows[what][tag].append(_measure(tree, caches[tag], what, args.model, args.trials))
     result: dict[str, Any] = {
         "model": f"{args.model} tiny",
         "machine": platform.platform(),

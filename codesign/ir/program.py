@@ -176,7 +176,13 @@ class Program:
         For trying rewrites that add new buffers but leave existing weights alone (sensitivity
         analysis tries one rewrite per layer).
         """
-        graph = copy.deepcopy(self.graph)
+        # node by node, with each node's meta dict copied but its values (fake tensors) shared: a deepcopy
+        # of the graph would copy every fake tensor and cost tens of milliseconds per copy
+        graph = torch.fx.Graph()
+        graph._codegen = copy.deepcopy(self.graph._codegen)
+        output = next(n for n in self.graph.nodes if n.op == "output")
+        value = graph.graph_copy(self.graph, {})
+        graph.output(value).meta = dict(output.meta)
         gm = torch.fx.GraphModule(self.graph_module, graph)
         return dataclasses.replace(self, graph_module=gm, metadata=dict(self.metadata))
 

@@ -25,6 +25,7 @@ sensitivity and predicted gain, the chosen set, the combined loss) is the pass's
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import operator
@@ -336,6 +337,12 @@ def _rewrite_bag(program: Program, node: torch.fx.Node, q_node: Any, s_node: Any
 # ---- measuring ----------------------------------------------------------------------------
 
 
+# Measurements by (program, the config fields quality depends on, layer set). A search runs the pass again
+# with other budgets and selections on the same program; the measurements are the same, so they are kept.
+_MEASURED: collections.OrderedDict[tuple[Any, ...], tuple[QualityLoss, float]] = collections.OrderedDict()
+_MEASURED_MAX = 4096
+
+
 class _Calibration:
     """Seeded calibration requests, the reference heads on them, and trial runs against them."""
 
@@ -344,15 +351,31 @@ class _Calibration:
         counts = [cfg.calibration_candidates] * cfg.calibration_requests
         self.batches = [program.sample_batch(counts, seed=cfg.seed + 7919)]
         self.reference = join_heads([program.run(b) for b in self.batches])
+        self.key = (
+            program.graph_hash(),
+            cfg.granularity,
+            cfg.table_format,
+            cfg.kernel,
+            cfg.calibration_requests,
+            cfg.calibration_candidates,
+            cfg.seed,
+        )
 
     def measure(self, names: Sequence[str]) -> tuple[QualityLoss, float]:
         """(quality loss, worst output SQNR in dB) with the named layers in FP8."""
+        key = (*self.key, frozenset(names))
+        if key in _MEASURED:
+            _MEASURED.move_to_end(key)
+            return _MEASURED[key]
         trial = self.program.shallow_copy()
         _rewrite(trial, names, self.cfg, self.quantized)
         trial.recompile()
         heads = join_heads([trial.run(b) for b in self.batches])
         loss = quality_loss(self.reference, heads, seed=self.cfg.seed)
-        return loss, _worst_sqnr(self.reference, heads)
+        _MEASURED[key] = (loss, _worst_sqnr(self.reference, heads))
+        while len(_MEASURED) > _MEASURED_MAX:
+            _MEASURED.popitem(last=False)
+        return _MEASURED[key]
 
 
 def _worst_sqnr(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:

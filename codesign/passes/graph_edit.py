@@ -187,9 +187,8 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
 
 
 def finish_rewrite(program: Program) -> Program:
-    """Sort, drop dead nodes and orphaned weights, and recompile (in place; no re-export)."""
+    """Sort, drop dead nodes and orphaned weights, in place (the manager lints and recompiles; no re-export)."""
     stable_topological_sort(program.graph)
     program.graph.eliminate_dead_code()
     remove_unused_params(program.graph_module)
-    program.recompile()
     return program

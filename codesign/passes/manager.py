@@ -231,8 +231,9 @@ class PassManager:
         ]
 
     def run(self, program: Program) -> tuple[Program, CompileReport]:
-        reference = program
-        current = program.copy()
+        # every pass works on its own shallow copy (sharing the parameters: passes add buffers, never change
+        # existing ones in place), so ``program`` itself is never changed
+        reference = current = program
         records: list[PassRecord] = []
         done: list[str] = []
         predicted: float | None = None  # of ``current``, once computed
@@ -262,7 +263,7 @@ class PassManager:
                             fix="set require_predicted_gain=False to keep it anyway",
                         ),
                     )
-            elif result.skip is None:
+            if not result.modified and result.skip is None:
                 result.skip = SkipReason(SkipKind.NOT_APPLICABLE, "the pass found nothing to rewrite")
             max_abs = max_rel = 0.0
             if self.verify and result.modified:
@@ -280,7 +281,8 @@ class PassManager:
                 "pass %s: modified=%s ops %d -> %d", p.name, result.modified, ops_before, current.op_count()
             )
             done.append(p.name)
-        current.metadata["passes"] = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
+        passes = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
+        current = dataclasses.replace(current, metadata={**current.metadata, "passes": passes})
         return current, CompileReport(program.name, self.target.name, records)
 
     def _apply(self, p: Pass[Any], program: Program, done: list[str]) -> PassResult:
