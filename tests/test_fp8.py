@@ -265,6 +265,25 @@ def test_every_example_gets_a_report_and_stays_within_budget(name: str) -> None:
     assert record.predicted_latency_after_s == pytest.approx(stats["predicted_latency_after_s"])
 
 
+@pytest.mark.slow  # three FP8 runs of dlrm (26 tables): `make test-slow`
+def test_a_tighter_budget_is_honoured_and_chooses_fewer_layers() -> None:
+    _, loose = _run_fp8("dlrm", 0.1)
+    assert loose.modified and loose.stats["combined_loss_pct"] > 0.005  # the tables alone cost ~0.01 %
+    for selection in ("greedy", "knapsack"):
+        _, tight = _run_fp8("dlrm", 0.005, selection)
+        assert tight.modified
+        assert tight.stats["combined_loss_pct"] <= 0.005
+        assert 0 < len(tight.stats["chosen"]) < len(loose.stats["chosen"])
+
+
+def test_a_budget_too_tight_quantizes_nothing() -> None:
+    out, record = _run_fp8("multitask", 0.0)
+    assert not record.modified and record.stats["chosen"] == []
+    assert record.skip is not None and record.skip.kind is SkipKind.BELOW_THRESHOLD
+    assert "no layer fits the NE budget of 0.0%" in record.skip.message and record.skip.fix
+    assert _fp8_ops(out) == [] and out.graph_module.code == tiny_program("multitask").graph_module.code
+
+
 def _layer(name: str, loss: float, saving_us: float) -> LayerSensitivity:
     return LayerSensitivity(name, "", "linear", (64, 64), True, ne_loss_pct=loss, baseline_s=saving_us * 1e-6)
 
