@@ -39,7 +39,9 @@ class SpecError(CodesignError):
 
 
 class CaptureError(CodesignError):
-    """torch.export could not capture the model."""
+    """torch.export could not capture the model (``original``: torch's own exception, for debugging)."""
+
+    original: BaseException | None = None
 
 
 class PassError(CodesignError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from codesign.backends.base import Backend, Lowered
+from codesign.backends.base import Backend, BackendConfig, Lowered
 from codesign.errors import BackendError
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
@@ -24,7 +24,7 @@ __all__ = ["AOTI_PACKAGE", "AotiBackend"]
 AOTI_PACKAGE = "aoti_package.pt2"
 
 
-class AotiBackend(Backend):
+class AotiBackend(Backend[BackendConfig]):
     name = "aoti"
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
@@ -53,4 +53,4 @@ class AotiBackend(Backend):
             raise BackendError(f"the bundle has no {AOTI_PACKAGE}", fix="recompile with backend 'aoti'")
         from torch._inductor import aoti_load_package
 
-        return aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]
+        return aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]  # untyped in torch

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -21,6 +21,8 @@ from codesign.hardware.tunable import Tunable
 from codesign.ir.program import Program
 
 __all__ = ["Backend", "BackendConfig", "Lowered"]
+
+C = TypeVar("C", bound=Config)
 
 
 @register_config
@@ -38,7 +40,7 @@ class Lowered:
     artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # bundle-relative name -> file
 
 
-class Backend(Tunable, abc.ABC):
+class Backend(Tunable[C], abc.ABC):
     """Base of every backend. Subclasses set ``name`` (and ``config_class`` when they have options)."""
 
     config_class: ClassVar[type[Config]] = BackendConfig

@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from codesign.backends.base import Backend, Lowered
+from codesign.backends.base import Backend, BackendConfig, Lowered
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 
 __all__ = ["EagerBackend"]
 
 
-class EagerBackend(Backend):
+class EagerBackend(Backend[BackendConfig]):
     name = "eager"
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:

@@ -29,13 +29,12 @@ class InductorConfig(Config):
     mode: str = knob("default", choices=INDUCTOR_MODES, help="torch.compile mode")
 
 
-class InductorBackend(Backend):
+class InductorBackend(Backend[InductorConfig]):
     name = "inductor"
     config_class = InductorConfig
 
-
     def _compile(self, module: torch.nn.Module) -> Callable[..., Any]:
-        mode = self.config.mode  # type: ignore[attr-defined]
+        mode = self.config.mode
         return torch.compile(module, dynamic=True, mode=None if mode == "default" else mode)
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:

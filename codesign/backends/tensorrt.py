@@ -20,11 +20,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from codesign.backends.base import Backend, Lowered
-from codesign.config import Config, register_config
+from codesign.config import Config, knob, register_config
 from codesign.errors import BackendError
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
-from codesign.passes.manager import Knob
 
 __all__ = ["TENSORRT_PROGRAM", "TensorRTBackend", "TensorRTConfig", "import_torch_tensorrt"]
 
@@ -35,11 +34,13 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 @register_config
 @dataclasses.dataclass(frozen=True)
 class TensorRTConfig(Config):
-    precision: str = "fp32"  # lowest precision TensorRT may pick for a layer
-    min_block_size: int = 3  # fewest convertible ops worth a TensorRT engine
-    optimization_level: int = 3  # TensorRT builder effort, 0..5
-    opt_candidates: int = 256  # the candidate count engines are tuned for
-    max_candidates: int = 4096  # largest candidate count an engine accepts
+    precision: str = knob("fp32", choices=tuple(PRECISIONS), help="lowest layer precision")
+    min_block_size: int = knob(3, low=1, high=64, help="fewest ops per TensorRT engine")
+    optimization_level: int = knob(3, low=0, high=5, help="TensorRT builder optimization level")
+    opt_candidates: int = knob(
+        256, low=1, high=1 << 20, log=True, help="candidate count engines are tuned for"
+    )
+    max_candidates: int = knob(4096, low=1, high=1 << 20, log=True, help="largest candidate count")
 
 
 def import_torch_tensorrt() -> ModuleType:
@@ -54,28 +55,16 @@ def import_torch_tensorrt() -> ModuleType:
         ) from exc
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(Backend[TensorRTConfig]):
     name = "tensorrt"
     config_class = TensorRTConfig
     device_kinds = ("gpu",)
     vendors = ("NVIDIA",)
 
-    @classmethod
-    def knobs(cls) -> tuple[Knob, ...]:
-        return (
-            Knob("precision", "categorical", "fp32", choices=tuple(PRECISIONS), doc="lowest layer precision"),
-            Knob("min_block_size", "int", 3, low=1, high=64, doc="fewest ops per TensorRT engine"),
-            Knob("optimization_level", "int", 3, low=0, high=5, doc="TensorRT builder optimization level"),
-            Knob(
-                "opt_candidates", "int", 256, low=1, high=1 << 20, log=True, doc="candidate count tuned for"
-            ),
-            Knob("max_candidates", "int", 4096, low=1, high=1 << 20, log=True, doc="largest candidate count"),
-        )
-
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
         self.check_target(target)
         trt = import_torch_tensorrt()
-        cfg: TensorRTConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if not 1 <= cfg.opt_candidates <= cfg.max_candidates:
             raise BackendError(
                 f"tensorrt: opt_candidates={cfg.opt_candidates} must lie in [1, max_candidates={cfg.max_candidates}]"
@@ -154,7 +143,7 @@ def _input_ranges(
                 opt.append(int(d))
                 hi.append(int(d))
         out.append(trt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=leaf.dtype))
-    return pytree.tree_unflatten(out, spec)  # type: ignore[no-any-return]
+    return pytree.tree_unflatten(out, spec)  # type: ignore[no-any-return]  # pytree is typed as returning Any
 
 
 def _rows(example: Mapping[str, Any]) -> int:

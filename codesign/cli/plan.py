@@ -102,11 +102,12 @@ def run(args: argparse.Namespace) -> int:
     )
     from codesign.sharding import Plan
 
-    constraints = tuple(tuple(c.split("=", 1)) for c in args.force or ())
-    if any(len(c) != 2 for c in constraints):
+    pairs = [c.split("=", 1) for c in args.force or ()]
+    if any(len(c) != 2 for c in pairs):
         raise CodesignError(
             f"--force takes table=type pairs, got {args.force}", fix="e.g. --force tables.0.weight=row_wise"
         )
+    constraints = tuple((table, kind) for table, kind in pairs)
     wl = workload(args)
     program = capture(wl)
     target = get_target(args.target, args.devices)
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         sharding_types=args.types if preset else "all",
         allowed_types=() if preset else kinds,
         batch_per_device=args.batch_per_device,
-        constraints=constraints,  # type: ignore[arg-type]
+        constraints=constraints,
         **knob_values(args, ShardEmbeddings.knobs(), skip=SKIP),
     )
     result = ShardEmbeddings(config).apply(program, target)

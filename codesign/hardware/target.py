@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,8 @@ class HardwareSpec:
         unknown = set(data) - fields
         if unknown:
             raise TargetError(f"hardware spec has unknown fields {sorted(unknown)}")
-        return cls(**data)  # type: ignore[arg-type]
+        values: dict[str, Any] = dict(data)  # values from JSON; their names were checked above
+        return cls(**values)
 
 
 _RATE_FALLBACK = {
@@ -335,7 +336,10 @@ class Target:
         hw = data.get("hardware")
         if not isinstance(hw, Mapping):
             raise TargetError(f"target record has no hardware spec: {data!r}")
-        return cls(HardwareSpec.from_dict(hw), int(data.get("devices", 1)))  # type: ignore[call-overload]
+        devices = data.get("devices", 1)
+        if not isinstance(devices, int) or isinstance(devices, bool):
+            raise TargetError(f"target record has a non-integer device count: {devices!r}")
+        return cls(HardwareSpec.from_dict(hw), devices)
 
 
 def target_names() -> list[str]:
@@ -374,11 +378,11 @@ def _host_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _best_time(fn: object, repeats: int) -> float:
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         times.append(time.perf_counter() - t0)
     return min(times)
 

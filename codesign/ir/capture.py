@@ -92,8 +92,11 @@ def capture(
         if "constraint" in str(exc).lower() or "specializ" in str(exc).lower():
             where = _locate_specialization(model, example, dynamic_shapes)
         raise _explain_export_failure(exc, model, where) from None
+    module = exported.module()
+    if not isinstance(module, torch.fx.GraphModule):
+        raise CaptureError(f"torch.export returned a {type(module).__name__}, not a GraphModule")
     program = Program(
-        graph_module=exported.module(),  # type: ignore[arg-type]
+        graph_module=module,
         spec=spec,
         example=example,
         name=name or type(model).__name__,
@@ -227,5 +230,5 @@ def _explain_export_failure(
     err = CaptureError(
         " ".join(parts) + f"\n  torch.export said: {type(exc).__name__}: {first_lines}", fix=fix
     )
-    err.original = exc  # type: ignore[attr-defined]
+    err.original = exc
     return err

@@ -239,7 +239,7 @@ class Program:
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (possibly rewritten) graph with the same dynamic dimensions."""
         # size-oblivious: a request count of 1 must not be specialized away (R is a size here)
-        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # torch config modules are typed without their options
             return torch.export.export(
                 self.graph_module, (), self.call_inputs(self.example), dynamic_shapes=self.dynamic_shapes()
             )

@@ -535,5 +535,5 @@ def _add_offsets_to_signature(program: Program) -> None:
         return
     inputs = {**program.example.inputs, REQUEST_OFFSETS: program.example.offsets}
     _, in_spec = pytree.tree_flatten(((), inputs))
-    codegen.pytree_info = info._replace(orig_args=[*info.orig_args, REQUEST_OFFSETS], in_spec=in_spec)  # type: ignore[attr-defined]
+    codegen.pytree_info = info._replace(orig_args=[*info.orig_args, REQUEST_OFFSETS], in_spec=in_spec)  # type: ignore[attr-defined]  # only _PyTreeCodeGen has it (checked above)
     program.graph_module._in_spec = in_spec
