@@ -196,7 +196,7 @@ class Tuner:
     def __init__(
         self,
         program: Program,
-        target: str | Target = "h100",
+        target: str | Target = "host",
         *,
         settings: ObjectiveSettings | None = None,
         passes: Sequence[Pass | type[Pass]] | None = None,
@@ -441,7 +441,7 @@ def _worker_main(job: _WorkerJob) -> None:
 
 def tune(
     model: str | Program,
-    target: str | Target = "h100",
+    target: str | Target = "host",
     *,
     trials: int = 100,
     settings: ObjectiveSettings | None = None,
@@ -465,27 +465,10 @@ def tune(
     >>> result = codesign.tune("dlrm", "h100", trials=100, factory_kwargs={"size": "tiny"})
     >>> [c.label for c in result.select_variants(3)]
     """
-    if workers < 1:
-        raise SearchError(f"workers must be >= 1, got {workers}")
     kwargs = dict(factory_kwargs or {})
-    if isinstance(model, Program):
-        program = model
-    else:
-        from codesign.ir.capture import capture
-        from codesign.ir.workload import load_model_ref
-
-        program = capture(load_model_ref(model, **kwargs))
-    if workers > 1 and not isinstance(model, str):
-        raise SearchError(
-            "workers > 1 needs a model reference (file.py:factory or an example name), not a Program",
-            fix="pass the model reference, or start more 'codesign search' processes on the same storage",
-        )
-    if workers > 1 and storage == ":memory:":
-        raise SearchError(
-            "workers > 1 need a shared storage, not :memory:", fix="use sqlite:///file.db or journal:file.log"
-        )
+    _check_workers(model, workers, storage)
     tuner = Tuner(
-        program,
+        _program_of(model, kwargs),
         target,
         settings=settings,
         passes=passes,
@@ -497,11 +480,9 @@ def tune(
     )
     tuner.open()  # create the study (and recover stale trials) before the workers race to it
     procs = []
-    if workers > 1:
-        assert isinstance(model, str)
-        ctx = multiprocessing.get_context("spawn")
-        for w in range(1, workers):
-            job = _WorkerJob(
+    if isinstance(model, str):
+        jobs = [
+            _WorkerJob(
                 model=model,
                 factory_kwargs=kwargs,
                 target=tuner.target.name,
@@ -515,14 +496,53 @@ def tune(
                 trials=trials,
                 worker=w,
             )
-            proc = ctx.Process(target=_worker_main, args=(job,), name=f"codesign-search-{w}")
-            proc.start()
-            procs.append(proc)
+            for w in range(1, workers)
+        ]
+        procs = _start_workers(jobs)
     try:
         tuner.run(trials, callbacks=callbacks)
     finally:
         for proc in procs:
             proc.join()
+    _recover_failed_workers(tuner, procs)
+    return tuner.result()
+
+
+def _program_of(model: str | Program, factory_kwargs: dict[str, Any]) -> Program:
+    if isinstance(model, Program):
+        return model
+    from codesign.ir.capture import capture
+    from codesign.ir.workload import load_model_ref
+
+    return capture(load_model_ref(model, **factory_kwargs))
+
+
+def _check_workers(model: str | Program, workers: int, storage: str | None) -> None:
+    if workers < 1:
+        raise SearchError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and not isinstance(model, str):
+        raise SearchError(
+            "workers > 1 needs a model reference (file.py:factory or an example name), not a Program",
+            fix="pass the model reference, or start more 'codesign search' processes on the same storage",
+        )
+    if workers > 1 and storage == ":memory:":
+        raise SearchError(
+            "workers > 1 need a shared storage, not :memory:", fix="use sqlite:///file.db or journal:file.log"
+        )
+
+
+def _start_workers(jobs: Sequence[_WorkerJob]) -> list[Any]:
+    """One spawned process per extra worker, each rebuilding the model from its reference."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for job in jobs:
+        proc = ctx.Process(target=_worker_main, args=(job,), name=f"codesign-search-{job.worker}")
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def _recover_failed_workers(tuner: Tuner, procs: Sequence[Any]) -> None:
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         log.warning(
@@ -530,4 +550,3 @@ def tune(
         )
         with contextlib.suppress(SearchError):
             recover_stale_trials(tuner.study, tuner.stale_after_s)
-    return tuner.result()
