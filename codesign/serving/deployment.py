@@ -126,54 +126,17 @@ class Bundle:
         covered by neither count as lossless and say so in their profile. ``policy`` defaults to
         ``BudgetedPolicy()`` (100 ms).
         """
-        if not variants:
-            raise BundleError("a bundle needs at least one variant")
-        for name in variants:
-            if not SAFE_NAME.match(name):
-                raise BundleError(
-                    f"variant name {name!r} is not a safe folder name",
-                    fix="use letters, digits, '_', '-', '.', '+' (up to 64 characters)",
-                )
-        first_name, first = next(iter(variants.items()))
-        want = _interface(first)
-        for name, v in variants.items():
-            got = _interface(v)
-            if got != want:
-                diff = sorted(
-                    k
-                    for k in want["inputs"].keys() | got["inputs"].keys()
-                    if want["inputs"].get(k) != got["inputs"].get(k)
-                )
-                raise BundleError(
-                    f"variant '{name}' takes other inputs than '{first_name}'"
-                    + (f": {diff}" if diff else ": their RequestSpecs differ"),
-                    fix="every variant of a bundle must accept the same request (same inputs and RequestSpec)",
-                )
+        _check_variants(variants)
         if quality_reference is not None and quality_reference not in variants:
             raise BundleError(f"quality_reference '{quality_reference}' is not one of {list(variants)}")
         given_profiles = dict(profiles or {})
-        quality = dict(quality or {})
-        measured: dict[str, float] = {}
-        if quality_reference is not None:
-            to_measure = {
-                n: v
-                for n, v in variants.items()
-                if n not in given_profiles and n not in quality and n != quality_reference
-            }
-            measured = measure_quality(to_measure, variants[quality_reference]) if to_measure else {}
+        qualities = _qualities(variants, quality_reference, dict(quality or {}), given_profiles)
         out: dict[str, VariantProfile] = {}
         for name, v in variants.items():
             if name in given_profiles:
                 out[name] = dataclasses.replace(given_profiles[name], name=name)
                 continue
-            if name in quality:
-                q, source = float(quality[name]), "given"
-            elif quality_reference == name:
-                q, source = 0.0, "quality reference"
-            elif name in measured:
-                q, source = measured[name], f"NE change vs '{quality_reference}' on resampled requests"
-            else:
-                q, source = 0.0, "not measured (assumed lossless)"
+            q, source = qualities[name]
             out[name] = profile_variant(
                 v,
                 name=name,
@@ -311,50 +274,8 @@ class Bundle:
             router_rec = manifest["router"]
         except (KeyError, TypeError) as exc:
             raise BundleError(f"{d / MANIFEST} lacks {exc} (truncated or hand-edited)") from exc
-        router_path = d / ROUTER
-        if not router_path.is_file() or file_sha256(router_path) != router_rec.get("sha256"):
-            raise BundleError(
-                f"{ROUTER} is missing or does not match its sha256 in the manifest",
-                fix="recompile the bundle; never edit bundle files by hand",
-            )
-        try:
-            router_data = json.loads(router_path.read_text())
-            policy = policy_from_dict(router_data["policy"])
-            features = config_from_dict(router_data.get("features") or FeatureConfig().to_dict())
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{ROUTER} is malformed: {exc!r}") from exc
-        except CodesignError as exc:
-            raise BundleError(f"{ROUTER} holds an invalid policy: {exc.message}") from exc
-        if not isinstance(features, FeatureConfig):
-            raise BundleError(f"{ROUTER} 'features' is not a FeatureConfig record")
-        variants: dict[str, Variant] = {}
-        profiles: dict[str, VariantProfile] = {}
-        failed: dict[str, str] = {}
-        for entry in entries:
-            name = str(entry.get("name", ""))
-            if not SAFE_NAME.match(name) or entry.get("dir") != f"{VARIANTS_DIR}/{name}":
-                raise BundleError(
-                    f"manifest lists an unsafe variant entry {entry.get('name')!r} / {entry.get('dir')!r}"
-                )
-            try:
-                profiles[name] = VariantProfile.from_dict(entry["profile"])
-            except (CodesignError, KeyError) as exc:
-                raise BundleError(f"variant '{name}' has an invalid profile in the manifest: {exc}") from exc
-            sub = d / VARIANTS_DIR / name
-            try:
-                if not (sub / MANIFEST).is_file() or file_sha256(sub / MANIFEST) != entry.get(
-                    "manifest_sha256"
-                ):
-                    raise BundleError(
-                        f"variant '{name}': its manifest is missing or does not match the bundle's record"
-                    )
-                variants[name] = load(sub)
-            except Exception as exc:  # one broken variant must not take the others down
-                if strict:
-                    raise
-                why = exc.message if isinstance(exc, CodesignError) else f"{type(exc).__name__}: {exc}"
-                failed[name] = why
-                log.error("variant '%s' failed to load and is out of rotation: %s", name, why)
+        policy, features = _read_router(d, router_rec)
+        variants, profiles, failed = _load_variants(d, entries, strict)
         if not variants:
             raise BundleError(
                 f"no variant of {d} loads: " + "; ".join(f"{n}: {w}" for n, w in failed.items()),
@@ -377,6 +298,113 @@ class Bundle:
             curve = LatencyCurve((1,), (1,), ((0.0,),), "unknown (the bundle records no cost estimates)")
         profile = VariantProfile(variant.name, curve, 0.0, "single variant", variant_memory_bytes(variant))
         return cls({variant.name: variant}, {variant.name: profile}, RulesPolicy((), variant.name), path=d)
+
+
+def _read_router(d: Path, record: Mapping[str, Any]) -> tuple[Policy, FeatureConfig]:
+    """The policy and feature settings of ``router.json``, after its sha256 matches the manifest."""
+    router_path = d / ROUTER
+    if not router_path.is_file() or file_sha256(router_path) != record.get("sha256"):
+        raise BundleError(
+            f"{ROUTER} is missing or does not match its sha256 in the manifest",
+            fix="recompile the bundle; never edit bundle files by hand",
+        )
+    try:
+        router_data = json.loads(router_path.read_text())
+        policy = policy_from_dict(router_data["policy"])
+        features = config_from_dict(router_data.get("features") or FeatureConfig().to_dict())
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{ROUTER} is malformed: {exc!r}") from exc
+    except CodesignError as exc:
+        raise BundleError(f"{ROUTER} holds an invalid policy: {exc.message}") from exc
+    if not isinstance(features, FeatureConfig):
+        raise BundleError(f"{ROUTER} 'features' is not a FeatureConfig record")
+    return policy, features
+
+
+def _load_variants(
+    d: Path, entries: Sequence[Any], strict: bool
+) -> tuple[dict[str, Variant], dict[str, VariantProfile], dict[str, str]]:
+    """(variants that load, every listed profile, why each other variant failed)."""
+    variants: dict[str, Variant] = {}
+    profiles: dict[str, VariantProfile] = {}
+    failed: dict[str, str] = {}
+    for entry in entries:
+        name = str(entry.get("name", ""))
+        if not SAFE_NAME.match(name) or entry.get("dir") != f"{VARIANTS_DIR}/{name}":
+            raise BundleError(
+                f"manifest lists an unsafe variant entry {entry.get('name')!r} / {entry.get('dir')!r}"
+            )
+        try:
+            profiles[name] = VariantProfile.from_dict(entry["profile"])
+        except (CodesignError, KeyError) as exc:
+            raise BundleError(f"variant '{name}' has an invalid profile in the manifest: {exc}") from exc
+        sub = d / VARIANTS_DIR / name
+        try:
+            if not (sub / MANIFEST).is_file() or file_sha256(sub / MANIFEST) != entry.get("manifest_sha256"):
+                raise BundleError(
+                    f"variant '{name}': its manifest is missing or does not match the bundle's record"
+                )
+            variants[name] = load(sub)
+        except Exception as exc:  # one broken variant must not take the others down
+            if strict:
+                raise
+            why = exc.message if isinstance(exc, CodesignError) else f"{type(exc).__name__}: {exc}"
+            failed[name] = why
+            log.error("variant '%s' failed to load and is out of rotation: %s", name, why)
+    return variants, profiles, failed
+
+
+def _check_variants(variants: Mapping[str, Variant]) -> None:
+    """At least one variant, safe folder names, and one request interface for all."""
+    if not variants:
+        raise BundleError("a bundle needs at least one variant")
+    for name in variants:
+        if not SAFE_NAME.match(name):
+            raise BundleError(
+                f"variant name {name!r} is not a safe folder name",
+                fix="use letters, digits, '_', '-', '.', '+' (up to 64 characters)",
+            )
+    first_name, first = next(iter(variants.items()))
+    want = _interface(first)
+    for name, v in variants.items():
+        got = _interface(v)
+        if got != want:
+            diff = sorted(
+                k
+                for k in want["inputs"].keys() | got["inputs"].keys()
+                if want["inputs"].get(k) != got["inputs"].get(k)
+            )
+            raise BundleError(
+                f"variant '{name}' takes other inputs than '{first_name}'"
+                + (f": {diff}" if diff else ": their RequestSpecs differ"),
+                fix="every variant of a bundle must accept the same request (same inputs and RequestSpec)",
+            )
+
+
+def _qualities(
+    variants: Mapping[str, Variant],
+    reference: str | None,
+    given: Mapping[str, float],
+    profiles: Mapping[str, VariantProfile],
+) -> dict[str, tuple[float, str]]:
+    """(NE change %, where it comes from) of each variant without a given profile."""
+    to_measure = {
+        n: v for n, v in variants.items() if n not in profiles and n not in given and n != reference
+    }
+    measured = (
+        measure_quality(to_measure, variants[reference]) if reference is not None and to_measure else {}
+    )
+    out: dict[str, tuple[float, str]] = {}
+    for name in variants:
+        if name in given:
+            out[name] = (float(given[name]), "given")
+        elif reference == name:
+            out[name] = (0.0, "quality reference")
+        elif name in measured:
+            out[name] = (measured[name], f"NE change vs '{reference}' on resampled requests")
+        else:
+            out[name] = (0.0, "not measured (assumed lossless)")
+    return out
 
 
 def search_record(result: SearchResult, choices: Sequence[VariantChoice]) -> dict[str, Any]:
