@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check codesign examples tests benchmarks docs/hooks.py
 	$(BIN)/ruff format --check codesign examples tests benchmarks docs/hooks.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The user guide and API reference; --strict turns every mkdocs/mkdocstrings warning into a failure.
 docs: $(STAMP)
