@@ -68,6 +68,10 @@ def test_errors_go_to_stderr_without_a_traceback(tmp_path: Path, capsys: pytest.
     assert "unknown target 'tpu-v9'" in capsys.readouterr().err
     assert main(["compile", "din", "--size", "tiny", "--backend", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+    # the pass manager would skip selective_fp8 on the host; the command says why instead of an empty report
+    assert main(["fp8", "din", "--size", "tiny", "--target", "host"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "has no FP8 matrix units" in captured.err and "fix:" in captured.err
 
 
 # every bad value is refused by argparse (exit 2, the flag named) before any work starts

@@ -95,6 +95,7 @@ def fp8_renderables(stats: dict[str, Any]) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     from codesign.cli.models import workload
+    from codesign.errors import PassError
     from codesign.hardware.target import get_target
     from codesign.ir.capture import capture
     from codesign.passes import (
@@ -107,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SelectiveFp8Config(**knob_values(args, SelectiveFp8.knobs()))
     target = get_target(args.target)
+    why = SelectiveFp8.unavailable(target)
+    if why is not None:  # the manager would skip the pass, leaving no report to print
+        raise PassError(
+            f"selective_fp8 cannot plan for this target: {why}", fix="pass --target h100 (or h200, l4)"
+        )
     program = capture(workload(args))
     passes: list[Pass] = [RequestSharing(), CommonSubexpressionElimination(), SelectiveFp8(cfg)]
     _, report = PassManager(passes, target).run(program)
