@@ -292,14 +292,35 @@ def test_pareto_front_keeps_one_trial_per_objective_vector() -> None:
     assert [t.number for t in pareto_front(trials)] == [0, 2]
 
 
+# longest a spawned worker may take to import, capture the model and finish its first trial
+WORKER_START_S = 60.0
+
+
 # two worker processes each (10-40 s): the default storage in the fast suite, the journal in test-slow
 @pytest.mark.parametrize("kind", [pytest.param("journal", marks=pytest.mark.slow), "sqlite"])
 def test_two_workers_share_one_study(tmp_path: Path, kind: str) -> None:
     storage = (
         f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     )
+
+    def wait_for_the_other_worker(study: Any, trial: Any) -> None:
+        # trials take milliseconds here; without this the first worker could finish the budget before the
+        # spawned one has imported torch, and the test would say nothing about sharing
+        deadline = time.monotonic() + WORKER_START_S
+        while time.monotonic() < deadline and not any(
+            (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") not in (None, os.getpid()) for t in study.trials
+        ):
+            time.sleep(0.1)
+
     result = tune(
-        "din", "h100", trials=16, settings=FAST, storage=storage, workers=2, factory_kwargs={"size": "tiny"}
+        "din",
+        "h100",
+        trials=16,
+        settings=FAST,
+        storage=storage,
+        workers=2,
+        factory_kwargs={"size": "tiny"},
+        callbacks=[wait_for_the_other_worker],
     )
     numbers = [t.number for t in result.trials]
     assert numbers == list(range(len(numbers)))  # numbered by the storage: no duplicate, no gap
