@@ -16,9 +16,6 @@ from codesign.passes import pass_names
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
-# the example scripts that take minutes, and the CLI sections beyond the one the fast suite keeps (each
-# command is a fresh interpreter that captures and compiles: 10-20 s a section); `make test-slow` runs them
-SLOW_SECTIONS = {"demo", "serving", "dlrm", "dcnv2", "multitask", "useq"}
 
 
 def _blocks(page: Path, lang: str) -> list[str]:
@@ -78,14 +75,11 @@ def _run_section(name: str) -> None:
         )
 
 
-@pytest.mark.parametrize("name", sorted(set(_example_sections()) - SLOW_SECTIONS))
-def test_documented_example_commands_run(name: str) -> None:
-    _run_section(name)
-
-
+# each command is a fresh interpreter that captures and compiles (10-20 s a section, minutes for the demo):
+# `make test-slow` runs every section; the fast suite checks the CLI through test_cli's in-process calls
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SLOW_SECTIONS & set(_example_sections())))
-def test_documented_example_scripts_run(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(_example_sections()))
+def test_documented_example_commands_run(name: str) -> None:
     _run_section(name)
 
 

@@ -375,6 +375,7 @@ def test_cli_bundle_and_serve(bundle_dir: Path, tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # a search plus one compile per chosen trial (~20 s)
 def test_bundle_from_search_compiles_the_chosen_trials(tmp_path: Path) -> None:
     from codesign.backends import get_backend
     from codesign.cli import main

@@ -245,6 +245,7 @@ def test_sharded_run_on_gloo_equals_single_device(name: str, world: int) -> None
     assert sum(r["local_shards"] for r in results) == len(plan.shards)
 
 
+@pytest.mark.slow  # spawns a gloo process group (~8 s)
 def test_sharded_program_refuses_a_plan_for_another_world_size() -> None:
     plan_json = _forced_plan("dlrm", 2)
     with (
