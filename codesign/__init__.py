@@ -10,10 +10,10 @@ names eagerly.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from codesign.errors import CodesignError
+from codesign.lazy import lazy_exports
 from codesign.version import __version__
 
 if TYPE_CHECKING:
@@ -77,16 +77,4 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module behind a public name on first access, and keep the value for the next one."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'codesign' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names too, though most are not loaded yet (so completion and ``dir()`` see them)."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

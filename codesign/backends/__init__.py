@@ -8,9 +8,10 @@ TensorRT modules, and ``backend_names()`` needs none of them.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from codesign.errors import BackendError
+from codesign.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from codesign.backends.aoti import AotiBackend
@@ -53,18 +54,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module behind a public name on first access."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'codesign.backends' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)
 
 
 def backend_names() -> list[str]:

@@ -10,8 +10,9 @@ should not import the tuner with it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from codesign.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from codesign.search.objectives import (
@@ -69,15 +70,4 @@ _MODULES: dict[str, tuple[str, ...]] = {
 _LAZY: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module behind a public name on first access."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'codesign.search' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)
