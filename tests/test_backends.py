@@ -27,6 +27,7 @@ def test_unknown_backend_and_target_it_cannot_run() -> None:
         InductorBackend(InductorConfig(mode="fastest"))
 
 
+@pytest.mark.slow  # torch.compile of a whole model (~17 s on 2 cores)
 def test_inductor_backend_matches_eager() -> None:
     w = tiny_workload("multitask")
     variant = codesign.compile(tiny_program("multitask"), backend="inductor")

@@ -296,8 +296,9 @@ def test_pareto_front_keeps_one_trial_per_objective_vector() -> None:
 WORKER_START_S = 60.0
 
 
-# two worker processes each (10-40 s): the default storage in the fast suite, the journal in test-slow
-@pytest.mark.parametrize("kind", [pytest.param("journal", marks=pytest.mark.slow), "sqlite"])
+# two worker processes each (10-40 s), on both file storages: make test-slow
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_share_one_study(tmp_path: Path, kind: str) -> None:
     storage = (
         f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"

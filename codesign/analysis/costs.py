@@ -39,6 +39,7 @@ __all__ = [
     "gemm_flops",
     "io_bytes",
     "linear_cost",
+    "linear_epilogue_cost",
     "linear_flops",
     "register_cost",
     "registered_cost",
@@ -187,6 +188,17 @@ def linear_cost(m: int, k: int, n_out: int, itemsize: int, bias: bool) -> OpCost
     return OpCost(
         linear_flops(m, k, n_out, bias), (m * k + m * n_out) * itemsize + params, params, engine="matmul"
     )
+
+
+def linear_epilogue_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """A Linear-shaped GEMM (``x[..., K]``, ``w[N, K]``) plus two epilogue terms per output; inputs read once.
+
+    The cost of codesign's fused GEMMs: bias + activation (``fused_linear``), bias + the request's row
+    (``broadcast_linear``).
+    """
+    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
+    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
+    return _gemm_cost(node, shapes, gemm_flops(m, k, n_out) + 2 * m * n_out)
 
 
 def _linear_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:

@@ -17,9 +17,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import register_flop_formula
 
-from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
-from codesign.analysis.graph_queries import tensor_arg
-from codesign.analysis.shapes import ConcreteShapes
+from codesign.analysis.costs import gemm_flops, linear_epilogue_cost, register_cost
 
 __all__ = ["ACTIVATIONS", "activate", "broadcast_linear", "broadcast_linear_reference"]
 
@@ -90,10 +88,5 @@ def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
     return gemm_flops(m, k, n_out) + 2 * m * n_out
 
 
-@register_cost(torch.ops.codesign.broadcast_linear.default)
-def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
-    """GEMM plus two epilogue terms per output (the request's row, the bias); inputs read once."""
-    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
-    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
-    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
-    return OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node), engine="matmul")
+# GEMM plus two epilogue terms per output (the request's row, the bias)
+register_cost(torch.ops.codesign.broadcast_linear.default, linear_epilogue_cost)

@@ -16,9 +16,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import register_flop_formula
 
-from codesign.analysis.costs import OpCost, gemm_flops, io_bytes, register_cost
-from codesign.analysis.graph_queries import tensor_arg
-from codesign.analysis.shapes import ConcreteShapes
+from codesign.analysis.costs import gemm_flops, linear_epilogue_cost, register_cost
 from codesign.ops.broadcast_linear import activate
 
 __all__ = ["fused_linear", "fused_linear_reference"]
@@ -54,10 +52,5 @@ def _flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
     return gemm_flops(math.prod(x_shape[:-1]), k, n_out)
 
 
-@register_cost(torch.ops.codesign.fused_linear.default)
-def _cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
-    """GEMM plus two epilogue terms per output (bias, activation): the Linear and activation it fuses."""
-    x, w = tensor_arg(node, 0), tensor_arg(node, 1)
-    m, (n_out, k) = shapes.rows(x), shapes.shape(w)
-    flops = gemm_flops(m, k, n_out) + 2 * m * n_out
-    return OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node), engine="matmul")
+# GEMM plus two epilogue terms per output (bias, activation): the Linear and activation it fuses
+register_cost(torch.ops.codesign.fused_linear.default, linear_epilogue_cost)
