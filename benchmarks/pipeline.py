@@ -47,14 +47,14 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
-def _measure(tree: Path, what: str, model: str, trials: int) -> float:
+def _measure(tree: Path, cache: Path, what: str, model: str, trials: int) -> float:
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, what, model, str(trials)],
         cwd=tree,
         env={
             "PYTHONPATH": str(tree),
             "PATH": "/usr/bin:/bin",
-            "CODESIGN_CACHE_DIR": str(tree / ".bench-cache"),
+            "CODESIGN_CACHE_DIR": str(cache),
         },
         capture_output=True,
         text=True,

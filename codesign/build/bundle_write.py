@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.utils._pytree as pytree
@@ -23,7 +23,10 @@ from codesign.ir.request import flatten_inputs
 from codesign.version import __version__
 
 if TYPE_CHECKING:
-    from codesign.build.variant import Variant
+    from codesign.backends.base import Backend
+    from codesign.hardware.target import Target
+    from codesign.ir.request import RequestBatch, RequestSpec
+    from codesign.sharding.types import Plan
 
 __all__ = [
     "ABI_BOUND_BACKENDS",
@@ -35,6 +38,7 @@ __all__ = [
     "REFERENCE",
     "SAFE_NAME",
     "SCHEMA_VERSION",
+    "SavedVariant",
     "empty_folder",
     "file_sha256",
     "write_bundle",
@@ -73,7 +77,32 @@ def empty_folder(directory: Path, overwrite: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def write_bundle(variant: Variant, directory: Path, *, overwrite: bool = False) -> Path:
+class SavedVariant(Protocol):
+    """What a bundle records of a variant (``codesign.build.variant.Variant`` has all of it).
+
+    Spelled out here so that writing a bundle does not import the module that defines Variants, which
+    itself writes bundles (``Variant.save``).
+    """
+
+    name: str
+    spec: RequestSpec
+    target: Target
+    backend: Backend[Any]
+    exported: torch.export.ExportedProgram
+    artifacts: dict[str, Path]
+    passes: list[dict[str, Any]]
+    reference_inputs: RequestBatch
+    reference_outputs: list[torch.Tensor]
+    cost: dict[str, Any]
+    report: dict[str, Any] | None
+    cache_key: str
+    takes_request_offsets: bool
+    micro_batch: int | None
+    plan: Plan | None
+    id_bounds: dict[str, dict[str, int]]
+
+
+def write_bundle(variant: SavedVariant, directory: Path, *, overwrite: bool = False) -> Path:
     """Write ``variant`` to ``directory`` (see module docstring for the layout)."""
     empty_folder(directory, overwrite)
     torch.export.save(variant.exported, str(directory / PROGRAM))
