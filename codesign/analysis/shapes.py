@@ -53,6 +53,8 @@ class ConcreteShapes:
     def __init__(self, env: dict[sympy.Symbol, int], fallback: int) -> None:
         self.env = env
         self.fallback = fallback
+        # a graph repeats few size expressions (N, 16·N, ...) over thousands of node shapes
+        self._dims: dict[Any, int] = {}
 
     def dim(self, d: Any) -> int:
         if isinstance(d, int):
@@ -60,6 +62,11 @@ class ConcreteShapes:
         e = symbolic_dim(d)
         if not isinstance(e, sympy.Basic) or isinstance(e, sympy.Integer):
             return int(e)
+        if e not in self._dims:
+            self._dims[e] = self._bind(e)
+        return self._dims[e]
+
+    def _bind(self, e: sympy.Basic) -> int:
         value = e.xreplace(self.env)
         if not isinstance(value, sympy.Basic):
             return int(value)
