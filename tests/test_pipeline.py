@@ -32,6 +32,7 @@ from codesign.passes.cleanup import ConstantFoldingConfig
 from codesign.passes.manager import Pass, PassManager, PassResult, SkipKind
 from codesign.passes.testing import assert_outputs_close
 from tests.conftest import tiny_program, tiny_workload
+from tests.search_passes import GpuOnlyPass
 
 HOST = get_target("h100")  # passes plan for a target; numerics are checked on this CPU either way
 
@@ -264,19 +265,10 @@ def test_an_unknown_name_or_a_non_pass_is_refused_with_the_valid_names() -> None
         PassManager([torch.nn.ReLU], HOST)  # type: ignore[list-item]
 
 
-class _NeedsGpu(Pass[_BreakConfig]):
-    """Unavailable on CPU targets; its rewrite must never run there."""
+class _NeedsGpu(GpuOnlyPass):
+    """Unavailable on CPU targets (as GpuOnlyPass); its rewrite must never run there."""
 
     name = "needs_gpu"
-    config_class = _BreakConfig
-
-    @classmethod
-    def unavailable(cls, target: Target) -> str | None:
-        return (
-            None
-            if target.hardware.kind == "gpu"
-            else f"needs a GPU, {target.name} is a {target.hardware.kind}"
-        )
 
     def apply(self, program: Program, target: Target) -> PassResult:
         raise RuntimeError("apply ran on a target the pass cannot serve")
