@@ -124,16 +124,17 @@ def test_rewrite_is_kept_only_where_the_cost_model_predicts_a_gain() -> None:
         ("useq", l4, True),
         ("useq", h100, False),
     ]
+    predicted = RequestSharing(RequestSharingConfig(gate_by_measurement=False))
     for name, target, kept in cases:
         program = tiny_program(name)
-        out, report = PassManager([RequestSharing()], target).run(program)
+        out, report = PassManager([predicted], target).run(program)
         rec = report.passes[0]
         before, after = rec.predicted_latency_before_s, rec.predicted_latency_after_s
         assert before is not None and after is not None, (name, target.name)
         assert rec.modified == kept == (after < before), (name, target.name, before, after)
         assert out.takes_request_offsets == kept
         assert kept or (rec.skip is not None and rec.skip.kind is SkipKind.NO_PREDICTED_GAIN), rec.skip
-    _, report = PassManager([RequestSharing()], cpu).run(tiny_program("useq"))
+    _, report = PassManager([predicted], cpu).run(tiny_program("useq"))
     rec = report.passes[0]
     assert rec.predicted_latency_after_s < rec.predicted_latency_before_s / 2  # type: ignore[operator]
 

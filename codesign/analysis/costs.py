@@ -215,6 +215,43 @@ def _product_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
     return _gemm_cost(node, shapes, 2 * shapes.numel(out) * shapes.dim(a.shape[-1]))
 
 
+def _tensordot_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """``tensordot(a, b, dims_a, dims_b)``: two FLOPs per output element per contracted element."""
+    out, a = tensor_values(node)[0], tensor_arg(node, 0)
+    dims = node.args[2] if len(node.args) > 2 else []
+    size = shapes.shape(a)
+    reduced = math.prod(size[int(d)] for d in dims) if isinstance(dims, list | tuple) else 1
+    return _gemm_cost(node, shapes, 2 * shapes.numel(out) * reduced)
+
+
+def _einsum_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """``einsum``: one multiply-add per point of the full index space (every letter), two FLOPs each when
+    letters are summed away; one FLOP per output element for a pure outer/element-wise product."""
+    equation, operands = node.args[0], node.args[1] if len(node.args) > 1 else []
+    out = tensor_values(node)[0]
+    if not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return default_cost(node, shapes)
+    ins, result = equation.replace(" ", "").split("->")
+    sizes: dict[str, int] = {}
+    for spec, op in zip(ins.split(","), tensor_values(operands), strict=False):
+        sizes.update(zip(spec, shapes.shape(op), strict=False))
+    points = math.prod(sizes.values())
+    contracted = any(letter not in result for letter in sizes)
+    flops = 2 * points if contracted else shapes.numel(out)
+    return (
+        _gemm_cost(node, shapes, flops)
+        if contracted
+        else OpCost(flops, io_bytes(node, shapes), shapes.param_bytes(node))
+    )
+
+
+def _conv1d_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
+    """``conv1d``: two FLOPs per output element per (input channel / groups) x kernel width."""
+    out, w = tensor_values(node)[0], tensor_arg(node, 1)
+    _, per_group, width = shapes.shape(w)
+    return _gemm_cost(node, shapes, 2 * shapes.numel(out) * per_group * width)
+
+
 def _product_plus_input_cost(node: torch.fx.Node, shapes: ConcreteShapes) -> OpCost:
     """addmm / baddbmm (``c + a @ b``): the product plus one add per output element."""
     out, a = tensor_values(node)[0], tensor_arg(node, 1)
@@ -281,5 +318,8 @@ for _op in (aten.addmm.default, aten.baddbmm.default):
 for _op in (aten.embedding_bag.padding_idx, aten.embedding_bag.default, aten._embedding_bag.default):
     register_cost(_op, _embedding_bag_cost)
 register_cost(aten.linear.default, _linear_cost)
+register_cost(aten.tensordot.default, _tensordot_cost)
+register_cost(aten.einsum.default, _einsum_cost)
+register_cost(aten.conv1d.default, _conv1d_cost)
 register_cost(aten.scaled_dot_product_attention.default, _attention_cost)
 register_cost(aten.embedding.default, _embedding_cost)

@@ -18,6 +18,7 @@ from codesign.ir.program import Program
 __all__ = [
     "VIEW_OPS",
     "as_int",
+    "constant_value",
     "count_kernels",
     "embedding_id_bounds",
     "module_of",
@@ -103,6 +104,40 @@ def tensor_arg(node: torch.fx.Node, index: int) -> torch.Tensor:
             "capture the graph with torch.export so every node carries one"
         )
     return val
+
+
+# Ops that copy or re-type a constant without changing its values: an index list a model stores as a
+# Python list becomes ``clone(lifted_constant)`` in an exported graph.
+_CONSTANT_COPIES = frozenset(
+    {
+        aten.clone.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.lift_fresh_copy.default,
+        aten._to_copy.default,
+        aten.contiguous.default,
+    }
+)
+
+
+def constant_value(program: Program, node: object) -> torch.Tensor | None:
+    """The real tensor a constant node holds (a ``get_attr``, or a copy of one), else None.
+
+    Index lists (the columns a model picks from a flat feature tensor) reach the graph this way; the
+    role rules need their values to tell which columns a lookup reads.
+    """
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = program.fetch_attr(str(node.target))
+        return value if isinstance(value, torch.Tensor) else None
+    if node.op == "call_function" and node.target in _CONSTANT_COPIES and node.args:
+        base = constant_value(program, node.args[0])
+        if base is None:
+            return None
+        dtype = node.kwargs.get("dtype")
+        return base.to(dtype) if isinstance(dtype, torch.dtype) else base
+    return None
 
 
 def as_int(value: Any) -> int:

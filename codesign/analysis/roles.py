@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx
 
-from codesign.analysis.graph_queries import VIEW_OPS, as_int, node_value
-from codesign.analysis.shapes import symbolic_dim
+from codesign.analysis.graph_queries import VIEW_OPS, as_int, constant_value, node_value
+from codesign.analysis.shapes import static_size, symbolic_dim
 from codesign.ir.program import REQUEST_OFFSETS, Program
 
-__all__ = ["Role", "is_row_view", "propagate_roles"]
+__all__ = [
+    "Role",
+    "column_positions",
+    "infer_role",
+    "is_row_view",
+    "propagate_roles",
+    "request_column_inputs",
+]
 
 aten = torch.ops.aten
 
@@ -88,6 +95,9 @@ _ELEMENTWISE_OR_ROWWISE = {
     aten.abs.default,
     aten.log1p.default,
     aten.layer_norm.default,
+    aten.conv1d.default,  # dim 0 is the batch of a convolution: one row in, one row out
+    aten.conv2d.default,
+    aten._native_batch_norm_legit_no_training.default,  # inference batch norm: running statistics
     aten.linear.default,
     aten.bmm.default,
     aten.matmul.default,
@@ -170,7 +180,55 @@ def _keeps_rows(node: torch.fx.Node) -> bool:
     if t in (aten.mm.default, aten.addmm.default):
         b = args[-1]
         return isinstance(b, torch.fx.Node) and b.op == "get_attr"
+    if t is aten.einsum.default:
+        return _einsum_keeps_rows(node)
+    if t is aten.tensordot.default:  # x . W over non-row dims of x: one row in, one row out
+        b, dims = args[1], args[2]
+        first_val = node_value(args[0])
+        rank = first_val.dim() if first_val is not None else 1
+        return (
+            isinstance(b, torch.fx.Node)
+            and b.op == "get_attr"
+            and isinstance(dims, list | tuple)
+            and all(_norm_dim(as_int(d), rank) != 0 for d in dims)
+        )
     return t in _ELEMENTWISE_OR_ROWWISE or t in _EMBEDDING_BAGS
+
+
+def slice_positions(args: list[Any], size: int) -> list[int] | None:
+    """Positions ``aten.slice.Tensor(x, dim, start, end, step)`` (its ``args``) keeps of a dim of ``size``."""
+    bounds = [args[i] if len(args) > i and args[i] is not None else d for i, d in ((2, 0), (3, size), (4, 1))]
+    if not all(isinstance(v, int) for v in bounds):
+        return None
+    start, end, step = (int(v) for v in bounds)
+    return list(range(size))[slice(start, end, step)]
+
+
+def _einsum_keeps_rows(node: torch.fx.Node) -> bool:
+    """``einsum`` whose operands with rows all index them with the output's first letter (and the others
+    do not use that letter): each output row reads only the same row of each operand."""
+    equation, operands, out = node.args[0], node.args[1], node_value(node)
+    if (
+        not isinstance(equation, str)
+        or "->" not in equation
+        or "." in equation
+        or out is None
+        or out.dim() == 0
+    ):
+        return False
+    ins, result = equation.replace(" ", "").split("->")
+    letters = ins.split(",")
+    if not result or not isinstance(operands, list | tuple) or len(letters) != len(operands):
+        return False
+    rows, letter = symbolic_dim(out.shape[0]), result[0]
+    for spec, op in zip(letters, operands, strict=True):
+        val = node_value(op)
+        if val is None or val.dim() == 0:
+            continue
+        has_rows = symbolic_dim(val.shape[0]) == rows
+        if has_rows != (spec[:1] == letter) or (not has_rows and letter in spec):
+            return False
+    return True
 
 
 def is_row_view(node: torch.fx.Node) -> bool:
@@ -197,47 +255,103 @@ def propagate_roles(program: Program) -> dict[str, Role]:
             if path in spec.request_columns:
                 request_cols[node.name] = spec.request_columns[path]
     for node in program.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op in ("get_attr", "output") or node.op == "call_module":
-            roles[node.name] = Role.PARAM if node.op == "get_attr" else Role.CANDIDATE
-            continue
-        ins = [roles.get(a.name, Role.CANDIDATE) for a in node.all_input_nodes]
-        source = _arg_node(node, 0)
-        if node.target is aten.sym_size.int and len(node.args) > 1 and node.args[1] != 0:
-            roles[node.name] = Role.PARAM  # a size other than the row count is the same for every row
-        elif (
-            node.target in (aten.slice.Tensor, aten.select.int)
-            and source is not None
-            and source.name in request_cols
-        ):
-            roles[node.name] = _column_role(node, request_cols[source.name])
-        elif node.target in _EMBEDDING_BAGS:
-            # rows of the output are bags: request-level when the bag ids are request-level
-            ids = _arg_node(node, 1)
-            request_ids = ids is not None and roles.get(ids.name) is Role.REQUEST
-            roles[node.name] = Role.REQUEST if request_ids else Role.CANDIDATE
-        elif all(r is Role.PARAM for r in ins):
-            roles[node.name] = Role.PARAM
-        elif Role.CANDIDATE in ins or not _keeps_rows(node):
-            roles[node.name] = Role.CANDIDATE
-        else:
-            roles[node.name] = Role.REQUEST
+        if node.op != "placeholder":
+            roles[node.name] = infer_role(program, node, roles, request_cols)
     return roles
 
 
-def _column_role(node: torch.fx.Node, ranges: Iterable[tuple[int, int]]) -> Role:
-    """Request-level when the slice or select of dim 1 stays inside one request-level column range."""
-    args = list(node.args)
-    dim = as_int(args[1]) if len(args) > 1 else 0
-    if dim != 1:
+def infer_role(
+    program: Program,
+    node: torch.fx.Node,
+    roles: dict[str, Role],
+    request_cols: dict[str, tuple[tuple[int, int], ...]],
+) -> Role:
+    """The role of one (non-placeholder) node from its inputs' roles (one step of ``propagate_roles``).
+
+    ``request_cols`` maps the names of flat feature tensors to their request-level column ranges; a
+    whole-rows view of one (``x[:]``) is added to it. Rewrites that change a node's inputs call this
+    to keep roles current without propagating over the whole graph again.
+    """
+    if node.op in ("get_attr", "output") or node.op == "call_module":
+        return Role.PARAM if node.op == "get_attr" else Role.CANDIDATE
+    ins = [roles.get(a.name, Role.CANDIDATE) for a in node.all_input_nodes]
+    source = _arg_node(node, 0)
+    ranges = request_cols.get(source.name) if source is not None else None
+    if node.target is aten.sym_size.int and len(node.args) > 1 and node.args[1] != 0:
+        return Role.PARAM  # a size other than the row count is the same for every row
+    if ranges is not None and _is_whole_rows(node):
+        request_cols[node.name] = ranges  # x[:] / x.clone(): the same columns
         return Role.CANDIDATE
-    if node.target is aten.select.int:
-        lo, hi = as_int(args[2]), as_int(args[2]) + 1
-    else:
-        lo = as_int(args[2]) if len(args) > 2 and args[2] is not None else 0
-        out = node_value(node)
-        if out is None:
-            return Role.CANDIDATE
-        hi = lo + int(out.shape[1])
-    return Role.REQUEST if any(a <= lo and hi <= b for a, b in ranges) else Role.CANDIDATE
+    if ranges is not None and node.target in _COLUMN_PICKS:
+        cols = column_positions(program, node)
+        request = cols is not None and all(any(a <= c < b for a, b in ranges) for c in cols)
+        return Role.REQUEST if request else Role.CANDIDATE
+    if node.target in _EMBEDDING_BAGS:
+        # rows of the output are bags: request-level when the bag ids are request-level
+        ids = _arg_node(node, 1)
+        return Role.REQUEST if ids is not None and roles.get(ids.name) is Role.REQUEST else Role.CANDIDATE
+    if all(r is Role.PARAM for r in ins):
+        return Role.PARAM
+    if Role.CANDIDATE in ins or not _keeps_rows(node):
+        return Role.CANDIDATE
+    return Role.REQUEST
+
+
+def request_column_inputs(program: Program) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Names of the placeholders with request-level column ranges, and the ranges."""
+    spec = program.spec
+    return {
+        node.name: spec.request_columns[path]
+        for path, node in program.placeholders().items()
+        if path in spec.request_columns and path not in spec.request_inputs
+    }
+
+
+# Ops that pick columns (dim 1) of a 2-D feature tensor: x[:, a:b], x[:, i], x[:, [i, j]].
+_COLUMN_PICKS = frozenset(
+    {aten.slice.Tensor, aten.select.int, aten.index_select.default, aten.index.Tensor, aten.narrow.default}
+)
+
+
+def _is_whole_rows(node: torch.fx.Node) -> bool:
+    """``x[:]`` (a full slice of dim 0) or a copy: every row and every column, unchanged."""
+    if node.target in (aten.clone.default, aten.alias.default, aten.contiguous.default):
+        return True
+    if node.target is not aten.slice.Tensor:
+        return False
+    args = list(node.args) + [None] * 5
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    whole_end = end is None or (isinstance(end, int) and end >= 2**62)
+    return bool(as_int(args[1] or 0) == 0 and start == 0 and step == 1 and whole_end)
+
+
+def column_positions(program: Program, node: torch.fx.Node) -> list[int] | None:
+    """The columns (dim 1 positions of the input) a column pick reads, in output order; None if unknown.
+
+    Covers the ways a model picks fields from one flat feature tensor: slices, selects, index lists
+    (``x[:, [0, 3, 5]]``, exported as ``index.Tensor`` over a lifted constant) and ``index_select``.
+    """
+    src = node_value(node.args[0])
+    width = static_size(src.shape[1]) if src is not None and src.dim() >= 2 else None
+    if width is None:
+        return None
+    args = list(node.args)
+    t = node.target
+    if t is aten.index.Tensor:
+        indices = args[1]
+        if not (isinstance(indices, list | tuple) and len(indices) == 2 and indices[0] is None):
+            return None
+        idx = constant_value(program, indices[1])
+        return None if idx is None or idx.dim() != 1 else [int(i) % width for i in idx.tolist()]
+    dim = as_int(args[1]) if len(args) > 1 else 0
+    if src is None or dim % src.dim() != 1:
+        return None
+    if t is aten.select.int:
+        return [as_int(args[2]) % width]
+    if t is aten.index_select.default:
+        idx = constant_value(program, args[2])
+        return None if idx is None or idx.dim() != 1 else [int(i) % width for i in idx.tolist()]
+    if t is aten.narrow.default:
+        start = as_int(args[2]) % width
+        return list(range(start, start + as_int(args[3])))
+    return slice_positions(args, width)

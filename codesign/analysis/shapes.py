@@ -19,12 +19,23 @@ from codesign.analysis.graph_queries import tensor_values
 from codesign.ir.program import Program
 from codesign.ir.request import RequestBatch, flatten_inputs
 
-__all__ = ["ConcreteShapes", "symbol_env", "symbolic_dim"]
+__all__ = ["ConcreteShapes", "static_size", "symbol_env", "symbolic_dim"]
 
 
 def symbolic_dim(d: Any) -> Any:
     """The sympy expression of a (possibly symbolic) size: compare dims across nodes with ``==``."""
     return d.node.expr if isinstance(d, torch.SymInt) else d
+
+
+def static_size(d: Any) -> int | None:
+    """A size as a Python int when it is one (a SymInt whose expression is a number counts), else None.
+
+    ``x.reshape(batch, -1)`` gives the ``-1`` dim as a SymInt equal to a constant; field rules need it.
+    """
+    if isinstance(d, int):
+        return d
+    expr = symbolic_dim(d)
+    return int(expr) if getattr(expr, "is_number", False) else None
 
 
 def symbol_env(program: Program, batch: RequestBatch) -> dict[sympy.Symbol, int]:

@@ -328,6 +328,14 @@ class Target:
             return self.hardware.name in torch.cuda.get_device_name().lower().replace(" ", "")
         return False
 
+    @property
+    def is_this_machine(self) -> bool:
+        """True when the target *is* this machine (the calibrated host, or the GPU installed here), so a
+        program timed here is timed on the target; a CPU spec of some other machine runs here but is not."""
+        if self.hardware.kind == "cpu":
+            return self.hardware.name == "host"
+        return self.runs_here
+
     def to_dict(self) -> dict[str, object]:
         return {"hardware": self.hardware.to_dict(), "devices": self.devices}
 

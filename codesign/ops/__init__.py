@@ -22,6 +22,7 @@ from codesign.ops.quantized_embedding import (
     quantized_embedding_bag,
     table_bytes,
 )
+from codesign.ops.request_attention import request_attention, request_attention_reference
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,5 +47,7 @@ __all__ = [
     "quantize_weight",
     "quantized_embedding",
     "quantized_embedding_bag",
+    "request_attention",
+    "request_attention_reference",
     "table_bytes",
 ]

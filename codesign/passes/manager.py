@@ -63,6 +63,7 @@ class SkipKind(str, enum.Enum):
     NOT_APPLICABLE = "not_applicable"  # the pattern it rewrites does not occur in this program
     BELOW_THRESHOLD = "below_threshold"  # it occurs, but below a knob's threshold
     NO_PREDICTED_GAIN = "no_predicted_gain"  # rewritten, then discarded: the cost model predicts no gain
+    NO_MEASURED_GAIN = "no_measured_gain"  # rewritten, then discarded: timed on this machine, not faster
     DISABLED = "disabled"  # a knob turns it off on this target
     ALREADY_APPLIED = "already_applied"  # the program already has the form the pass produces
 
@@ -90,6 +91,9 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     skip: SkipReason | None = None
+    # (seconds before, seconds after) when the pass timed its rewrite on this machine: then the manager
+    # keeps the pass's own measured decision instead of gating on the cost model
+    measured: tuple[float, float] | None = None
 
     @classmethod
     def skipped(
@@ -144,6 +148,8 @@ class PassRecord:
     # the cost model at the gate batch, before and after the rewrite (gated passes that rewrote; else None)
     predicted_latency_before_s: float | None = None
     predicted_latency_after_s: float | None = None
+    measured_latency_before_s: float | None = None
+    measured_latency_after_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -248,7 +254,7 @@ class PassManager:
                 continue
             result = self._apply(p, current.shallow_copy(), done)
             before = after = None
-            if result.modified and p.gated:
+            if result.modified and p.gated and result.measured is None:
                 before = predicted if predicted is not None else predicted_latency(current, self.target)
                 after = predicted_latency(result.program, self.target)
                 if after >= before:
@@ -274,6 +280,8 @@ class PassManager:
             record = self._record(p, current, ops_before, result, t0)
             record.max_abs_error, record.max_rel_error = max_abs, max_rel
             record.predicted_latency_before_s, record.predicted_latency_after_s = before, after
+            if result.measured is not None:
+                record.measured_latency_before_s, record.measured_latency_after_s = result.measured
             records.append(record)
             if result.modified:
                 current, predicted = result.program, after

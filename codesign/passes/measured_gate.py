@@ -1,0 +1,74 @@
+"""A gain gate that times the rewrite on this machine instead of trusting the cost model.
+
+A rewrite that fires must make the model faster. Where the target runs here, the gate runs the
+original and each candidate rewrite side by side (interleaved rounds, medians) on the layouts a
+ranking server sees: one request of 1024 candidates and a batch of 16 requests. A rewrite is kept
+only when it is faster on every layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+from codesign.hardware.timing import interleaved_medians
+from codesign.ir.program import Program
+
+__all__ = ["GATE_LAYOUTS", "KEEP_BELOW", "MeasuredGate", "time_programs"]
+
+# (name, candidates per request): what the gate times
+GATE_LAYOUTS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("1x1024", (1024,)),
+    ("16x64", (64,) * 16),
+)
+# A rewrite is kept when it is at least this much faster on every layout: a tie is noise, not a gain.
+KEEP_BELOW = 0.97
+# total seconds the gate may spend per layout on its rounds (at least MIN_ROUNDS rounds are run)
+BUDGET_S = 1.5
+MIN_ROUNDS, MAX_ROUNDS = 3, 9
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredGate:
+    """Median seconds per layout of each program timed, keyed ``[layout][name]``."""
+
+    seconds: Mapping[str, Mapping[str, float]]
+
+    def worst_ratio(self, name: str, baseline: str) -> float:
+        """The largest ``t(name) / t(baseline)`` over the layouts: below 1 means faster on every one."""
+        return max(times[name] / times[baseline] for times in self.seconds.values())
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {layout: dict(times) for layout, times in self.seconds.items()}
+
+
+# Timings already taken in this process, by the graphs timed: compiling the same program twice decides
+# the same way (a second noisy measurement could flip a close call).
+_TIMED: dict[tuple[str, ...], MeasuredGate] = {}
+
+
+def time_programs(
+    programs: Mapping[str, Program],
+    layouts: Sequence[tuple[str, tuple[int, ...]]] = GATE_LAYOUTS,
+    seed: int = 31,
+) -> MeasuredGate:
+    """Time every program on the same batches (drawn from the first), interleaved round by round."""
+    key = (*(f"{name}={p.graph_hash()}" for name, p in programs.items()), repr(layouts), str(seed))
+    if key not in _TIMED:
+        _TIMED[key] = _time(programs, layouts, seed)
+    return _TIMED[key]
+
+
+def _time(
+    programs: Mapping[str, Program], layouts: Sequence[tuple[str, tuple[int, ...]]], seed: int
+) -> MeasuredGate:
+    first = next(iter(programs.values()))
+    seconds: dict[str, dict[str, float]] = {}
+    for layout, counts in layouts:
+        batch = first.sample_batch(list(counts), seed)
+        fns = {name: partial(p.run, batch) for name, p in programs.items()}
+        once = interleaved_medians(fns, rounds=1, warmup=1)
+        rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / max(1e-9, sum(once.values())))))
+        seconds[layout] = interleaved_medians(fns, rounds=rounds)
+    return MeasuredGate(seconds)
