@@ -234,9 +234,10 @@ _shared: list[Program] = []
 
 
 def _shared_useq() -> Program:
-    """useq after request sharing (forced: the tiny model may not gain on this host); a fresh copy per call."""
+    """useq after request sharing without its attention step (forced: the tiny model may not gain on this
+    host), so the rewrite can be applied here; a fresh copy per call."""
     if not _shared:
-        forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))
+        forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False, fuse_attention=False))
         shared, report = PassManager([forced], get_target("host")).run(tiny_program("useq"))
         assert report.passes[0].modified
         _shared.append(shared)
@@ -380,7 +381,7 @@ def test_a_per_request_mask_is_shared_too() -> None:
     captured = codesign.capture(
         model, _padded_history_batch([2, 3], 0), spec, make_batch=_padded_history_batch
     )
-    forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))
+    forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False, fuse_attention=False))
     program, _ = PassManager([forced], get_target("host")).run(captured)
     request_index, offsets = _index_nodes(program)
 
@@ -400,3 +401,18 @@ def test_a_per_request_mask_is_shared_too() -> None:
             torch.testing.assert_close(
                 program.run(batch), model(**batch.inputs), rtol=FP32_ROUNDING, atol=FP32_ROUNDING
             )
+
+
+def test_request_sharing_fuses_target_attention_by_default() -> None:
+    forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))
+    shared, report = PassManager([forced], get_target("host")).run(tiny_program("useq"))
+    assert report.passes[0].stats["request_attentions"] == 1
+    request_index = next(n for n in shared.graph.nodes if n.target is aten.bucketize.Tensor)
+    assert not _kv_gathers(shared, request_index)
+    assert len(_targets(shared, op.default)) == 1
+    w = tiny_workload("useq")
+    batch = w.make_batch([3, 1, 9], 5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            shared.run(batch), w.model(**batch.inputs), rtol=FP32_ROUNDING, atol=FP32_ROUNDING
+        )

@@ -73,6 +73,9 @@ class RequestSharingConfig(Config):
         True, help="carry mixed user/candidate field axes as groups and split the ops that combine fields"
     )
     fuse_broadcast: bool = knob(True, help="fuse the per-request row gather into the candidate GEMM")
+    fuse_attention: bool = knob(
+        True, help="attention of candidates over a request's keys/values reads them once per request"
+    )
     require_predicted_gain: bool = knob(True, help=GAIN_HELP)
     # not a knob (a search would only make its trials slower): where the target runs on this machine,
     # the gain gate times the rewrite against the original (1x1024 and 16x64 candidates) instead of
@@ -99,9 +102,7 @@ class RequestSharing(Pass[RequestSharingConfig]):
         built: list[tuple[float, Program, dict[str, Any]]] = []
         skip = SkipReason(SkipKind.NOT_APPLICABLE, "no request-level work")
         for split in plans:
-            result = _build(
-                program, split=split, fuse=cfg.fuse_broadcast, min_fraction=cfg.min_request_fraction
-            )
+            result = _build(program, split=split, cfg=cfg)
             if isinstance(result, SkipReason):
                 skip = result
                 continue
@@ -155,7 +156,7 @@ class RequestSharing(Pass[RequestSharingConfig]):
 
 
 def _build(
-    program: Program, *, split: bool, fuse: bool, min_fraction: float
+    program: Program, *, split: bool, cfg: RequestSharingConfig
 ) -> tuple[Program, dict[str, Any]] | SkipReason:
     """One request-centric rewrite of ``program``, or why there is nothing to share."""
     work = program.shallow_copy()
@@ -175,6 +176,7 @@ def _build(
     blockers = find_blockers(work, split_analysis)
     if request_flops == 0:
         return _nothing_to_share(work, blockers)
+    min_fraction = cfg.min_request_fraction
     if fraction < min_fraction:
         return SkipReason(
             SkipKind.BELOW_THRESHOLD,
@@ -184,9 +186,10 @@ def _build(
     compressed, expanded, request_index = _rewrite(work)
     if compressed == 0:
         return SkipReason(SkipKind.NOT_APPLICABLE, "request-level values feed no shareable op")
-    fused = _fuse_broadcast_linear(work, request_index) if fuse else 0
+    fused = _fuse_broadcast_linear(work, request_index) if cfg.fuse_broadcast else 0
+    propagate_meta(work, [n for n in work.graph.nodes if n not in known])  # shared nodes now have R rows
     offsets = next(n for n in work.graph.nodes if n.op == "placeholder" and n.target == REQUEST_OFFSETS)
-    attentions = fuse_request_attention(work, request_index, offsets)
+    attentions = fuse_request_attention(work, request_index, offsets) if cfg.fuse_attention else 0
     work.takes_request_offsets = True
     work.recompile()
     stats: dict[str, Any] = {
@@ -203,7 +206,6 @@ def _build(
         "request_attentions": attentions,
         "request_flops_fraction": round(fraction, 4),
     }
-    propagate_meta(work, [n for n in work.graph.nodes if n not in known])  # shared nodes now have R rows
     return work, stats
 
 
