@@ -102,3 +102,54 @@ def test_model_ref_from_file(tmp_path: pytest.TempPathFactory, repo_root: object
         codesign.load_model_ref(f"{path}:missing")
     with pytest.raises(ModelRefError, match="examples"):
         codesign.load_model_ref("no_such_example")
+
+
+class _TensordotCross(torch.nn.Module):
+    """DCN v1's cross layer as reference code writes it: x0 * (x . w) + b + x with torch.tensordot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4) * 0.1)
+        self.b = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xw = torch.tensordot(x, self.w, dims=([-1], [0]))
+        return (x * xw.unsqueeze(-1) + self.b + x).sum(-1)
+
+
+def test_tensordot_model_that_captures_also_compiles_for_one_candidate() -> None:
+    # torch.tensordot's kernel adds a `candidates != 1` guard when the backends re-export the graph with
+    # size-oblivious shapes; capture decomposes it, so compile(passes=[]) no longer fails with a raw
+    # "Constraints violated ... != 1" from torch.export
+    model = _TensordotCross().eval()
+    program = codesign.capture(model, _batch(), RequestSpec())
+    assert program.metadata["decomposed_at_capture"] == ["aten.tensordot.default"]
+    variant = codesign.compile(program, passes=[], backend="eager")
+    for n in (1, 2, 7):
+        batch = _batch(n)
+        with torch.no_grad():
+            ok, err, _ = compare_outputs(variant.score(batch), model(**batch.inputs), EXACT)
+        assert ok, (n, err)
+
+
+class _FieldAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return out.sum((1, 2))
+
+
+def test_multihead_attention_over_fields_captures_and_compiles() -> None:
+    # nn.MultiheadAttention(batch_first=True) runs its in-projection Linear on a transposed [fields, batch,
+    # d] tensor; the Linear kernel's contiguity test guards `batch != 1` under a size-oblivious re-export,
+    # so Program.export falls back to a plain export where there is no request count to protect
+    model = _FieldAttention().eval()
+    batch = RequestBatch({"x": torch.randn(6, 3, 8)}, offsets_from_counts([6]))
+    variant = codesign.compile(codesign.capture(model, batch, RequestSpec()), passes=[], backend="eager")
+    for n in (1, 7):
+        x = torch.randn(n, 3, 8)
+        got = variant.score(RequestBatch({"x": x}, offsets_from_counts([n])))
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)

@@ -223,3 +223,34 @@ def test_measured_gate_keeps_only_what_times_faster() -> None:
     assert set(timings) == {"1x1024", "16x64"}
     assert all(t["shared"] < t["original"] for t in timings.values()), timings
     assert record.measured_latency_after_s is not None and record.predicted_latency_after_s is None
+
+
+class ProfileBags(nn.Module):
+    """User profile ids [B, F] through a 2-D ``nn.EmbeddingBag`` (fixed-size bags), padding id 0."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.profile = nn.EmbeddingBag(VOCAB, DIM, mode=mode, padding_idx=0)
+        self.item = nn.Embedding(VOCAB, DIM)
+        self.top = nn.Linear(2 * DIM, 1)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return self.top(torch.cat([self.profile(user), self.item(item).sum(1)], -1)).squeeze(-1)
+
+
+def test_fixed_size_bags_of_user_ids_are_looked_up_once_per_request() -> None:
+    for mode in ("sum", "mean"):
+        model = ProfileBags(mode).eval()
+        spec = RequestSpec(request_inputs=("user",))
+        program = codesign.capture(model, _two_batch([2, 3], 0), spec, make_batch=_two_batch)
+        out, record = _share(program)
+        assert record.stats["fixed_bags_as_lookups"] == 1, record.stats
+        # the lookup reads one row of ids per request: no embedding_bag over N candidates remains
+        assert "embedding_bag" not in out.graph_module.code
+        _check(out, model, _two_batch)
+        zeros = _two_batch([3, 2], 5)  # padding ids inside the bags, one bag all padding
+        zeros.inputs["user"][:3] = 0  # request 0 (3 candidates): an all-padding bag
+        zeros.inputs["user"][3:, 0] = 0  # request 1: one padding id
+        with torch.no_grad():
+            ok, max_abs, _ = compare_outputs(out.run(zeros), model(**zeros.inputs), SHARED)
+        assert ok, (mode, max_abs)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis.graph_queries import op_name
+from codesign.analysis.graph_queries import node_value, op_name
 from codesign.analysis.program_analysis import ProgramAnalysis
 from codesign.analysis.roles import Role, propagate_roles
 from codesign.ir.program import Program
@@ -60,7 +60,10 @@ def find_blockers(program: Program, analysis: ProgramAnalysis, limit: int = 3) -
         if node.op == "placeholder" or node.op == "call_module":
             origins[node.name] = frozenset({_INPUT})
         elif not cand_inputs:
-            has_request = any(roles.get(a.name) is Role.REQUEST for a in node.all_input_nodes)
+            # a size (sym_size of dim 0) is no work stopped: only tensors can block
+            has_request = node_value(node) is not None and any(
+                roles.get(a.name) is Role.REQUEST for a in node.all_input_nodes
+            )
             origins[node.name] = frozenset({node.name}) if has_request else frozenset({_INPUT})
             if has_request:
                 blockers.append(node)

@@ -292,9 +292,25 @@ def infer_role(
         return Role.REQUEST if ids is not None and roles.get(ids.name) is Role.REQUEST else Role.CANDIDATE
     if all(r is Role.PARAM for r in ins):
         return Role.PARAM
-    if Role.CANDIDATE in ins or not _keeps_rows(node):
+    if Role.CANDIDATE in ins or not (_keeps_rows(node) or _product_with_param(node, roles)):
         return Role.CANDIDATE
     return Role.REQUEST
+
+
+def _product_with_param(node: torch.fx.Node, roles: dict[str, Role]) -> bool:
+    """``mm``/``addmm``/``tensordot`` of rows by a parameter-derived matrix (a sliced or transposed weight)."""
+    if node.target not in (aten.mm.default, aten.addmm.default, aten.tensordot.default):
+        return False
+    weight = node.args[-1] if node.target is not aten.tensordot.default else node.args[1]
+    if node.target is aten.tensordot.default:
+        dims, first = node.args[2], node_value(node.args[0])
+        if (
+            not isinstance(dims, list | tuple)
+            or first is None
+            or 0 in [_norm_dim(as_int(d), first.dim()) for d in dims]
+        ):
+            return False
+    return isinstance(weight, torch.fx.Node) and roles.get(weight.name) is Role.PARAM
 
 
 def request_column_inputs(program: Program) -> dict[str, tuple[tuple[int, int], ...]]:

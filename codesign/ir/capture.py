@@ -2,19 +2,31 @@
 
 Export failures are turned into a ``CaptureError`` that names the module and source line that
 failed and the usual fix, instead of a traceback from deep inside torch.
+
+Capture implies compile: every backend re-exports the program with size-oblivious shapes
+(``Program.export``: any candidate count from 1, no 0/1 specialization), so capture exports with the
+same shape semantics. A model that only exports with torch's default semantics (it compares the
+candidate count with 1 somewhere) is exported that way, then re-exported like a backend would; where
+a composite op (``torch.tensordot``, ...) adds the guard when it is traced again, that op is
+decomposed into the aten ops it stands for, so that what captures also compiles. What still cannot
+be re-exported is a ``CaptureError`` at capture, not a raw torch error at compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import linecache
 import logging
+import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
@@ -85,18 +97,22 @@ def capture(
     model.eval()
     dynamic_shapes = dynamic_shapes_for(example.inputs, spec, max_candidates)
     try:
-        with torch.no_grad():
+        # the shape semantics of every backend's re-export: what exports here re-exports there
+        with torch.no_grad(), _size_oblivious():
             exported = torch.export.export(model, (), dict(example.inputs), dynamic_shapes=dynamic_shapes)
-    except Exception as exc:
-        where = None
-        if "constraint" in str(exc).lower() or "specializ" in str(exc).lower():
-            where = _locate_specialization(model, example, dynamic_shapes)
-        raise _explain_export_failure(exc, model, where) from None
-    module = exported.module()
-    if not isinstance(module, torch.fx.GraphModule):
-        raise CaptureError(f"torch.export returned a {type(module).__name__}, not a GraphModule")
+        like_backends = True
+    except Exception:
+        like_backends = False
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(model, (), dict(example.inputs), dynamic_shapes=dynamic_shapes)
+        except Exception as exc:
+            where = None
+            if "constraint" in str(exc).lower() or "specializ" in str(exc).lower():
+                where = _locate_specialization(model, example, dynamic_shapes)
+            raise _explain_export_failure(exc, model, where) from None
     program = Program(
-        graph_module=module,
+        graph_module=_graph_module(exported),
         spec=spec,
         example=example,
         name=name or type(model).__name__,
@@ -104,14 +120,179 @@ def capture(
         max_candidates=max_candidates,
         metadata={"model_class": f"{type(model).__module__}.{type(model).__qualname__}"},
     )
+    if not like_backends:
+        program = _reexportable(program, exported)
     _verify_capture(model, program)
     return program
+
+
+@contextmanager
+def _size_oblivious() -> Iterator[None]:
+    """The shape settings ``Program.export`` re-exports with (a candidate count of 1 is a size like any other)."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # torch config modules are typed without their options
+        yield
+
+
+def _graph_module(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    module = exported.module()
+    if not isinstance(module, torch.fx.GraphModule):
+        raise CaptureError(f"torch.export returned a {type(module).__name__}, not a GraphModule")
+    return module
+
+
+def _composite_ops(exported: torch.export.ExportedProgram) -> list[torch._ops.OpOverload]:
+    """Composite (CompositeImplicitAutograd) aten ops that export kept as single nodes, in graph order."""
+    ops: dict[torch._ops.OpOverload, None] = {}
+    for node in exported.graph.nodes:
+        op = node.target
+        if (
+            node.op == "call_function"
+            and isinstance(op, torch._ops.OpOverload)
+            and not op.name().startswith("aten::sym_")  # size queries, not computations
+            and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+        ):
+            ops[op] = None
+    return list(ops)
+
+
+def _reexportable(program: Program, exported: torch.export.ExportedProgram) -> Program:
+    """``program`` if backends can re-export it, else a copy with the guarding composite ops decomposed.
+
+    Only reached when the model does not export with the backends' shape semantics. torch.export keeps
+    composite ops as single nodes; re-tracing one runs its C++ kernel again, and a kernel that tests a
+    size against 1 (``torch.tensordot`` does) then adds a ``candidates != 1`` guard, which the candidate
+    dimension (1 and up) violates. Decomposed into the aten ops it stands for, the guard is gone. Each
+    composite op is tried alone first so that the ops passes match (``aten.linear`` ...) stay whole.
+    """
+    try:
+        program.export(size_oblivious_only=True)
+        return program
+    except Exception as exc:
+        failure = exc
+    first_lines = "\n    ".join(line for line in str(failure).strip().splitlines()[:4] if line.strip())
+    if "constraint" not in str(failure).lower():
+        err = CaptureError(
+            f"capture failed: '{program.name}' exports, but its graph does not export again the way every "
+            f"backend re-exports it\n  torch.export said: {type(failure).__name__}: {first_lines}",
+            fix="report the model with this message: every backend re-exports the captured graph, so none "
+            "could lower it",
+        )
+        err.original = failure
+        raise err
+    composites = _composite_ops(exported)
+    table = torch.export.default_decompositions()
+    trials = [[op] for op in composites if op in table]
+    if len(trials) > 1:
+        trials.append([op for (op,) in trials])
+    for ops in trials:
+        try:
+            with torch.no_grad():
+                decomposed = exported.run_decompositions({op: table[op] for op in ops})
+            candidate = dataclasses.replace(
+                program,
+                graph_module=_graph_module(decomposed),
+                metadata={**program.metadata, "decomposed_at_capture": [str(op) for op in ops]},
+            )
+            candidate.export(size_oblivious_only=True)
+        except Exception:
+            continue
+        log.info(
+            "%s: decomposed %s at capture so that backends can re-export it",
+            program.name,
+            ", ".join(map(str, ops)),
+        )
+        return candidate
+    try:  # a plain re-export works: backends lower it as it is; request sharing will say it cannot
+        program.export()
+        log.info("%s: re-exports only without size-oblivious shapes", program.name)
+        return dataclasses.replace(program, metadata={**program.metadata, "size_oblivious_export": False})
+    except Exception:
+        pass
+    culprit = _locate_guard(program)
+    err = CaptureError(
+        f"capture failed: '{program.name}' exports, but not with the size-oblivious shapes that every "
+        f"backend re-exports it with (any candidate count from 1): {culprit or 'an op in the graph guards'}, "
+        "which a single candidate row fails; decomposing the composite ops "
+        f"{[str(op) for op in composites]} did not remove it\n  torch.export said: {type(failure).__name__}: "
+        f"{first_lines}",
+        fix="write that computation so that it does not compare the number of rows with 1; e.g. "
+        "nn.MultiheadAttention(batch_first=True) runs its Linear projections on a transposed "
+        "[fields, batch, d] tensor, whose contiguity test does: project [batch, fields, d] first and call "
+        "F.scaled_dot_product_attention on [batch, heads, fields, d_head]",
+    )
+    err.original = failure
+    raise err
+
+
+class _GuardSpy(TorchFunctionMode):
+    """Records the first graph node whose op added a shape guard that a single candidate row violates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: str | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        env = _shape_env((args, kwargs)) if self.where is None else None
+        before = len(env.guards) if env is not None else 0
+        out = func(*args, **(kwargs or {}))
+        if env is not None and len(env.guards) > before:
+            for guard in env.guards[before:]:
+                expr = guard.expr
+                if expr.free_symbols and not bool(expr.subs({s: 1 for s in expr.free_symbols})):
+                    self.where = _describe_node(_running_node(), func, expr)
+                    break
+        return out
+
+
+def _running_node() -> torch.fx.Node | None:
+    """The FX node that torch.export's interpreter is running (re-exporting a GraphModule runs one)."""
+    frame = sys._getframe()
+    while frame is not None:
+        node = frame.f_locals.get("n") if frame.f_code.co_name == "run_node" else None
+        if isinstance(node, torch.fx.Node):
+            return node
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the walk
+    return None
+
+
+def _describe_node(node: torch.fx.Node | None, func: Any, guard: Any) -> str:
+    """``node 'linear' (aten.linear.default at model.py:63: `out = self.attn(x, x, x)`) adds the guard ...``."""
+    where = ""
+    if node is not None:
+        lines = [line.strip() for line in str(node.meta.get("stack_trace", "")).splitlines()]
+        user = [
+            (line, lines[i + 1] if i + 1 < len(lines) else "")
+            for i, line in enumerate(lines)
+            if line.startswith('File "') and _is_user_file(line.split('"')[1])
+        ]
+        if user:
+            file_line, code = user[-1]
+            filename, _, rest = file_line.removeprefix('File "').partition('"')
+            lineno = rest.split("line ")[-1].split(",")[0]
+            where = f" at {filename}:{lineno}: `{code}`"
+        return f"node '{node.name}' ({func}{where}) adds the guard {guard}"
+    return f"{func} adds the guard {guard}"
+
+
+def _locate_guard(program: Program) -> str | None:
+    """Re-export under a spy to name the node that guards on the candidate count (only on failure)."""
+    spy = _GuardSpy()
+    try:
+        with spy:
+            program.export()
+    except Exception:
+        pass
+    return spy.where
 
 
 def _verify_capture(model: torch.nn.Module, program: Program) -> None:
     """The captured graph must equal eager on the example and on a batch of another size."""
     n = program.example.num_candidates
-    batches = [program.example, program.sample_batch([max(1, n // 2 + 1), 1, 3], seed=12345)]
+    batches = [
+        program.example,
+        program.sample_batch([max(1, n // 2 + 1), 1, 3], seed=12345),
+        program.sample_batch([1], seed=12346),  # one candidate: the size torch.export likes to specialize
+    ]
     for batch in batches:
         with torch.no_grad():
             want = output_tensors(model(**batch.inputs))

@@ -236,13 +236,25 @@ class Program:
             self.example.inputs, self.spec, self.max_candidates, self.takes_request_offsets
         )
 
-    def export(self) -> torch.export.ExportedProgram:
-        """Re-export the (possibly rewritten) graph with the same dynamic dimensions."""
+    def export(self, *, size_oblivious_only: bool = False) -> torch.export.ExportedProgram:
+        """Re-export the (possibly rewritten) graph with the same dynamic dimensions.
+
+        ``size_oblivious_only``: no plain-export fallback (capture asks this to find graphs that could
+        not be re-exported once request sharing adds a request count).
+        """
+        inputs, dims = self.call_inputs(self.example), self.dynamic_shapes()
         # size-oblivious: a request count of 1 must not be specialized away (R is a size here)
-        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # torch config modules are typed without their options
-            return torch.export.export(
-                self.graph_module, (), self.call_inputs(self.example), dynamic_shapes=self.dynamic_shapes()
-            )
+        try:
+            with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # torch config modules are typed without their options
+                return torch.export.export(self.graph_module, (), inputs, dynamic_shapes=dims)
+        except Exception as exc:
+            # Some kernels test a size against 1 (Linear over a transposed [fields, batch, d] tensor in
+            # nn.MultiheadAttention): size-oblivious tracing turns that into a guard the candidate dim
+            # violates. Without request offsets there is no R to protect, so a plain export is safe.
+            if size_oblivious_only or self.takes_request_offsets or "Constraints violated" not in str(exc):
+                raise
+        with torch.no_grad():
+            return torch.export.export(self.graph_module, (), inputs, dynamic_shapes=dims)
 
     def reexported(self) -> Program:
         """A copy whose graph is re-traced by torch.export: fresh shapes and metadata after a rewrite."""

@@ -33,6 +33,7 @@ from codesign.hardware.costmodel import estimate_analysis
 from codesign.hardware.target import Target
 from codesign.ir.program import REQUEST_OFFSETS, Program
 from codesign.passes.field_split import SplitStats, split_fields
+from codesign.passes.fixed_bags import rewrite_fixed_bags
 from codesign.passes.graph_edit import dynamic_placeholder_value, propagate_meta
 from codesign.passes.manager import (
     GAIN_HELP,
@@ -94,6 +95,15 @@ class RequestSharing(Pass[RequestSharingConfig]):
         if program.takes_request_offsets:
             return PassResult.skipped(
                 program, SkipKind.ALREADY_APPLIED, "the program is already request-centric"
+            )
+        if program.metadata.get("size_oblivious_export") is False:
+            return PassResult.skipped(
+                program,
+                SkipKind.NOT_APPLICABLE,
+                "the program re-exports only with plain shapes (an op in it guards the candidate count "
+                "against 1), and a request-centric program needs size-oblivious shapes for its request count",
+                fix="write that op so it does not compare the row count with 1 (e.g. project [batch, fields, d] "
+                "instead of nn.MultiheadAttention's transposed [fields, batch, d])",
             )
         cfg = self.config
         before = analyze(program, GATE_CANDIDATES, GATE_REQUESTS)
@@ -161,6 +171,7 @@ def _build(
     """One request-centric rewrite of ``program``, or why there is nothing to share."""
     work = program.shallow_copy()
     known = set(work.graph.nodes)
+    bags = rewrite_fixed_bags(work)  # EmbeddingBag over [N, F] user ids: a row-wise lookup sharing can follow
     fields = SplitStats()
     if split:
         fields, _ = split_fields(work)
@@ -195,6 +206,7 @@ def _build(
     stats: dict[str, Any] = {
         "nodes_shared": compressed,
         "expansions": expanded,
+        "fixed_bags_as_lookups": bags,
         "fields_split": fields.values_split,
         "linears_split": fields.contractions_split,
         "reductions_split": fields.reductions_split,
