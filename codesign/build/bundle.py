@@ -12,6 +12,11 @@ Layout::
 Several such bundles behind a router policy form a deployment bundle (``codesign.serving.deployment``,
 format ``codesign-multi-bundle``). A bundle is data: configs load through the allow-list in ``codesign.config``; the program archive
 is checked to hold plain tensors only before torch reads it; nothing is unpickled.
+
+Loading ends by scoring the stored reference batch and comparing with the stored reference outputs
+within the manifest's tolerance, so a bundle whose files were edited and resealed, or that does not
+reproduce its scores here, is refused. ``python -m codesign.build.bundle DIR...`` makes that check in
+its own interpreter (what ``Variant.save`` runs before it returns) and prints one JSON line per bundle.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import time
+import traceback
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +39,23 @@ from codesign.backends import backend_class, backend_names
 from codesign.build.bundle_write import (
     ABI_BOUND_BACKENDS,
     BUNDLE_FORMAT,
+    CHECK_MARKER,
     MANIFEST,
     MULTI_FORMAT,
     PLAN,
     PROGRAM,
     REFERENCE,
     SCHEMA_VERSION,
+    compare_reference,
     file_sha256,
 )
 from codesign.build.variant import Variant
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
 from codesign.ir.request import RequestBatch, RequestSpec
+from codesign.numerics import Tolerance
 
-__all__ = ["load", "read_manifest"]
+__all__ = ["check_reference_outputs", "load", "main", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +132,7 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
 
 
 def _check_program_archive(path: Path) -> None:
-    """Refuse a program archive that would make torch unpickle anything."""
+    """Refuse a program archive that would make torch unpickle anything, or that calls unknown ops."""
     try:
         z = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -141,10 +153,54 @@ def _check_program_archive(path: Path) -> None:
                     torch.load(io.BytesIO(z.read(name)), weights_only=True)
                 except Exception as exc:
                     raise BundleError(f"{path.name}: sample inputs are not plain tensors ({exc})") from exc
+            if "/models/" in name and name.endswith(".json"):
+                _check_operators(path.name, json.loads(z.read(name)))
 
 
-def load(directory: str | Path) -> Variant:
-    """Verify and load a bundle: checksums, versions, allow-listed configs; then build the runner.
+def _check_operators(archive: str, model: Any) -> None:
+    """Name the operators a serialized program calls that this process has not registered.
+
+    torch.export.load only logs which operator it could not resolve and raises a generic error; a
+    bundle that needs an op registered by the model's own module fails here with that op's name.
+    """
+    targets: set[str] = set()
+    stack = [model]
+    while stack:  # node targets at any depth (subgraphs of higher-order ops included)
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            target = obj.get("target")
+            if isinstance(target, str) and target.startswith("torch.ops."):
+                targets.add(target)
+            stack.extend(obj.values())
+        elif isinstance(obj, list):
+            stack.extend(obj)
+    missing = sorted(t for t in targets if not _resolves(t))
+    if missing:
+        raise BundleError(
+            f"{archive} calls operators this process has not registered: {missing}",
+            fix="codesign.load registers codesign's own ops; import the module that defines the others "
+            "(torch.library) before loading, or compile the model without them",
+        )
+
+
+def _resolves(target: str) -> bool:
+    obj: Any = torch.ops
+    try:
+        for part in target.split(".")[2:]:
+            obj = getattr(obj, part)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
+    """Verify and load a bundle: checksums, versions, allow-listed configs; build the runner; score.
+
+    With ``check_reference`` (the default) the loaded variant scores the stored reference batch and
+    must match the stored reference outputs within the manifest's tolerance (BundleError otherwise):
+    this catches weights edited and resealed, and a backend that does not rebuild the same program
+    here. It costs one call of the model (and, for inductor, its compile); ``check_reference=False``
+    skips it.
 
     >>> variant = codesign.load("out/dlrm-bundle"); variant.score(batch)
     """
@@ -200,7 +256,7 @@ def load(directory: str | Path) -> Variant:
             raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
     artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
     runner = backend.load(exported, artifacts)
-    return Variant(
+    variant = Variant(
         name=str(manifest["name"]),
         spec=spec,
         target=target,
@@ -220,6 +276,43 @@ def load(directory: str | Path) -> Variant:
         plan=plan,
         id_bounds=_id_bounds(manifest.get("id_bounds")),
     )
+    if check_reference:
+        check_reference_outputs(variant, _tolerance(manifest.get("tolerance"), variant.tolerance), d)
+    return variant
+
+
+def check_reference_outputs(variant: Variant, tolerance: Tolerance, directory: Path) -> float:
+    """Score the variant's reference batch; its max abs error, or BundleError naming the bundle."""
+    what = f"bundle {directory} (variant '{variant.name}', backend '{variant.backend.name}')"
+    try:
+        got = variant.score(variant.reference_inputs)
+    except CodesignError:
+        raise
+    except Exception as exc:
+        raise BundleError(
+            f"{what} loads but fails to score its stored reference batch: {type(exc).__name__}: "
+            f"{str(exc)[:1000]}",
+            fix="the bundle cannot serve: recompile it with this codesign and torch; if it fails again, "
+            "compile with backend 'eager' or without passes and report the model",
+        ) from exc
+    return compare_reference(got, variant.reference_outputs, tolerance, what)
+
+
+def _tolerance(value: Any, default: Tolerance) -> Tolerance:
+    """The manifest's tolerance record (bundles written before it existed use the backend's)."""
+    if value is None:
+        return default
+    try:
+        tol = Tolerance(
+            rtol=float(value["rtol"]),
+            atol=float(value["atol"]),
+            min_sqnr_db=None if value.get("min_sqnr_db") is None else float(value["min_sqnr_db"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"bundle manifest tolerance {value!r} is not a tolerance record ({exc!r})") from exc
+    if not (tol.rtol >= 0 and tol.atol >= 0):
+        raise BundleError(f"bundle manifest tolerance {value!r} has a negative bound")
+    return tol
 
 
 def _micro_batch(value: Any) -> int | None:
@@ -243,3 +336,38 @@ def _id_bounds(value: Any) -> dict[str, dict[str, int]]:
             f"bundle manifest id_bounds {value!r} is not a mapping of input -> {{column: rows}}"
         )
     return {str(k): {str(c): int(r) for c, r in per.items()} for k, per in value.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m codesign.build.bundle DIR...``: load each bundle and check its reference outputs.
+
+    Prints one line per bundle, ``CHECK_MARKER`` + JSON (``dir``, ``ok``, ``max_abs_error``,
+    ``seconds`` or ``error``, ``fix``); exits 1 if any bundle fails. ``Variant.save`` runs it in a
+    fresh interpreter; it imports only what loading needs.
+    """
+    dirs = list(sys.argv[1:] if argv is None else argv)
+    if not dirs:
+        print("usage: python -m codesign.build.bundle BUNDLE_DIR...", file=sys.stderr)
+        return 2
+    failed = 0
+    for d in dirs:
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"dir": d}
+        try:
+            variant = load(d, check_reference=False)
+            manifest = read_manifest(d)
+            tol = _tolerance(manifest.get("tolerance"), variant.tolerance)
+            rec.update(ok=True, max_abs_error=check_reference_outputs(variant, tol, Path(d)))
+        except CodesignError as exc:
+            rec.update(ok=False, error=exc.message, fix=exc.fix)
+        except Exception as exc:  # anything else is a bug to show in full
+            traceback.print_exc()
+            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}", fix=None)
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        failed += not rec["ok"]
+        print(CHECK_MARKER + json.dumps(rec, default=str), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from codesign.backends import get_backend
-from codesign.build.bundle_write import write_bundle
+from codesign.build.bundle_write import Verify, write_bundle
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.ir.program import Program, run_in_pieces
 from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch
@@ -96,10 +96,19 @@ class Variant:
         )
         return ok, max_abs
 
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a bundle (manifest.json + exported program + backend artifacts + reference data)."""
+    def save(
+        self, directory: str | Path, *, overwrite: bool = False, verify: Verify = "fresh_process"
+    ) -> Path:
+        """Write a bundle (manifest.json + exported program + backend artifacts + reference data).
 
-        return write_bundle(self, Path(directory), overwrite=overwrite)
+        Before it returns, the bundle is reloaded and scores its reference batch: by default in a
+        fresh Python process (``verify="fresh_process"``, a few seconds), or ``"in_process"`` (faster;
+        misses what only this process holds), or ``"none"`` (hot loops). A failed check raises
+        BundleError and leaves no bundle at ``directory``.
+
+        >>> variant.save("out/din")  # then: codesign.load("out/din")
+        """
+        return write_bundle(self, Path(directory), overwrite=overwrite, verify=verify)
 
 
 def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:

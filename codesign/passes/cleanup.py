@@ -2,12 +2,20 @@
 
 They run on any Program and are the scaffolding the specialised passes lean on: a rewrite may
 leave duplicates and dead nodes behind and let these passes tidy up.
+
+Captured graphs are not functional: ``torch.tensor([...])`` in a forward becomes
+``detach_(lift_fresh_copy(constant))``, and a model may write into a fresh tensor (``add_``, ``t_``,
+``masked_fill_``) or into a buffer. Folding a value that is written later would turn a tensor made
+fresh on every call into one buffer that each call writes again; merging two such values would let one
+write show through the other. Both passes therefore leave alone every value that the graph writes in
+place, directly or through a view (``_written_values``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any
 
 import torch
@@ -37,6 +45,61 @@ def _is_pure(node: torch.fx.Node) -> bool:
         return False
     schema = getattr(node.target, "_schema", None)
     return not (schema is not None and schema.is_mutable)
+
+
+# In-place ops that change a tensor's autograd record only, never its values, shape or strides. On a
+# folded constant they are dropped: torch refuses ``detach_`` on a view, and the weights of a reloaded
+# bundle are views into the program archive's storage.
+_AUTOGRAD_ONLY_INPLACE = frozenset({torch.ops.aten.detach_.default})
+
+
+def _aliased_args(node: torch.fx.Node) -> list[tuple[torch.fx.Node, bool]]:
+    """(input, written) for every input the op's schema says its result aliases or it writes in place."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out: list[tuple[torch.fx.Node, bool]] = []
+    for i, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is None:
+            continue
+        value = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get(arg.name)
+        written = info.is_write and node.target not in _AUTOGRAD_ONLY_INPLACE
+        values = value if isinstance(value, list | tuple) else [value]
+        out.extend((v, written) for v in values if isinstance(v, torch.fx.Node))
+    return out
+
+
+def _written_values(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes whose tensor some op of the graph writes in place, directly or through an alias.
+
+    Aliases are grouped by union-find over what op schemas declare (a view shares its base's storage,
+    an in-place op returns its input; ``getitem`` of a multi-output op is taken to alias it); a write
+    to any member marks the whole group. Over-approximating aliases only blocks folds, never breaks one.
+    """
+    parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(n: torch.fx.Node) -> torch.fx.Node:
+        root = n
+        while parent.get(root, root) is not root:
+            root = parent[root]
+        while n is not root:
+            parent[n], n = root, parent[n]
+        return root
+
+    written: list[torch.fx.Node] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            parent[find(node)] = find(node.args[0])
+            continue
+        for arg, writes in _aliased_args(node):
+            parent[find(node)] = find(arg)
+            if writes:
+                written.append(arg)
+    roots = {find(n) for n in written}
+    return {n for n in graph.nodes if find(n) in roots} if roots else set()
 
 
 @register_config
@@ -97,7 +160,10 @@ class CommonSubexpressionElimination(Pass[CseConfig]):
     def apply(self, program: Program, target: Target) -> PassResult:
         seen: dict[Any, torch.fx.Node] = {}
         merged = 0
+        written = _written_values(program.graph)
         for node in list(program.graph.nodes):
+            if node in written:  # two fresh tensors one of which is later written are not the same value
+                continue
             if node.op == "get_attr" or _is_pure(node):
                 key = _key(node)
                 if key in seen:
@@ -127,6 +193,9 @@ class ConstantFolding(Pass[ConstantFoldingConfig]):
 
     ``max_growth`` stops folds that would grow constant memory (e.g. expanding a bias to a full
     matrix): a fold is kept only if its result is at most ``max_growth`` x the bytes it reads.
+    Values the graph writes in place (directly or through a view) are never folded, nor is anything
+    read from a buffer the graph writes; ``detach_`` of a folded constant is dropped (it changes only
+    autograd state, and torch refuses it on the views a reloaded bundle's weights are).
     """
 
     name = "constant_folding"
@@ -134,20 +203,38 @@ class ConstantFolding(Pass[ConstantFoldingConfig]):
 
     def apply(self, program: Program, target: Target) -> PassResult:
         gm = program.graph_module
+        written = _written_values(gm.graph)
+        # a folded graph output would be one buffer that every call returns (and a caller may write)
+        returned = {n for out in gm.graph.find_nodes(op="output") for n in out.all_input_nodes}
         constants: dict[str, torch.Tensor] = {}
         for node in gm.graph.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and node not in written:
                 value = program.fetch_attr(str(node.target))
                 if isinstance(value, torch.Tensor):
                     constants[node.name] = value
-        folded, grown_refused = 0, 0
+        folded, grown_refused, written_refused, detaches = 0, 0, 0, 0
         orphan_candidates: set[torch.fx.Node] = set()
         max_growth = float(self.config.max_growth)
         for node in list(gm.graph.nodes):
+            source = node.args[0] if node.args else None
+            if (
+                node.target in _AUTOGRAD_ONLY_INPLACE
+                and isinstance(source, torch.fx.Node)
+                and source.name in constants
+            ):
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+                detaches += 1
+                continue
             if not _is_pure(node) or node.target is torch.ops.aten._assert_tensor_metadata.default:
                 continue
             inputs = node.all_input_nodes
             if not all(a.name in constants for a in inputs) or not inputs:
+                continue
+            if node in returned:
+                continue
+            if node in written:
+                written_refused += 1
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: constants[a.name])
             with torch.no_grad():
@@ -175,8 +262,14 @@ class ConstantFolding(Pass[ConstantFoldingConfig]):
             _, freed = remove_unused_params(gm, only=orphaned)
         return PassResult(
             program,
-            folded > 0,
-            {"nodes_folded": folded, "folds_refused_for_growth": grown_refused, "param_bytes_freed": freed},
+            folded > 0 or detaches > 0,
+            {
+                "nodes_folded": folded,
+                "folds_refused_for_growth": grown_refused,
+                "folds_refused_for_writes": written_refused,
+                "detaches_dropped": detaches,
+                "param_bytes_freed": freed,
+            },
         )
 
 

@@ -30,9 +30,11 @@ from codesign.build.bundle_write import (
     MULTI_FORMAT,
     SAFE_NAME,
     SCHEMA_VERSION,
-    empty_folder,
+    Verify,
     file_sha256,
-    write_bundle,
+    staged_folder,
+    verify_written,
+    write_bundle_files,
 )
 from codesign.build.profiling import (
     DEFAULT_CURVE_CANDIDATES,
@@ -209,40 +211,51 @@ class Bundle:
         return RequestSchema.from_reference(first.spec, first.reference_inputs, bounds)
 
     # ---- files ----------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write every variant's bundle under ``variants/``, ``router.json`` and the manifest."""
+    def save(
+        self, directory: str | Path, *, overwrite: bool = False, verify: Verify = "fresh_process"
+    ) -> Path:
+        """Write every variant's bundle under ``variants/``, ``router.json`` and the manifest.
+
+        As ``Variant.save``: every variant is reloaded and scores its reference batch before this
+        returns (by default all of them in one fresh Python process); if one fails, BundleError names
+        it and nothing is left at ``directory``.
+        """
         if self.failed:
             raise BundleError(
                 f"this bundle was loaded without {sorted(self.failed)}; saving it would drop them",
                 fix="rebuild the bundle from compiled variants",
             )
         d = Path(directory)
-        empty_folder(d, overwrite)
-        entries = []
-        for name, variant in self.variants.items():
-            sub = d / VARIANTS_DIR / name
-            write_bundle(variant, sub)
-            entries.append(
-                {
-                    "name": name,
-                    "dir": f"{VARIANTS_DIR}/{name}",
-                    "manifest_sha256": file_sha256(sub / MANIFEST),
-                    "profile": self.profiles[name].to_dict(),
-                }
-            )
-        router = {"policy": self.policy.to_dict(), "features": self.features.to_dict()}
-        (d / ROUTER).write_text(json.dumps(router, indent=2, sort_keys=True))
-        manifest = {
-            "format": MULTI_FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "created_unix": int(time.time()),
-            "versions": {"codesign": __version__, "torch": torch.__version__},
-            "variants": entries,
-            "router": {"file": ROUTER, "sha256": file_sha256(d / ROUTER)},
-        }
-        if self.search is not None:
-            manifest["search"] = self.search
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        with staged_folder(d, overwrite) as staging:
+            entries = []
+            written = {}
+            for name, variant in self.variants.items():
+                sub = staging / VARIANTS_DIR / name
+                sub.mkdir(parents=True)
+                write_bundle_files(variant, sub)
+                written[name] = (variant, sub)
+                entries.append(
+                    {
+                        "name": name,
+                        "dir": f"{VARIANTS_DIR}/{name}",
+                        "manifest_sha256": file_sha256(sub / MANIFEST),
+                        "profile": self.profiles[name].to_dict(),
+                    }
+                )
+            verify_written(written, verify)
+            router = {"policy": self.policy.to_dict(), "features": self.features.to_dict()}
+            (staging / ROUTER).write_text(json.dumps(router, indent=2, sort_keys=True))
+            manifest = {
+                "format": MULTI_FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "created_unix": int(time.time()),
+                "versions": {"codesign": __version__, "torch": torch.__version__},
+                "variants": entries,
+                "router": {"file": ROUTER, "sha256": file_sha256(staging / ROUTER)},
+            }
+            if self.search is not None:
+                manifest["search"] = self.search
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         self.path = d
         return d
 
