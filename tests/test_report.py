@@ -62,7 +62,7 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     d = tmp_path_factory.mktemp("report")
     program = tiny_program("dlrm")
     host2 = get_target("host", devices=2)
-    single = codesign.compile(program, target=host2).save(d / "single")
+    single = codesign.compile(program, target=host2).save(d / "single", verify="in_process")
     result = codesign.tune(program, host2, trials=4, storage=":memory:", backends=["eager"])
     routed = codesign.Bundle.from_search(
         result,
@@ -73,7 +73,7 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         candidates=(16, 64),
         requests=(1,),
         repeats=1,
-    ).save(d / "routed")
+    ).save(d / "routed", verify="in_process")
     _, report = PassManager([SelectiveFp8()], get_target("h100")).run(program)
     fp8 = d / "fp8.json"
     fp8.write_text(json.dumps(report.passes[-1].stats))

@@ -154,7 +154,7 @@ def test_dlrm_user_by_user_dot_products_are_request_level() -> None:
 def test_compiled_bundle_takes_offsets(tmp_path: object) -> None:
     w = tiny_workload("useq")
     variant = codesign.compile(tiny_program("useq"), passes=[FORCED, DeadCodeElimination()])
-    bundle = variant.save(tmp_path / "b")  # type: ignore[operator]
+    bundle = variant.save(tmp_path / "b", verify="in_process")  # type: ignore[operator]
     loaded = codesign.load(bundle)
     assert loaded.takes_request_offsets
     batch = w.make_batch([2, 1, 6], 4)
@@ -226,7 +226,7 @@ def test_aoti_bundle_with_broadcast_linear_loads_in_a_fresh_process(tmp_path: ob
     variant = codesign.compile(
         tiny_program("multitask"), backend="aoti", passes=[FORCED, DeadCodeElimination()]
     )
-    bundle = variant.save(tmp_path / "mt")  # type: ignore[operator]
+    bundle = variant.save(tmp_path / "mt", verify="in_process")  # type: ignore[operator]
     code = "import sys, codesign\nv = codesign.load(sys.argv[1])\nprint('OK' if v.check_reference()[0] else 'BAD')\n"
     done = subprocess.run(
         [sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=300

@@ -51,7 +51,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         requests=(1, 4),
         repeats=1,
     )
-    return bundle.save(tmp_path_factory.mktemp("bundles") / "useq")
+    return bundle.save(tmp_path_factory.mktemp("bundles") / "useq", verify="in_process")
 
 
 @pytest.fixture(scope="module")

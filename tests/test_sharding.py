@@ -150,7 +150,7 @@ def test_pass_measures_request_level_tables_and_bundle_carries_the_plan(tmp_path
     grouping = next(p for p in variant.report["passes"] if p["name"] == "group_embedding_bags")  # type: ignore[index]
     assert not grouping["modified"] and grouping["skip"]["kind"] == "not_applicable"
     assert "sharded across devices" in grouping["skip"]["message"]
-    loaded = codesign.load(variant.save(tmp_path / "b"))
+    loaded = codesign.load(variant.save(tmp_path / "b", verify="in_process"))
     assert loaded.plan == variant.plan
     (tmp_path / "b" / "plan.json").write_text("{}")
     with pytest.raises(codesign.errors.BundleError):

@@ -22,7 +22,7 @@ import codesign
 from codesign.ir.program import Program
 from codesign.ir.workload import Workload
 from codesign.numerics import Tolerance, compare_outputs
-from tests.zoo import ZOO, names
+from tests.zoo import ZOO, captured, names
 
 # The captured graph and the eager backend run the same aten ops as the model: the brief's bound.
 EAGER_TOL = Tolerance(rtol=1e-5, atol=1e-5)
@@ -38,7 +38,6 @@ SCORE_CANDIDATES = (1, 7, 64)
 ROUND_TRIP_FAST = ("dcn_v2", "dlrm_lists", "deepfm", "mmoe", "dcn_v1")
 
 _workloads: dict[str, Workload] = {}
-_programs: dict[str, Program] = {}
 _variants: dict[str, codesign.Variant] = {}
 
 
@@ -49,9 +48,7 @@ def _workload(name: str) -> Workload:
 
 
 def _program(name: str) -> Program:
-    if name not in _programs:
-        _programs[name] = codesign.capture(_workload(name))
-    return _programs[name]
+    return captured(name)
 
 
 def _eager_variant(name: str) -> codesign.Variant:

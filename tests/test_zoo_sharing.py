@@ -17,7 +17,7 @@ from codesign.ir.program import Program
 from codesign.numerics import Tolerance, compare_outputs
 from codesign.passes import DeadCodeElimination, RequestSharing, RequestSharingConfig
 from codesign.passes.manager import PassManager, PassRecord
-from tests.zoo import ZOO, names
+from tests.zoo import ZOO, captured, names
 
 HOST = get_target("host")
 # the same ops on fewer rows, some sums re-associated (user part + candidate part): fp32 rounding only
@@ -48,8 +48,7 @@ _shared: dict[str, tuple[Program, PassRecord]] = {}
 
 def _share(name: str) -> tuple[Program, PassRecord]:
     if name not in _shared:
-        program = codesign.capture(ZOO[name]())
-        out, report = PassManager([FORCED, DeadCodeElimination()], HOST).run(program)
+        out, report = PassManager([FORCED, DeadCodeElimination()], HOST).run(captured(name))
         _shared[name] = (out, report.passes[0])
     return _shared[name]
 
@@ -89,7 +88,7 @@ def test_sharing_fires_and_keeps_outputs(name: str) -> None:
 def test_shared_zoo_bundle_round_trips(name: str, tmp_path: object) -> None:
     out, _ = _share(name)
     variant = codesign.compile(out, passes=[], backend="eager")
-    loaded = codesign.load(variant.save(tmp_path / name))  # type: ignore[operator]
+    loaded = codesign.load(variant.save(tmp_path / name, verify="in_process"))  # type: ignore[operator]
     workload = ZOO[name]()
     batch = workload.make_batch([2, 1, 5], 7)
     ok, max_abs, _ = compare_outputs(loaded.score(batch), workload.model(**batch.inputs), SHARED)

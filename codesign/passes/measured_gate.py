@@ -43,18 +43,24 @@ class MeasuredGate:
         return {layout: dict(times) for layout, times in self.seconds.items()}
 
 
-# Timings already taken in this process, by the graphs timed: compiling the same program twice decides
-# the same way (a second noisy measurement could flip a close call).
+# Timings already taken in this process, by what was decided on (the caller's key: its input program and
+# settings): compiling the same program twice decides the same way, where a second noisy measurement
+# could flip a close call.
 _TIMED: dict[tuple[str, ...], MeasuredGate] = {}
 
 
 def time_programs(
     programs: Mapping[str, Program],
+    key: tuple[str, ...],
     layouts: Sequence[tuple[str, tuple[int, ...]]] = GATE_LAYOUTS,
     seed: int = 31,
 ) -> MeasuredGate:
-    """Time every program on the same batches (drawn from the first), interleaved round by round."""
-    key = (*(f"{name}={p.graph_hash()}" for name, p in programs.items()), repr(layouts), str(seed))
+    """Time every program on the same batches (drawn from the first), interleaved round by round.
+
+    ``key`` names the decision (e.g. the input program's graph hash and the pass config): a second call
+    with the same key returns the first call's timings.
+    """
+    key = (*key, *programs, repr(layouts), str(seed))
     if key not in _TIMED:
         _TIMED[key] = _time(programs, layouts, seed)
     return _TIMED[key]

@@ -126,7 +126,8 @@ class RequestSharing(Pass[RequestSharingConfig]):
             return PassResult(program, False, {}, skip)
         measured: tuple[float, float] | None = None
         if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine:
-            gate = time_programs({"original": program, **{f"plan{i}": b[1] for i, b in enumerate(built)}})
+            timed = {"original": program, **{f"plan{i}": b[1] for i, b in enumerate(built)}}
+            gate = time_programs(timed, key=(program.graph_hash(), cfg.to_json(), target.name))
             ratios = [gate.worst_ratio(f"plan{i}", "original") for i in range(len(built))]
             best = min(range(len(built)), key=ratios.__getitem__)
             first = GATE_LAYOUTS[0][0]

@@ -15,8 +15,11 @@ size-oblivious shapes, so request sharing declines it with that reason).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import codesign
+from codesign.ir.program import Program
 from codesign.ir.workload import Workload
 from tests.zoo import (
     autoint,
@@ -33,7 +36,7 @@ from tests.zoo import (
     wide_deep,
 )
 
-__all__ = ["ZOO", "names"]
+__all__ = ["ZOO", "captured", "names"]
 
 
 def _dlrm_reference(seed: int = 0) -> Workload:
@@ -65,3 +68,9 @@ ZOO: dict[str, Callable[..., Workload]] = {
 def names() -> list[str]:
     """The zoo's model names, in registry order."""
     return list(ZOO)
+
+
+@functools.cache
+def captured(name: str) -> Program:
+    """The captured program of one zoo model, captured once per test session (tests must not change it)."""
+    return codesign.capture(ZOO[name]())
