@@ -148,8 +148,17 @@ def test_multihead_attention_over_fields_captures_and_compiles() -> None:
     # so Program.export falls back to a plain export where there is no request count to protect
     model = _FieldAttention().eval()
     batch = RequestBatch({"x": torch.randn(6, 3, 8)}, offsets_from_counts([6]))
-    variant = codesign.compile(codesign.capture(model, batch, RequestSpec()), passes=[], backend="eager")
+    program = codesign.capture(model, batch, RequestSpec())
+    variant = codesign.compile(program, passes=[], backend="eager")
     for n in (1, 7):
         x = torch.randn(n, 3, 8)
         got = variant.score(RequestBatch({"x": x}, offsets_from_counts([n])))
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    # a request-centric program needs the size-oblivious export this one lacks: sharing says so, and skips
+    from codesign.passes import RequestSharing, RequestSharingConfig
+    from codesign.passes.manager import PassManager
+
+    forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))
+    _, report = PassManager([forced], codesign.get_target("host")).run(program)
+    skip = report.passes[0].skip
+    assert skip is not None and "plain shapes" in skip.message, skip

@@ -248,6 +248,8 @@ def test_run_scores_a_multi_variant_bundle_with_every_variant(
             passes,
             "--out",
             str(tmp_path / name),
+            "--verify",
+            "in_process",  # test_compile_then_run proves a CLI bundle in a fresh process
             "--json",
         ]
         assert main(argv) == 0
@@ -256,7 +258,18 @@ def test_run_scores_a_multi_variant_bundle_with_every_variant(
         assert [p["name"] for p in compiled["passes"]] == passes.split(",")
     multi = tmp_path / "multi"
     variants = ["--variant", f"full={tmp_path / 'full'}", "--variant", f"plain={tmp_path / 'plain'}"]
-    assert main(["bundle", str(multi), *variants, "--repeats", "1", "--policy", "fixed:plain", "--json"]) == 0
+    argv = [
+        "bundle",
+        str(multi),
+        *variants,
+        "--repeats",
+        "1",
+        "--policy",
+        "fixed:plain",
+        "--verify",
+        "in_process",
+    ]
+    assert main([*argv, "--json"]) == 0
     assert [v["variant"] for v in _json(capsys)["variants"]] == ["full", "plain"]
     assert main(["run", str(multi), "--batches", "2", "--repeats", "1", "--json"]) == 0
     data = _json(capsys)

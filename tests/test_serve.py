@@ -327,6 +327,8 @@ def test_cli_bundle_and_serve(bundle_dir: Path, tmp_path: Path) -> None:
         f"full={bundle_dir}/variants/full",
         "--variant",
         f"tiny={bundle_dir}/variants/tiny",
+        "--verify",
+        "in_process",  # the fresh-process proof has its own tests (test_bundle, test_cli compile)
     ]
     assert (
         main(

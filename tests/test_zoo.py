@@ -29,7 +29,7 @@ EAGER_TOL = Tolerance(rtol=1e-5, atol=1e-5)
 # Inductor/AOTInductor reorder fp32 reductions; the zoo's small sums still agree to 1e-5 (measured: <= 2e-7).
 COMPILED_TOL = Tolerance(rtol=1e-5, atol=1e-5)
 # request layouts: one candidate, single-candidate requests, jagged requests, single-candidate requests mixed in
-CAPTURE_COUNTS = ([1], [1, 1, 1], [3, 1, 7], [1, 5, 1, 2])
+CAPTURE_COUNTS = ([1], [3, 1, 7], [1, 5, 1, 2])
 SCORE_CANDIDATES = (1, 7, 64)
 
 # bundle round trips in the default run: one model per input/output structure a bundle must keep (a dict
@@ -85,7 +85,11 @@ def test_batches_repeat_request_level_fields(name: str) -> None:
         assert batch.num_candidates == sum(counts)
 
 
-@pytest.mark.parametrize("name", names())
+# capturing nn.MultiheadAttention tries decompositions before its plain-export fallback (~8 s): slow
+FAST_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "autoint_mha" else n for n in names()]
+
+
+@pytest.mark.parametrize("name", FAST_NAMES)
 def test_capture_matches_eager(name: str) -> None:
     w, program = _workload(name), _program(name)
     program.verify()
@@ -115,7 +119,7 @@ def _check_scores(
             assert ok, (variant.backend.name, w.name, counts, err)
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", FAST_NAMES)
 def test_captured_program_compiles_without_passes(name: str) -> None:
     _check_scores(_eager_variant(name), _workload(name), SCORE_CANDIDATES, EAGER_TOL)
 

@@ -62,6 +62,7 @@ def test_every_zoo_model_has_a_floor() -> None:
     assert set(MIN_MOVED) | set(DECLINED) == set(names())
 
 
+@pytest.mark.slow  # capturing autoint_mha takes ~8 s (see test_zoo.FAST_NAMES)
 @pytest.mark.parametrize("name", sorted(DECLINED))
 def test_declined_with_its_reason(name: str) -> None:
     out, record = _share(name)
@@ -84,7 +85,14 @@ def test_sharing_fires_and_keeps_outputs(name: str) -> None:
         assert ok, (name, counts, max_abs, max_rel)
 
 
-@pytest.mark.parametrize("name", ["deepfm", "dlrm_lists", "cin"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dlrm_lists",
+        pytest.param("deepfm", marks=pytest.mark.slow),
+        pytest.param("cin", marks=pytest.mark.slow),
+    ],
+)
 def test_shared_zoo_bundle_round_trips(name: str, tmp_path: object) -> None:
     out, _ = _share(name)
     variant = codesign.compile(out, passes=[], backend="eager")

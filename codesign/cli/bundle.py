@@ -37,6 +37,13 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         )
         p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per latency-curve point")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+        p.add_argument(
+            "--verify",
+            choices=["fresh_process", "in_process", "none"],
+            default="fresh_process",
+            help="prove the bundle before it appears: reload and score its reference batch in a new Python "
+            "process (default), in this one, or not at all",
+        )
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_policy_flags(p, "load-aware")
         add_json_flag(p)
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
             )
         step("saving")
-        bundle.save(args.out, overwrite=args.overwrite)
+        bundle.save(args.out, overwrite=args.overwrite, verify=args.verify)
     renderables, records = bundle_renderables(bundle)
     renderables.append(f"bundle with {len(bundle.variants)} variants written to [bold]{args.out}[/]")
     show(args, {"out": args.out, "policy": bundle.router().policy_name, "variants": records}, *renderables)

@@ -37,6 +37,13 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         )
         p.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        p.add_argument(
+            "--verify",
+            choices=["fresh_process", "in_process", "none"],
+            default="fresh_process",
+            help="prove the bundle before it appears: reload and score its reference batch in a new Python "
+            "process (default), in this one, or not at all",
+        )
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_json_flag(p)
     p.set_defaults(handler=run)
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         step(f"compiling {wl.name} for {target.name} with {args.backend}")
         variant = compile_variant(wl, target=target, backend=args.backend, passes=passes)
         step("saving the bundle")
-        out = variant.save(args.out, overwrite=args.overwrite)
+        out = variant.save(args.out, overwrite=args.overwrite, verify=args.verify)
     elapsed = time.perf_counter() - t0
     records = (variant.report or {}).get("passes", [])
     rows, stats = pass_rows(records)
