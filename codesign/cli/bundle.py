@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codesign.cli.flags import add_json_flag, add_model_flags, command_parser, positive_int
+from codesign.cli.flags import add_json_flag, add_model_flags, add_verify_flag, command_parser, positive_int
 from codesign.cli.output import show, steps
 from codesign.cli.policy import add_policy_flags, bundle_renderables, policy_from_args
 
@@ -37,13 +37,7 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         )
         p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per latency-curve point")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-        p.add_argument(
-            "--verify",
-            choices=["fresh_process", "in_process", "none"],
-            default="fresh_process",
-            help="prove the bundle before it appears: reload and score its reference batch in a new Python "
-            "process (default), in this one, or not at all",
-        )
+        add_verify_flag(p)
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_policy_flags(p, "load-aware")
         add_json_flag(p)

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codesign.cli.flags import DEFAULT_TARGET, add_json_flag, add_model_flags, command_parser, positive_int
+from codesign.cli.flags import (
+    DEFAULT_TARGET,
+    add_json_flag,
+    add_model_flags,
+    add_verify_flag,
+    command_parser,
+    positive_int,
+)
 from codesign.cli.output import cell, fmt_s, show, steps, table
 
 if TYPE_CHECKING:
@@ -37,13 +44,7 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         )
         p.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-        p.add_argument(
-            "--verify",
-            choices=["fresh_process", "in_process", "none"],
-            default="fresh_process",
-            help="prove the bundle before it appears: reload and score its reference batch in a new Python "
-            "process (default), in this one, or not at all",
-        )
+        add_verify_flag(p)
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_json_flag(p)
     p.set_defaults(handler=run)

@@ -23,6 +23,7 @@ __all__ = [
     "add_json_flag",
     "add_knob_flags",
     "add_model_flags",
+    "add_verify_flag",
     "command_parser",
     "example_sizes",
     "fraction",
@@ -178,6 +179,16 @@ def add_model_flags(p: argparse.ArgumentParser, *, positional: bool = True, what
         "--size",
         choices=sizes or None,
         help=f"size passed to the model's factory{what} (default: the factory's own)",
+    )
+
+
+def add_verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        choices=["fresh_process", "in_process", "none"],
+        default="fresh_process",
+        help="prove the bundle before it appears: reload and score its reference batch in a new Python "
+        "process (default), in this one, or not at all",
     )
 
 
