@@ -15,7 +15,7 @@ from functools import partial
 from codesign.hardware.timing import interleaved_medians
 from codesign.ir.program import Program
 
-__all__ = ["GATE_LAYOUTS", "KEEP_BELOW", "MeasuredGate", "time_programs"]
+__all__ = ["GATE_LAYOUTS", "KEEP_BELOW", "MAX_TIMED_S", "MeasuredGate", "time_programs"]
 
 # (name, candidates per request): what the gate times
 GATE_LAYOUTS: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -24,6 +24,9 @@ GATE_LAYOUTS: tuple[tuple[str, tuple[int, ...]], ...] = (
 )
 # A rewrite is kept when it is at least this much faster on every layout: a tie is noise, not a gain.
 KEEP_BELOW = 0.97
+# The gate times only programs the cost model predicts to run within this many seconds per call at the
+# gate batch (useq small: 1.1 s predicted, ~0.35 s measured; medium: 23 s predicted).
+MAX_TIMED_S = 3.0
 # total seconds the gate may spend per layout on its rounds (at least MIN_ROUNDS rounds are run)
 BUDGET_S = 1.5
 MIN_ROUNDS, MAX_ROUNDS = 3, 9

@@ -44,7 +44,7 @@ from codesign.passes.manager import (
     SkipKind,
     SkipReason,
 )
-from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, time_programs
+from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, MAX_TIMED_S, time_programs
 from codesign.passes.patterns import epilogue_activation
 from codesign.passes.registry import register_pass
 from codesign.passes.request_attention import fuse_request_attention
@@ -125,7 +125,10 @@ class RequestSharing(Pass[RequestSharingConfig]):
         if not built:
             return PassResult(program, False, {}, skip)
         measured: tuple[float, float] | None = None
-        if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine:
+        # timing runs the original at 1024 candidates a few times: for a model predicted to take seconds
+        # per call (an LLM-scale ranker on a CPU) the cost model decides instead
+        timeable = estimate_analysis(before, target).latency_s <= MAX_TIMED_S
+        if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine and timeable:
             timed = {"original": program, **{f"plan{i}": b[1] for i, b in enumerate(built)}}
             gate = time_programs(timed, key=(program.graph_hash(), cfg.to_json(), target.name))
             ratios = [gate.worst_ratio(f"plan{i}", "original") for i in range(len(built))]
