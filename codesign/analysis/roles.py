@@ -352,22 +352,31 @@ def column_positions(program: Program, node: torch.fx.Node) -> list[int] | None:
     if width is None:
         return None
     args = list(node.args)
-    t = node.target
-    if t is aten.index.Tensor:
+    if node.target is aten.index.Tensor:
         indices = args[1]
         if not (isinstance(indices, list | tuple) and len(indices) == 2 and indices[0] is None):
             return None
-        idx = constant_value(program, indices[1])
-        return None if idx is None or idx.dim() != 1 else [int(i) % width for i in idx.tolist()]
+        return constant_positions(program, indices[1], width)
     dim = as_int(args[1]) if len(args) > 1 else 0
     if src is None or dim % src.dim() != 1:
         return None
-    if t is aten.select.int:
+    if node.target is aten.select.int:
         return [as_int(args[2]) % width]
-    if t is aten.index_select.default:
-        idx = constant_value(program, args[2])
-        return None if idx is None or idx.dim() != 1 else [int(i) % width for i in idx.tolist()]
-    if t is aten.narrow.default:
-        start = as_int(args[2]) % width
+    return picked_positions(program, node, width)
+
+
+def constant_positions(program: Program, index: Any, size: int) -> list[int] | None:
+    """The positions a constant 1-D index tensor (an index list in the model) names, of a dim of ``size``."""
+    idx = constant_value(program, index)
+    return None if idx is None or idx.dim() != 1 else [int(i) % size for i in idx.tolist()]
+
+
+def picked_positions(program: Program, node: torch.fx.Node, size: int) -> list[int] | None:
+    """Positions of its dim (of ``size``) that ``slice``/``narrow``/``index_select`` keeps, in output order."""
+    args = list(node.args)
+    if node.target is aten.index_select.default:
+        return constant_positions(program, args[2], size)
+    if node.target is aten.narrow.default:
+        start = as_int(args[2]) % size
         return list(range(start, start + as_int(args[3])))
-    return slice_positions(args, width)
+    return slice_positions(args, size)

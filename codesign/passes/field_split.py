@@ -31,8 +31,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis.graph_queries import as_int, constant_value, node_value
-from codesign.analysis.roles import Role, infer_role, propagate_roles, request_column_inputs, slice_positions
+from codesign.analysis.graph_queries import as_int, node_value
+from codesign.analysis.roles import (
+    Role,
+    constant_positions,
+    infer_role,
+    picked_positions,
+    propagate_roles,
+    request_column_inputs,
+)
 from codesign.analysis.shapes import static_size
 from codesign.ir.program import Program
 from codesign.passes.graph_edit import insert_call, list_arg, param_value, register_constant
@@ -457,31 +464,19 @@ class _Splitter:
                 pos = _norm(as_int(args[2]), split.size)
                 g = next(g for g in split.groups if pos in g.positions)
                 return self.emit(aten.select.int, (g.node, axis, g.positions.index(pos)))
-            picked = self._positions(node, split)
+            picked = picked_positions(self.program, node, split.size)
             return None if picked is None else self._pick_positions(split, picked, node.name)
         if t is aten.index.Tensor:
             indices = list(args[1])  # type: ignore[arg-type]
             tensors = [i for i, v in enumerate(indices) if v is not None]
             if tensors != [axis]:
                 return None
-            idx = constant_value(self.program, indices[axis])
-            if idx is None or idx.dim() != 1:
-                return None
-            return self._pick_positions(split, [int(i) % split.size for i in idx.tolist()], node.name)
+            picked = constant_positions(self.program, indices[axis], split.size)
+            return None if picked is None else self._pick_positions(split, picked, node.name)
         if t is aten.sym_size.int:
             d = _norm(as_int(args[1]), rank)
             return None if d == axis else self.emit(aten.sym_size.int, (split.groups[0].node, d))
         return None
-
-    def _positions(self, node: Node, split: _Split) -> list[int] | None:
-        t, args = node.target, list(node.args)
-        if t is aten.index_select.default:
-            idx = constant_value(self.program, args[2])
-            return None if idx is None or idx.dim() != 1 else [int(i) % split.size for i in idx.tolist()]
-        if t is aten.narrow.default:
-            start = _norm(as_int(args[2]), split.size)
-            return list(range(start, start + as_int(args[3])))
-        return slice_positions(args, split.size)
 
     def _pick_positions(self, split: _Split, picked: list[int], name: str) -> _Split | Node:
         """Output position j reads input position ``picked[j]`` (a slice, an index list, a permutation)."""

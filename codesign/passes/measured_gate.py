@@ -42,9 +42,6 @@ class MeasuredGate:
         """The largest ``t(name) / t(baseline)`` over the layouts: below 1 means faster on every one."""
         return max(times[name] / times[baseline] for times in self.seconds.values())
 
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        return {layout: dict(times) for layout, times in self.seconds.items()}
-
 
 # Timings already taken in this process, by what was decided on (the caller's key: its input program and
 # settings): compiling the same program twice decides the same way, where a second noisy measurement
