@@ -85,7 +85,7 @@ def test_batches_repeat_request_level_fields(name: str) -> None:
         assert batch.num_candidates == sum(counts)
 
 
-# capturing nn.MultiheadAttention tries decompositions before its plain-export fallback (~8 s): slow
+# capturing nn.MultiheadAttention re-exports once per op it copies to contiguous layout (~10 s): slow
 FAST_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n == "autoint_mha" else n for n in names()]
 
 

@@ -7,13 +7,16 @@ Capture implies compile: every backend re-exports the program with size-obliviou
 (``Program.export``: any candidate count from 1, no 0/1 specialization), so capture exports with the
 same shape semantics. A model that only exports with torch's default semantics (it compares the
 candidate count with 1 somewhere) is exported that way, then re-exported like a backend would; where
-a composite op (``torch.tensordot``, ...) adds the guard when it is traced again, that op is
-decomposed into the aten ops it stands for, so that what captures also compiles. What still cannot
+a composite op adds the guard when it is traced again, its non-contiguous inputs are copied to
+contiguous layout first (the guard of a contiguity test, as in ``nn.MultiheadAttention``), or else
+the op (``torch.tensordot``, ...) is decomposed into the aten ops it stands for, so that what
+captures also compiles. What still cannot
 be re-exported is a ``CaptureError`` at capture, not a raw torch error at compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import linecache
 import logging
@@ -180,6 +183,9 @@ def _reexportable(program: Program, exported: torch.export.ExportedProgram) -> P
         err.original = failure
         raise err
     composites = _composite_ops(exported)
+    materialized = _materialize_guarding_layouts(program, _graph_module(exported), set(composites))
+    if materialized is not None:
+        return materialized
     table = torch.export.default_decompositions()
     trials = [[op] for op in composites if op in table]
     if len(trials) > 1:
@@ -204,24 +210,94 @@ def _reexportable(program: Program, exported: torch.export.ExportedProgram) -> P
         return candidate
     try:  # a plain re-export works: backends lower it as it is; request sharing will say it cannot
         program.export()
-        log.info("%s: re-exports only without size-oblivious shapes", program.name)
-        return dataclasses.replace(program, metadata={**program.metadata, "size_oblivious_export": False})
     except Exception:
         pass
+    else:
+        guard = _locate_guard(program) or "an op in the graph compares the candidate count with 1"
+        log.info("%s: re-exports only without size-oblivious shapes: %s", program.name, guard)
+        metadata = {**program.metadata, "size_oblivious_export": False, "size_guard": guard}
+        return dataclasses.replace(program, metadata=metadata)
     culprit = _locate_guard(program)
     err = CaptureError(
         f"capture failed: '{program.name}' exports, but not with the size-oblivious shapes that every "
         f"backend re-exports it with (any candidate count from 1): {culprit or 'an op in the graph guards'}, "
-        "which a single candidate row fails; decomposing the composite ops "
-        f"{[str(op) for op in composites]} did not remove it\n  torch.export said: {type(failure).__name__}: "
+        "which a single candidate row fails; neither contiguous copies nor decomposing the composite ops "
+        f"{[str(op) for op in composites]} removed it\n  torch.export said: {type(failure).__name__}: "
         f"{first_lines}",
-        fix="write that computation so that it does not compare the number of rows with 1; e.g. "
-        "nn.MultiheadAttention(batch_first=True) runs its Linear projections on a transposed "
-        "[fields, batch, d] tensor, whose contiguity test does: project [batch, fields, d] first and call "
-        "F.scaled_dot_product_attention on [batch, heads, fields, d_head]",
+        fix="write that computation so that it does not compare the number of rows with 1 (no Python "
+        "branch on x.shape[0] == 1, no .item() of a size); e.g. keep the candidate rows on dim 0",
     )
     err.original = failure
     raise err
+
+
+def _materialize_guarding_layouts(
+    program: Program, graph_module: torch.fx.GraphModule, composites: set[Any]
+) -> Program | None:
+    """``program`` on ``graph_module`` with contiguous copies before the composite ops that guard, or None.
+
+    A composite op's C++ kernel runs again when a backend re-traces the graph, and some test their
+    input's contiguity (``linear`` and ``reshape`` pick a fold-and-view path, ``contiguous`` decides
+    whether to copy). On a transposed tensor (``nn.MultiheadAttention(batch_first=True)`` runs on
+    ``[fields, batch, d]``) that test compares the candidate count with 1: a transposed tensor of one
+    row is contiguous. Copying first (``clone(memory_format=contiguous_format)``, which never tests)
+    makes the test true for every size; the values are the same, and the copy is one the kernel makes
+    anyway for a non-contiguous input. Only ops that re-export names as guarding get copies (then every
+    node of that op, one op at a time); None when an op that guards is not such an op.
+    """
+    touched: list[str] = []
+    for _ in range(_MAX_MATERIALIZED):
+        candidate = dataclasses.replace(
+            program,
+            graph_module=graph_module,
+            metadata={**program.metadata, "materialized_at_capture": list(touched)},
+        )
+        spy = _GuardSpy()
+        try:
+            with spy:
+                candidate.export(size_oblivious_only=True)
+        except Exception:
+            node = spy.node
+            if node is None or node.target not in composites:
+                return None
+            same_op = [
+                n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is node.target
+            ]
+            copied = [n.name for n in same_op if _copy_inputs_contiguous(graph_module, n)]
+            if node.name not in copied:
+                return None
+            touched += copied
+            continue
+        if touched:
+            log.info("%s: contiguous copies before %s at capture", program.name, ", ".join(touched))
+            return candidate
+        return None
+    return None
+
+
+_MAX_MATERIALIZED = 16
+
+
+def _copy_inputs_contiguous(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Feed ``node`` contiguous copies of its non-contiguous tensor inputs (by example layout); any?"""
+    graph = graph_module.graph
+    copied = False
+    for arg in node.all_input_nodes:
+        value = arg.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.is_contiguous():
+            continue
+        with graph.inserting_before(node):
+            copy = graph.call_function(
+                torch.ops.aten.clone.default, (arg,), {"memory_format": torch.contiguous_format}
+            )
+        with getattr(value, "fake_mode", contextlib.nullcontext()):
+            copy.meta = {**arg.meta, "val": value.clone(memory_format=torch.contiguous_format)}
+        node.replace_input_with(arg, copy)
+        copied = True
+    if copied:
+        graph.lint()
+        graph_module.recompile()
+    return copied
 
 
 class _GuardSpy(TorchFunctionMode):
@@ -230,6 +306,7 @@ class _GuardSpy(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.where: str | None = None
+        self.node: torch.fx.Node | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         env = _shape_env((args, kwargs)) if self.where is None else None
@@ -239,7 +316,8 @@ class _GuardSpy(TorchFunctionMode):
             for guard in env.guards[before:]:
                 expr = guard.expr
                 if expr.free_symbols and not bool(expr.subs({s: 1 for s in expr.free_symbols})):
-                    self.where = _describe_node(_running_node(), func, expr)
+                    self.node = _running_node()
+                    self.where = _describe_node(self.node, func, expr)
                     break
         return out
 

@@ -248,9 +248,10 @@ class Program:
             with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # torch config modules are typed without their options
                 return torch.export.export(self.graph_module, (), inputs, dynamic_shapes=dims)
         except Exception as exc:
-            # Some kernels test a size against 1 (Linear over a transposed [fields, batch, d] tensor in
-            # nn.MultiheadAttention): size-oblivious tracing turns that into a guard the candidate dim
-            # violates. Without request offsets there is no R to protect, so a plain export is safe.
+            # Some kernels test a size against 1 in a way capture could not take out (it copies a
+            # transposed input of Linear to contiguous layout, decomposes tensordot): size-oblivious
+            # tracing turns that into a guard the candidate dim violates. Without request offsets there
+            # is no R to protect, so a plain export is safe.
             if size_oblivious_only or self.takes_request_offsets or "Constraints violated" not in str(exc):
                 raise
         with torch.no_grad():

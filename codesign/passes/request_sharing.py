@@ -100,10 +100,10 @@ class RequestSharing(Pass[RequestSharingConfig]):
             return PassResult.skipped(
                 program,
                 SkipKind.NOT_APPLICABLE,
-                "the program re-exports only with plain shapes (an op in it guards the candidate count "
-                "against 1), and a request-centric program needs size-oblivious shapes for its request count",
-                fix="write that op so it does not compare the row count with 1 (e.g. project [batch, fields, d] "
-                "instead of nn.MultiheadAttention's transposed [fields, batch, d])",
+                "the program re-exports only with plain shapes (capture found: "
+                f"{program.metadata.get('size_guard', 'an op guards the candidate count against 1')}), and a "
+                "request-centric program needs size-oblivious shapes for its request count",
+                fix="write that op so that it does not compare the number of rows with 1",
             )
         cfg = self.config
         before = analyze(program, GATE_CANDIDATES, GATE_REQUESTS)

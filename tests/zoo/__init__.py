@@ -6,8 +6,8 @@ Every module holds one ``nn.Module`` in its natural idiom (no codesign inside th
 vocabularies up to 1000 rows, MLPs up to 64 wide) so that capturing and compiling all of them is quick.
 
 ``dlrm_reference`` is ``dlrm_lists`` with the reference code's pair indices built in ``forward``;
-``autoint_mha`` is ``autoint`` with ``nn.MultiheadAttention`` layers (it re-exports only without
-size-oblivious shapes, so request sharing declines it with that reason).
+``autoint_mha`` is ``autoint`` with ``nn.MultiheadAttention`` layers (capture copies its transposed
+``[fields, batch, d]`` projections' inputs to contiguous layout; sharing stops at that transpose).
 
 >>> from tests.zoo import ZOO, names
 >>> workload = ZOO["dcn_v1"]()
