@@ -3,12 +3,14 @@
 A rewrite that fires must make the model faster. Where the target runs here, the gate runs the
 original and each candidate rewrite side by side (interleaved rounds, medians) on the layouts a
 ranking server sees: one request of 1024 candidates and a batch of 16 requests. A rewrite is kept
-only when it is faster on every layout.
+only when it is faster on every layout. Rewrites of one program that all pass are compared among
+themselves (more rounds: they are cheap next to the original) by their mean ratio over the layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -41,6 +43,11 @@ class MeasuredGate:
     def worst_ratio(self, name: str, baseline: str) -> float:
         """The largest ``t(name) / t(baseline)`` over the layouts: below 1 means faster on every one."""
         return max(times[name] / times[baseline] for times in self.seconds.values())
+
+    def mean_ratio(self, name: str, baseline: str) -> float:
+        """The geometric mean of ``t(name) / t(baseline)`` over the layouts: how two rewrites compare."""
+        ratios = [times[name] / times[baseline] for times in self.seconds.values()]
+        return math.prod(ratios) ** (1 / len(ratios))
 
 
 # Timings already taken in this process, by what was decided on (the caller's key: its input program and

@@ -129,10 +129,15 @@ class RequestSharing(Pass[RequestSharingConfig]):
         # per call (an LLM-scale ranker on a CPU) the cost model decides instead
         timeable = estimate_analysis(before, target).latency_s <= MAX_TIMED_S
         if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine and timeable:
-            timed = {"original": program, **{f"plan{i}": b[1] for i, b in enumerate(built)}}
-            gate = time_programs(timed, key=(program.graph_hash(), cfg.to_json(), target.name))
+            rewrites = {f"plan{i}": b[1] for i, b in enumerate(built)}
+            key = (program.graph_hash(), cfg.to_json(), target.name)
+            gate = time_programs({"original": program, **rewrites}, key=key)
             ratios = [gate.worst_ratio(f"plan{i}", "original") for i in range(len(built))]
             best = min(range(len(built)), key=ratios.__getitem__)
+            passing = [i for i in range(len(built)) if ratios[i] < KEEP_BELOW]
+            if len(passing) > 1:  # both plans pay: time them against each other, without the slow original
+                duel = time_programs({f"plan{i}": built[i][1] for i in passing}, key=(*key, "plans"))
+                best = min(passing, key=lambda i: duel.mean_ratio(f"plan{i}", f"plan{passing[0]}"))
             first = GATE_LAYOUTS[0][0]
             measured = (gate.seconds[first]["original"], gate.seconds[first][f"plan{best}"])
             timings = {
