@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import pyplot, workloads
 
 import codesign
 from codesign.hardware.target import get_target
 from codesign.hardware.timing import interleaved_medians
 from codesign.ir.program import Program
-from codesign.ir.workload import Workload
 from codesign.numerics import EXACT, compare_outputs
 from codesign.passes import DeadCodeElimination, RequestSharing, RequestSharingConfig
 from codesign.passes.manager import PassManager
@@ -39,20 +38,6 @@ warnings.filterwarnings("ignore", module=r"torch\..*")
 
 CANDIDATES = (1, 64, 256, 1024, 4096)
 RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _workloads(names: list[str], size: str) -> list[Workload]:
-    out = []
-    for name in names:
-        if name == "zoo":
-            sys.path.insert(0, str(ROOT))
-            from tests.zoo import ZOO
-
-            out += [build() for build in ZOO.values()]
-        else:
-            out.append(codesign.load_model_ref(name, size=size))
-    return out
 
 
 def _runner(program: Program, backend: str) -> Any:
@@ -80,7 +65,7 @@ def main() -> None:
     print(
         f"{'model':<14} {'N':>9} {'original':>10} {'shared':>10} {'speedup':>8} {'forced':>8} {'forced |diff|':>13}"
     )
-    for workload in _workloads(args.models, args.size):
+    for workload in workloads(args.models, args.size):
         name = workload.name
         captured = codesign.capture(workload)
         # both sides get the same cleanup, so the difference is the sharing alone
@@ -175,13 +160,8 @@ def main() -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'codesign[bench]'): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     models = list(dict.fromkeys(str(r["model"]) for r in rows))
     cols = 4

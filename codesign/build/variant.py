@@ -151,12 +151,15 @@ def compile(
     workdir: str | Path | None = None,
     verify: bool = True,
     micro_batch: int | None = None,
+    verify_gates: bool = False,
 ) -> Variant:
     """Capture (unless given a Program), run passes with verified numerics, lower on a backend.
 
     ``passes=None`` runs ``codesign.passes.default_passes()`` (request sharing, fusion, cleanup); each
     pass that the cost model gates keeps the program unchanged where it predicts no gain.
     ``micro_batch`` makes ``score`` cut large batches into pieces of that many candidate rows.
+    ``verify_gates`` times both sides of every gated pass decision on this machine and records the
+    check in the report (``passes[i]["gate_check"]``, with ``wrong`` set where measurement disagrees).
 
     >>> variant = codesign.compile(model, batch, spec, target="host", backend="aoti")
     >>> scores = variant.score(batch)
@@ -177,7 +180,7 @@ def compile(
     tgt = get_target(target)
     be = get_backend(backend)
     pass_list = _resolve_passes(passes)
-    optimized, report = PassManager(pass_list, tgt, verify=verify).run(program)
+    optimized, report = PassManager(pass_list, tgt, verify=verify, verify_gates=verify_gates).run(program)
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="codesign-"))
     lowered = be.lower(optimized, tgt, wd)
     reference_outputs = [t.detach().clone() for t in output_tensors(program.run(program.example))]

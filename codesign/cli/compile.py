@@ -45,6 +45,12 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         p.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
         add_verify_flag(p)
+        p.add_argument(
+            "--verify-gates",
+            action="store_true",
+            help="time both sides of every gated pass decision here and report the wrong ones "
+            "(measured more than 10%% against the decision); exit 3 if any",
+        )
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_json_flag(p)
     p.set_defaults(handler=run)
@@ -89,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         passes = [pass_by_name(p)() for p in args.passes.split(",") if p] if args.passes is not None else None
         target = get_target(args.target, args.devices)
         step(f"compiling {wl.name} for {target.name} with {args.backend}")
-        variant = compile_variant(wl, target=target, backend=args.backend, passes=passes)
+        variant = compile_variant(
+            wl, target=target, backend=args.backend, passes=passes, verify_gates=args.verify_gates
+        )
         step("saving the bundle")
         out = variant.save(args.out, overwrite=args.overwrite, verify=args.verify)
     elapsed = time.perf_counter() - t0
@@ -106,6 +114,17 @@ def run(args: argparse.Namespace) -> int:
     for rec in records:
         if rec["name"] == "selective_fp8" and "layers" in rec["stats"]:
             renderables += fp8_renderables(rec["stats"])
+    checks = [(r["name"], r["gate_check"]) for r in records if r.get("gate_check")]
+    wrong = [name for name, c in checks if c["wrong"]]
+    if args.verify_gates:
+        renderables.append(
+            table("gated decisions, measured", GATE_COLUMNS, [gate_row(n, c) for n, c in checks])
+        )
+        renderables.append(
+            f"[bold red]{len(wrong)} wrong gate decision(s): {', '.join(wrong)}[/]"
+            if wrong
+            else f"{len(checks)} gated decision(s), none contradicted by measurement"
+        )
     if variant.plan is not None:
         renderables += plan_renderables(variant.plan)
     renderables.append(
@@ -120,6 +139,29 @@ def run(args: argparse.Namespace) -> int:
         "seconds": elapsed,
         "passes": records,
         "plan": variant.plan.to_dict() if variant.plan is not None else None,
+        "wrong_gate_decisions": wrong if args.verify_gates else None,
     }
     show(args, result, *renderables)
-    return 0
+    return 3 if wrong else 0
+
+
+GATE_COLUMNS = (
+    "pass",
+    "decided by",
+    "decision",
+    "predicted after/before",
+    "measured after/before",
+    "verdict",
+)
+
+
+def gate_row(name: str, check: dict[str, Any]) -> tuple[str, ...]:
+    """One gated decision as a table row."""
+    return (
+        name,
+        str(check["decided_by"]),
+        "kept" if check["kept"] else "discarded",
+        f"{check['predicted_ratio']:.3f}",
+        f"{check['measured_ratio']:.3f}",
+        "WRONG" if check["wrong"] else "ok",
+    )

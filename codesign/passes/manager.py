@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, Union
 
 import torch
@@ -26,6 +26,7 @@ from codesign.hardware.target import Target
 from codesign.hardware.tunable import Tunable
 from codesign.ir.program import Program
 from codesign.numerics import EXACT, Tolerance, compare_outputs
+from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, MAX_TIMED_S, time_programs
 from codesign.passes.registry import pass_by_name, pass_names
 
 __all__ = [
@@ -111,8 +112,9 @@ class Pass(Tunable[C], abc.ABC):
     """Base of every graph pass. Subclasses set ``name``, ``config_class`` and implement ``apply``.
 
     ``apply`` holds only the rewrite. The manager resolves names, skips unavailable passes, verifies
-    numerics, times each pass and gates it on the cost model: a pass whose config has
-    ``require_predicted_gain`` set is kept only if the predicted latency at the gate batch drops.
+    numerics, times each pass and gates it: a pass whose config has ``require_predicted_gain`` set is
+    kept only if it is faster at the gate batches, timed here when the target is this machine (and a
+    run is cheap, ``MAX_TIMED_S``), else as the cost model predicts it.
     """
 
     tolerance: ClassVar[Tolerance] = EXACT
@@ -128,6 +130,55 @@ class Pass(Tunable[C], abc.ABC):
     def gated(self) -> bool:
         """Whether the manager keeps this pass's rewrite only on a predicted gain."""
         return bool(getattr(self.config, "require_predicted_gain", False))
+
+
+# A gate's decision is wrong when measurement contradicts it by more than this: it kept a rewrite that
+# runs over 10 % slower, or discarded one that runs over 10 % faster.
+WRONG_BY = 0.10
+
+
+@dataclasses.dataclass(frozen=True)
+class GateCheck:
+    """One gated decision and what measuring both sides says of it (``after / before`` ratios)."""
+
+    kept: bool
+    decided_by: str  # "cost model" or "measurement"
+    predicted_ratio: float
+    measured_ratio: float
+    measured_s: Mapping[str, Mapping[str, float]]  # layout -> {"before", "after"} median seconds
+
+    @property
+    def wrong(self) -> bool:
+        if self.kept:
+            return self.measured_ratio > 1 + WRONG_BY
+        return self.measured_ratio < 1 - WRONG_BY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "measured_s": {k: dict(v) for k, v in self.measured_s.items()},
+            "wrong": self.wrong,
+        }
+
+
+def check_gate(before: Program, after: Program, target: Target, *, kept: bool, decided_by: str) -> GateCheck:
+    """Time ``before`` and ``after`` on the gate layouts and set the measured ratio beside the predicted one.
+
+    The measured ratio is the geometric mean over the layouts of ``t(after) / t(before)`` (the graphs
+    run op by op, as the cost model prices them), so one layout's noise does not decide alone.
+    """
+    from codesign.passes.measured_gate import time_programs
+
+    gate = time_programs(
+        {"before": before, "after": after}, key=("verify_gates", before.graph_hash(), after.graph_hash())
+    )
+    return GateCheck(
+        kept=kept,
+        decided_by=decided_by,
+        predicted_ratio=predicted_latency(after, target) / predicted_latency(before, target),
+        measured_ratio=gate.mean_ratio("after", "before"),
+        measured_s={k: {"before": v["before"], "after": v["after"]} for k, v in gate.seconds.items()},
+    )
 
 
 @dataclasses.dataclass
@@ -150,6 +201,8 @@ class PassRecord:
     predicted_latency_after_s: float | None = None
     measured_latency_before_s: float | None = None
     measured_latency_after_s: float | None = None
+    # with verify_gates: the gate's decision checked against a measurement of both sides (GateCheck.to_dict)
+    gate_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -206,9 +259,10 @@ class PassManager:
     """Runs passes in order and owns what every pass needs around its rewrite.
 
     For each pass: skip it (typed reason) when it is unavailable for the target; run its rewrite on a copy
-    that shares the parameters; for a gated pass, predict the latency before and after on the target and
-    keep the rewrite only on a predicted gain; verify the IR and the numerics against the pass's input on
-    fresh random requests; time it.
+    that shares the parameters; for a gated pass, keep the rewrite only if it is faster: measured side by
+    side when the target is this machine (``gate_by_measurement``), else predicted by the cost model;
+    verify the IR and the numerics against the pass's input on fresh random requests; time it.
+    ``verify_gates`` also measures both sides of every gated decision and records the check.
 
     >>> program, report = PassManager(["dce", "constant_folding"], target).run(program)
     """
@@ -221,10 +275,20 @@ class PassManager:
         verify: bool = True,
         checks: int = 2,
         seed: int = 0,
+        verify_gates: bool = False,
+        gate_by_measurement: bool = True,
     ) -> None:
+        if verify_gates and not target.is_this_machine:
+            raise PassError(
+                f"verify_gates measures both sides of each gated decision here, and target "
+                f"'{target.name}' is not this machine",
+                fix="verify gates with target 'host' (or on a machine that has the target)",
+            )
         self.passes = resolve_passes(passes)
         self.target = target
         self.verify = verify
+        self.verify_gates = verify_gates
+        self.gate_by_measurement = gate_by_measurement
         self.checks = checks
         self.seed = seed
 
@@ -253,22 +317,16 @@ class PassManager:
                 done.append(p.name)
                 continue
             result = self._apply(p, current.shallow_copy(), done)
+            proposed = result
             before = after = None
             if result.modified and p.gated and result.measured is None:
-                before = predicted if predicted is not None else predicted_latency(current, self.target)
-                after = predicted_latency(result.program, self.target)
-                if after >= before:
-                    result = PassResult(
-                        current,
-                        False,
-                        result.stats,
-                        SkipReason(
-                            SkipKind.NO_PREDICTED_GAIN,
-                            f"the cost model predicts {after * 1e3:.4g} ms after vs {before * 1e3:.4g} ms "
-                            f"before on {self.target.name}; the rewrite was discarded",
-                            fix="set require_predicted_gain=False to keep it anyway",
-                        ),
-                    )
+                if self._measures(current):
+                    result = self._measured_gate(current, result)
+                else:
+                    before = predicted if predicted is not None else predicted_latency(current, self.target)
+                    after = predicted_latency(result.program, self.target)
+                    result = self._predicted_gate(current, result, before, after)
+            check = self._check_gate(p, current, proposed, result) if self.verify_gates and p.gated else None
             if not result.modified and result.skip is None:
                 result.skip = SkipReason(SkipKind.NOT_APPLICABLE, "the pass found nothing to rewrite")
             max_abs = max_rel = 0.0
@@ -282,6 +340,8 @@ class PassManager:
             record.predicted_latency_before_s, record.predicted_latency_after_s = before, after
             if result.measured is not None:
                 record.measured_latency_before_s, record.measured_latency_after_s = result.measured
+            if check is not None:
+                record.gate_check = check.to_dict()
             records.append(record)
             if result.modified:
                 current, predicted = result.program, after
@@ -292,6 +352,80 @@ class PassManager:
         passes = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
         current = dataclasses.replace(current, metadata={**current.metadata, "passes": passes})
         return current, CompileReport(program.name, self.target.name, records)
+
+    def _measures(self, current: Program) -> bool:
+        """Gate on timings here: the target is this machine and a run is cheap enough to repeat."""
+        return (
+            self.gate_by_measurement
+            and self.target.is_this_machine
+            and predicted_latency(current, self.target) <= MAX_TIMED_S
+        )
+
+    def _measured_gate(self, current: Program, result: PassResult) -> PassResult:
+        """Keep the rewrite only if it runs at least 3 % faster here on every gate layout."""
+        gate = time_programs(
+            {"before": current, "after": result.program},
+            key=("gate", current.graph_hash(), result.program.graph_hash()),
+        )
+        first = GATE_LAYOUTS[0][0]
+        measured = (gate.seconds[first]["before"], gate.seconds[first]["after"])
+        if gate.worst_ratio("after", "before") < KEEP_BELOW:
+            return dataclasses.replace(result, measured=measured)
+        timings = ", ".join(
+            f"{k} {t['after'] * 1e3:.3g} ms vs {t['before'] * 1e3:.3g} ms" for k, t in gate.seconds.items()
+        )
+        return PassResult(
+            current,
+            False,
+            result.stats,
+            SkipReason(
+                SkipKind.NO_MEASURED_GAIN,
+                f"timed on this machine, the rewrite is not {1 - KEEP_BELOW:.0%} faster: {timings}",
+                fix="set require_predicted_gain=False to keep it anyway",
+            ),
+            measured=measured,
+        )
+
+    def _predicted_gate(
+        self, current: Program, result: PassResult, before: float, after: float
+    ) -> PassResult:
+        if after < before:
+            return result
+        return PassResult(
+            current,
+            False,
+            result.stats,
+            SkipReason(
+                SkipKind.NO_PREDICTED_GAIN,
+                f"the cost model predicts {after * 1e3:.4g} ms after vs {before * 1e3:.4g} ms "
+                f"before on {self.target.name}; the rewrite was discarded",
+                fix="set require_predicted_gain=False to keep it anyway",
+            ),
+        )
+
+    def _check_gate(
+        self, p: Pass[Any], current: Program, proposed: PassResult, result: PassResult
+    ) -> GateCheck | None:
+        """Measure both sides of ``p``'s gated decision (None where there was no rewrite to decide on).
+
+        ``proposed`` is what the pass returned, ``result`` what the gate made of it. A pass that timed
+        its own rewrite and declined it hands back its input; its rejected rewrite is rebuilt without
+        the gate (``require_predicted_gain=False``) to be measured.
+        """
+        decided_by = (
+            "measurement" if result.measured is not None or proposed.measured is not None else "cost model"
+        )
+        if proposed.modified:
+            return check_gate(
+                current, proposed.program, self.target, kept=result.modified, decided_by=decided_by
+            )
+        if proposed.skip is None or proposed.skip.kind is not SkipKind.NO_MEASURED_GAIN:
+            return None
+        ungated = type(p)(p.config.replace(require_predicted_gain=False))
+        rejected = self._apply(ungated, current.shallow_copy(), [])
+        if not rejected.modified:
+            return None
+        return check_gate(current, rejected.program, self.target, kept=False, decided_by="measurement")
 
     def _apply(self, p: Pass[Any], program: Program, done: list[str]) -> PassResult:
         try:

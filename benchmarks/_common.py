@@ -1,0 +1,39 @@
+"""What several benchmarks share: the models they run (examples and the test zoo) and a headless pyplot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import codesign
+from codesign.ir.workload import Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def workloads(names: list[str], size: str) -> list[Workload]:
+    """Example models by name (at ``size``); ``zoo`` expands to every model of tests/zoo."""
+    out = []
+    for name in names:
+        if name == "zoo":
+            sys.path.insert(0, str(ROOT))
+            from tests.zoo import ZOO
+
+            out += [build() for build in ZOO.values()]
+        else:
+            out.append(codesign.load_model_ref(name, size=size))
+    return out
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'codesign[bench]'): no plot written")
+        return None
+    return plt

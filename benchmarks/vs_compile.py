@@ -1,0 +1,183 @@
+"""codesign against torch.compile, per model, side by side in one run.
+
+For each model (the examples and the test zoo, tests/zoo) and layout (one request of 64 and of 1024
+candidates, 16 requests of 64), medians of interleaved rounds of:
+
+* ``eager``: the user's ``nn.Module`` called as it is;
+* ``compile``: ``torch.compile(model, dynamic=True)``;
+* ``compile-mA``: the same with ``mode="max-autotune-no-cudagraphs"`` (``--modes default`` skips it);
+* ``cs-eager``: ``codesign.compile(model)`` with its default passes on the ``eager`` backend;
+* ``cs-inductor``: the same passes on the ``inductor`` backend (its default options).
+
+``best`` is the faster codesign variant; the ratios are taken against plain eager (``cs-eager``
+must not lose to it) and against the faster torch.compile mode. Each compiled variant wraps its own
+copy of the module, so no two share a dynamo cache. Prints a table; writes JSON and a PNG to
+benchmarks/results/.
+
+    .venv/bin/python benchmarks/vs_compile.py [--models dlrm useq zoo] [--rounds 9] [--modes default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import pyplot, workloads
+
+import codesign
+from codesign.hardware.timing import interleaved_medians
+from codesign.ir.workload import Workload
+from codesign.numerics import Tolerance, compare_outputs
+
+warnings.filterwarnings("ignore", module=r"torch\..*")
+
+EXAMPLES = ("dlrm", "dcnv2", "din", "multitask", "useq")
+LAYOUTS = (("1x64", (64,)), ("1x1024", (1024,)), ("16x64", (64,) * 16))
+RESULTS = Path(__file__).parent / "results"
+# compiled kernels reorder fp32 sums
+AGREE = Tolerance(rtol=1e-3, atol=1e-4)
+TORCH_MODES = {"compile": "default", "compile-mA": "max-autotune-no-cudagraphs"}
+
+
+def variants(workload: Workload, modes: list[str]) -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
+    """name -> callable(batch); plus what codesign decided (passes applied, compile seconds)."""
+    model = workload.model.eval()
+    fns: dict[str, Callable[..., Any]] = {"eager": lambda b: model(**b.inputs)}
+    for label, mode in TORCH_MODES.items():
+        if mode in modes:
+            compiled = torch.compile(
+                copy.deepcopy(model), dynamic=True, mode=None if mode == "default" else mode
+            )
+            fns[label] = lambda b, c=compiled: c(**b.inputs)
+    program = codesign.capture(workload)
+    info: dict[str, Any] = {}
+    for backend in ("eager", "inductor"):
+        t0 = time.perf_counter()
+        variant = codesign.compile(program, target="host", backend=backend)
+        info[f"cs-{backend}_compile_s"] = time.perf_counter() - t0
+        assert variant.program is not None
+        info.setdefault("passes_applied", [r["name"] for r in variant.passes if r.get("modified")])
+        fns[f"cs-{backend}"] = lambda b, v=variant, p=variant.program: v(**p.call_inputs(b))
+    return fns, info
+
+
+def bench(workload: Workload, modes: list[str], rounds: int) -> list[dict[str, Any]]:
+    fns, info = variants(workload, modes)
+    rows = []
+    for label, counts in LAYOUTS:
+        batch = workload.make_batch(list(counts), seed=sum(counts) + len(counts))
+        with torch.no_grad():
+            want = fns["eager"](batch)
+            first_call = {}
+            for name, fn in fns.items():  # first calls compile (and check numerics)
+                t0 = time.perf_counter()
+                ok, diff, _ = compare_outputs(fn(batch), want, AGREE)
+                first_call[name] = time.perf_counter() - t0
+                if not ok:
+                    raise SystemExit(f"{workload.name} {label}: {name} differs from eager by {diff:.2e}")
+            once = interleaved_medians({k: partial(f, batch) for k, f in fns.items()}, rounds=1)
+            calls = max(1, int(0.02 / max(1e-6, min(once.values()))))  # ~20 ms of work per sample
+            t = interleaved_medians(
+                {k: partial(f, batch) for k, f in fns.items()}, rounds=rounds, calls=calls
+            )
+        torch_best = min(v for k, v in t.items() if k in TORCH_MODES)
+        cs_best_name = min(("cs-eager", "cs-inductor"), key=t.__getitem__)
+        row = {
+            "model": workload.name,
+            "layout": label,
+            **{f"{k}_s": v for k, v in t.items()},
+            "best": cs_best_name,
+            "best_vs_compile": torch_best / t[cs_best_name],
+            "cs_eager_vs_eager": t["eager"] / t["cs-eager"],
+            "cs_inductor_vs_compile": t["compile"] / t["cs-inductor"] if "compile" in t else None,
+            "first_call_s": first_call,
+            **info,
+        }
+        rows.append(row)
+        print(
+            f"{workload.name:<14} {label:>7} "
+            + " ".join(f"{t[k] * 1e3:>9.3f}" for k in fns)
+            + f" {row['best']:>12} {row['best_vs_compile']:>8.2f}x {row['cs_eager_vs_eager']:>8.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=[*EXAMPLES, "zoo"])
+    parser.add_argument("--size", default="small", help="size of the example models (the zoo has one size)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument(
+        "--modes", nargs="+", default=list(TORCH_MODES.values()), choices=list(TORCH_MODES.values())
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/vs-compile-host-<size>.json)"
+    )
+    args = parser.parse_args()
+    names = ["eager", *(k for k, m in TORCH_MODES.items() if m in args.modes), "cs-eager", "cs-inductor"]
+    print(
+        f"{'model':<14} {'layout':>7} "
+        + " ".join(f"{n:>9}" for n in names)
+        + "  (ms)    best  vs compile  cs-eager/eager"
+    )
+    rows: list[dict[str, Any]] = []
+    for workload in workloads(args.models, args.size):
+        rows += bench(workload, args.modes, args.rounds)
+    worst = min(rows, key=lambda r: r["best_vs_compile"])
+    eager_worst = min(rows, key=lambda r: r["cs_eager_vs_eager"])
+    print(
+        f"\nworst best-vs-compile {worst['best_vs_compile']:.2f}x ({worst['model']} {worst['layout']}); "
+        f"worst cs-eager vs eager {eager_worst['cs_eager_vs_eager']:.2f}x ({eager_worst['model']} {eager_worst['layout']})"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"vs-compile-host-{args.size}.json"
+    meta = {
+        "device": f"host CPU ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    out.write_text(
+        json.dumps({"benchmark": "vs_compile", **meta, "rounds": args.rounds, "rows": rows}, indent=2)
+    )
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    layouts = [label for label, _ in LAYOUTS]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(models) * len(layouts)), 4))
+    width = 0.8 / len(layouts)
+    for i, layout in enumerate(layouts):
+        mine = {r["model"]: r["best_vs_compile"] for r in rows if r["layout"] == layout}
+        ax.bar(
+            [m + i * width for m in range(len(models))], [mine.get(m, 0) for m in models], width, label=layout
+        )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(
+        [m + 0.4 - width / 2 for m in range(len(models))], models, rotation=60, ha="right", fontsize=8
+    )
+    ax.set_ylabel("codesign best / best torch.compile (speedup)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
