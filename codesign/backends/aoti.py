@@ -48,7 +48,12 @@ class AotiBackend(Backend[BackendConfig]):
             artifacts={AOTI_PACKAGE: path},
         )
 
-    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+    def load(
+        self,
+        exported: torch.export.ExportedProgram,
+        files: Mapping[str, Path],
+        example: Mapping[str, Any] | None = None,
+    ) -> Callable[..., Any]:
         if AOTI_PACKAGE not in files:
             raise BackendError(f"the bundle has no {AOTI_PACKAGE}", fix="recompile with backend 'aoti'")
         from torch._inductor import aoti_load_package

@@ -85,5 +85,14 @@ class Backend(Tunable[C], abc.ABC):
         """Make ``program`` runnable on ``target``; artifacts go under ``workdir``."""
 
     @abc.abstractmethod
-    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
-        """Rebuild the runner from a bundle's exported program and verified artifact files."""
+    def load(
+        self,
+        exported: torch.export.ExportedProgram,
+        files: Mapping[str, Path],
+        example: Mapping[str, Any] | None = None,
+    ) -> Callable[..., Any]:
+        """Rebuild the runner from a bundle's exported program and verified artifact files.
+
+        ``example`` (the reference batch's keyword inputs) lets a backend check a faster form of the
+        runner against the plain one before it uses it.
+        """

@@ -64,5 +64,10 @@ class InductorBackend(Backend[InductorConfig]):
         self.check_target(target)
         return Lowered(runner=self._compile(program.graph_module), exported=program.export())
 
-    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+    def load(
+        self,
+        exported: torch.export.ExportedProgram,
+        files: Mapping[str, Path],
+        example: Mapping[str, Any] | None = None,
+    ) -> Callable[..., Any]:
         return self._compile(exported.module())

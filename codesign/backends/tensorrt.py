@@ -101,7 +101,12 @@ class TensorRTBackend(Backend[TensorRTConfig]):
             artifacts={TENSORRT_PROGRAM: path},
         )
 
-    def load(self, exported: torch.export.ExportedProgram, files: Mapping[str, Path]) -> Callable[..., Any]:
+    def load(
+        self,
+        exported: torch.export.ExportedProgram,
+        files: Mapping[str, Path],
+        example: Mapping[str, Any] | None = None,
+    ) -> Callable[..., Any]:
         import_torch_tensorrt()  # registers the engine class the saved program refers to
         if TENSORRT_PROGRAM not in files:
             raise BackendError(

@@ -52,6 +52,7 @@ from codesign.build.bundle_write import (
 from codesign.build.variant import Variant
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
+from codesign.ir.program import call_inputs
 from codesign.ir.request import RequestBatch, RequestSpec
 from codesign.numerics import Tolerance
 
@@ -255,7 +256,10 @@ def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
         except CodesignError as exc:
             raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
     artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
-    runner = backend.load(exported, artifacts)
+    example = call_inputs(
+        RequestBatch(inputs=inputs, offsets=ref["offsets"]), bool(manifest.get("takes_request_offsets"))
+    )
+    runner = backend.load(exported, artifacts, example)
     variant = Variant(
         name=str(manifest["name"]),
         spec=spec,

@@ -42,7 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from codesign.errors import BundleError, CodesignError, PassError
-from codesign.ir.program import run_in_pieces
+from codesign.ir.program import call_inputs, run_in_pieces
 from codesign.ir.request import flatten_inputs
 from codesign.numerics import Tolerance, compare_outputs
 from codesign.version import __version__
@@ -313,8 +313,9 @@ def _reload_in_process(name: str, variant: SavedVariant, directory: Path) -> Non
     what = f"variant '{name}' ({variant.backend.name} bundle reloaded in this process)"
     try:
         exported = torch.export.load(str(directory / PROGRAM))
+        example = call_inputs(variant.reference_inputs, variant.takes_request_offsets)
         runner: Callable[..., Any] = variant.backend.load(
-            exported, {n: directory / n for n in variant.artifacts}
+            exported, {n: directory / n for n in variant.artifacts}, example
         )
         with torch.no_grad():
             got = run_in_pieces(

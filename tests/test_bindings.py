@@ -1,0 +1,52 @@
+"""The eager backend calls aten ops through torch's Python bindings (codesign.backends.bindings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import codesign
+from codesign.backends import bindings
+from codesign.backends.bindings import lean_graph_module, python_binding
+from codesign.numerics import EXACT, compare_outputs
+from tests.zoo import ZOO, captured
+
+aten = torch.ops.aten
+
+
+def test_bindings_are_the_generated_ones_with_the_same_arguments() -> None:
+    assert python_binding(aten.add.Tensor) is torch.add
+    assert python_binding(aten.linear.default) is torch._C._nn.linear
+    assert python_binding(aten.view.default) is torch.Tensor.view
+    # torch.tensordot is a Python wrapper with another signature; x.index does not exist
+    assert python_binding(aten.tensordot.default) is None
+    assert python_binding(aten.index.Tensor) is None
+    assert python_binding(torch.ops.codesign.fused_linear.default) is None
+
+
+def _aten_calls(module: torch.fx.GraphModule) -> int:
+    return sum(isinstance(n.target, torch._ops.OpOverload) for n in module.graph.nodes)
+
+
+def test_lean_graph_module_gives_identical_outputs_with_bindings() -> None:
+    program = captured("pnn")
+    batch = ZOO["pnn"]().make_batch([3, 1, 9], 5)
+    lean = lean_graph_module(program.graph_module, [program.call_inputs(program.example)])
+    assert _aten_calls(lean) < _aten_calls(program.graph_module) / 2
+    with torch.no_grad():
+        ok, err, _ = compare_outputs(lean(**batch.inputs), program.run(batch), EXACT)
+    assert ok, err
+
+
+def test_a_binding_that_changes_outputs_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    program = captured("fm")
+    monkeypatch.setattr(bindings, "python_binding", lambda op: torch.sub if op is aten.add.Tensor else None)
+    kept = lean_graph_module(program.graph_module, [program.call_inputs(program.example)])
+    assert kept is program.graph_module
+
+
+def test_eager_bundles_run_the_lean_graph(tmp_path: object) -> None:
+    variant = codesign.compile(captured("pnn"), passes=[], backend="eager")
+    loaded = codesign.load(variant.save(tmp_path / "pnn", verify="in_process"))  # type: ignore[operator]
+    plain = _aten_calls(captured("pnn").graph_module)
+    assert _aten_calls(variant.runner) < plain / 2 and _aten_calls(loaded.runner) < plain / 2
