@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/costmodel.py
 	$(BIN)/python benchmarks/request_scaling.py
 	$(BIN)/python benchmarks/compile.py
+	$(BIN)/python benchmarks/vs_compile.py
+	$(BIN)/python benchmarks/gates.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/fp8.py
 	$(BIN)/python benchmarks/sharding.py

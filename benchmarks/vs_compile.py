@@ -133,8 +133,12 @@ def main() -> None:
         + "  (ms)    best  vs compile  cs-eager/eager"
     )
     rows: list[dict[str, Any]] = []
-    for workload in workloads(args.models, args.size):
-        rows += bench(workload, args.modes, args.rounds)
+    for name in args.models:  # "group" tells the zoo's din from the example din
+        for workload in workloads([name], args.size):
+            rows += [
+                {**r, "group": "zoo" if name == "zoo" else "example"}
+                for r in bench(workload, args.modes, args.rounds)
+            ]
     worst = min(rows, key=lambda r: r["best_vs_compile"])
     eager_worst = min(rows, key=lambda r: r["cs_eager_vs_eager"])
     print(
