@@ -159,16 +159,21 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The model's name, marked when it comes from the zoo (the zoo has a din, as the examples do)."""
+    return f"zoo/{row['model']}" if row.get("group") == "zoo" else str(row["model"])
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
     layouts = [label for label, _ in LAYOUTS]
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = list(dict.fromkeys(_label(r) for r in rows))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(models) * len(layouts)), 4))
     width = 0.8 / len(layouts)
     for i, layout in enumerate(layouts):
-        mine = {r["model"]: r["best_vs_compile"] for r in rows if r["layout"] == layout}
+        mine = {_label(r): r["best_vs_compile"] for r in rows if r["layout"] == layout}
         ax.bar(
             [m + i * width for m in range(len(models))], [mine.get(m, 0) for m in models], width, label=layout
         )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+import codesign
 from codesign.errors import PassError
 from codesign.hardware.target import get_target
-from codesign.passes import default_passes
+from codesign.passes import RequestSharing, RequestSharingConfig, default_passes
 from codesign.passes.manager import GateCheck, PassManager, SkipKind
 from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW
-from tests.conftest import tiny_program
+from tests.conftest import tiny_program, tiny_workload
 
 HOST = get_target("host")
 
@@ -63,3 +64,19 @@ def test_gates_on_this_machine_decide_by_timing() -> None:
 def test_verify_gates_needs_the_target_here() -> None:
     with pytest.raises(PassError, match="not this machine"):
         PassManager(default_passes(), get_target("h100"), verify_gates=True)
+
+
+def test_a_program_too_narrow_for_the_gate_batch_is_gated_on_the_cost_model() -> None:
+    # captured for at most 100 candidates: the 1x1024 gate batch would fail the program's own guard
+    program = codesign.capture(tiny_workload("dcnv2"), max_candidates=100)
+    _, report = PassManager(default_passes(), HOST).run(program)
+    gated = [r for r in report.passes if r.name in ("request_sharing", "group_embedding_bags")]
+    assert gated and all(r.measured_latency_before_s is None for r in gated)
+    assert all(r.skip is None or r.skip.kind is not SkipKind.NO_MEASURED_GAIN for r in gated)
+
+
+def test_a_pass_that_opts_out_of_timing_is_gated_on_the_cost_model() -> None:
+    predicted = RequestSharing(RequestSharingConfig(gate_by_measurement=False, split_fields=False))
+    _, report = PassManager([predicted], HOST).run(tiny_program("useq"))
+    record = report.passes[0]
+    assert record.measured_latency_before_s is None and record.predicted_latency_before_s is not None

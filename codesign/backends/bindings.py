@@ -33,8 +33,9 @@ def python_binding(op: Any) -> Callable[..., Any] | None:
     """The generated Python binding that dispatches to ``op``'s kernel with the same arguments, or None.
 
     ``torch.X`` only where it is the C++ binding itself (``torch.tensordot``, ``torch.split`` ... are
-    Python wrappers with other signatures), then ``torch._C._nn``/``_linalg``/``_special``, then the
-    Tensor method. Overloads resolve the same way from the same argument types.
+    Python wrappers with other signatures, and FX writes a builtin's call by its public name), then
+    ``torch._C._nn``/``_linalg``/``_special``, then the Tensor method if it is a C method. Overloads
+    resolve the same way from the same argument types.
     """
     if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
         return None
@@ -47,7 +48,11 @@ def python_binding(op: Any) -> Callable[..., Any] | None:
         if function is not None:
             return function  # type: ignore[no-any-return]
     method = getattr(torch.Tensor, name, None)
-    return method if method is not None and name not in _NO_METHOD else None
+    # only a C method: torch/_tensor.py's Python methods (split, stft, norm, unique_consecutive ...)
+    # wrap other signatures or return types
+    if type(method).__name__ != "method_descriptor" or name in _NO_METHOD:
+        return None
+    return method  # type: ignore[no-any-return]
 
 
 def lean_graph_module(
@@ -67,6 +72,19 @@ def lean_graph_module(
     if not rebound:
         return graph_module
     lean = torch.fx.GraphModule(graph_module, graph)
+    # the exported module's input checks run as hooks that read its attributes (validate_inputs,
+    # range constraints ...): the rebound module keeps both
+    for attr, value in vars(graph_module).items():
+        if attr not in vars(lean):
+            setattr(lean, attr, value)
+    for attr in (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
+        setattr(lean, attr, copy.copy(getattr(graph_module, attr)))
     try:
         with torch.no_grad():
             same = all(compare_outputs(lean(**x), graph_module(**x), EXACT)[0] for x in examples)

@@ -95,12 +95,21 @@ class PassResult:
     # (seconds before, seconds after) when the pass timed its rewrite on this machine: then the manager
     # keeps the pass's own measured decision instead of gating on the cost model
     measured: tuple[float, float] | None = None
+    # the rewrite a pass's own gate discarded (then ``program`` is its input): what verify_gates measures
+    rejected: Program | None = None
 
     @classmethod
     def skipped(
         cls, program: Program, kind: SkipKind, message: str, fix: str = "", **stats: Any
     ) -> PassResult:
         return cls(program, False, dict(stats), SkipReason(kind, message, fix))
+
+
+def timeable(program: Program, target: Target) -> bool:
+    """Whether a measured gate can time ``program``: it accepts the gate batches (its ``max_candidates``
+    covers the largest) and the cost model predicts a run within ``MAX_TIMED_S``."""
+    widest = max(sum(counts) for _, counts in GATE_LAYOUTS)
+    return program.max_candidates >= widest and predicted_latency(program, target) <= MAX_TIMED_S
 
 
 def predicted_latency(program: Program, target: Target) -> float:
@@ -167,8 +176,6 @@ def check_gate(before: Program, after: Program, target: Target, *, kept: bool, d
     The measured ratio is the geometric mean over the layouts of ``t(after) / t(before)`` (the graphs
     run op by op, as the cost model prices them), so one layout's noise does not decide alone.
     """
-    from codesign.passes.measured_gate import time_programs
-
     gate = time_programs(
         {"before": before, "after": after}, key=("verify_gates", before.graph_hash(), after.graph_hash())
     )
@@ -320,8 +327,8 @@ class PassManager:
             proposed = result
             before = after = None
             if result.modified and p.gated and result.measured is None:
-                if self._measures(current):
-                    result = self._measured_gate(current, result)
+                if self._measures(p, current):
+                    result = self._measured_gate(p, current, result)
                 else:
                     before = predicted if predicted is not None else predicted_latency(current, self.target)
                     after = predicted_latency(result.program, self.target)
@@ -353,19 +360,21 @@ class PassManager:
         current = dataclasses.replace(current, metadata={**current.metadata, "passes": passes})
         return current, CompileReport(program.name, self.target.name, records)
 
-    def _measures(self, current: Program) -> bool:
-        """Gate on timings here: the target is this machine and a run is cheap enough to repeat."""
+    def _measures(self, p: Pass[Any], current: Program) -> bool:
+        """Gate on timings here: the target is this machine, neither the manager nor the pass opted out
+        (``gate_by_measurement``), the gate batches fit the program, and a run is cheap to repeat."""
         return (
             self.gate_by_measurement
+            and bool(getattr(p.config, "gate_by_measurement", True))
             and self.target.is_this_machine
-            and predicted_latency(current, self.target) <= MAX_TIMED_S
+            and timeable(current, self.target)
         )
 
-    def _measured_gate(self, current: Program, result: PassResult) -> PassResult:
+    def _measured_gate(self, p: Pass[Any], current: Program, result: PassResult) -> PassResult:
         """Keep the rewrite only if it runs at least 3 % faster here on every gate layout."""
         gate = time_programs(
             {"before": current, "after": result.program},
-            key=("gate", current.graph_hash(), result.program.graph_hash()),
+            key=("gate", p.uuid(), current.graph_hash(), self.target.name),
         )
         first = GATE_LAYOUTS[0][0]
         measured = (gate.seconds[first]["before"], gate.seconds[first]["after"])
@@ -409,8 +418,8 @@ class PassManager:
         """Measure both sides of ``p``'s gated decision (None where there was no rewrite to decide on).
 
         ``proposed`` is what the pass returned, ``result`` what the gate made of it. A pass that timed
-        its own rewrite and declined it hands back its input; its rejected rewrite is rebuilt without
-        the gate (``require_predicted_gain=False``) to be measured.
+        its own rewrite and declined it hands back its input and the rewrite it rejected
+        (``PassResult.rejected``), which is what is measured.
         """
         decided_by = (
             "measurement" if result.measured is not None or proposed.measured is not None else "cost model"
@@ -419,13 +428,9 @@ class PassManager:
             return check_gate(
                 current, proposed.program, self.target, kept=result.modified, decided_by=decided_by
             )
-        if proposed.skip is None or proposed.skip.kind is not SkipKind.NO_MEASURED_GAIN:
+        if proposed.rejected is None:
             return None
-        ungated = type(p)(p.config.replace(require_predicted_gain=False))
-        rejected = self._apply(ungated, current.shallow_copy(), [])
-        if not rejected.modified:
-            return None
-        return check_gate(current, rejected.program, self.target, kept=False, decided_by="measurement")
+        return check_gate(current, proposed.rejected, self.target, kept=False, decided_by="measurement")
 
     def _apply(self, p: Pass[Any], program: Program, done: list[str]) -> PassResult:
         try:

@@ -67,7 +67,10 @@ def time_programs(
     ``key`` names the decision (e.g. the input program's graph hash and the pass config): a second call
     with the same key returns the first call's timings.
     """
-    key = (*key, *programs, repr(layouts), str(seed))
+    # the request spec too: the same input graph under another spec is another decision (rewrites are not
+    # hashed: a rewrite built twice may name its nodes otherwise, and must still hit the same timings)
+    first = next(iter(programs.values()))
+    key = (*key, repr(first.spec), *programs, repr(layouts), str(seed))
     if key not in _TIMED:
         _TIMED[key] = _time(programs, layouts, seed)
     return _TIMED[key]

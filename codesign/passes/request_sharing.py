@@ -43,8 +43,9 @@ from codesign.passes.manager import (
     PassResult,
     SkipKind,
     SkipReason,
+    timeable,
 )
-from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, MAX_TIMED_S, time_programs
+from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, time_programs
 from codesign.passes.patterns import epilogue_activation
 from codesign.passes.registry import register_pass
 from codesign.passes.request_attention import fuse_request_attention
@@ -127,8 +128,8 @@ class RequestSharing(Pass[RequestSharingConfig]):
         measured: tuple[float, float] | None = None
         # timing runs the original at 1024 candidates a few times: for a model predicted to take seconds
         # per call (an LLM-scale ranker on a CPU) the cost model decides instead
-        timeable = estimate_analysis(before, target).latency_s <= MAX_TIMED_S
-        if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine and timeable:
+        measurable = timeable(program, target)
+        if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine and measurable:
             rewrites = {f"plan{i}": b[1] for i, b in enumerate(built)}
             key = (program.graph_hash(), cfg.to_json(), target.name)
             gate = time_programs({"original": program, **rewrites}, key=key)
@@ -144,7 +145,7 @@ class RequestSharing(Pass[RequestSharingConfig]):
                 k: {"original": v["original"], "shared": v[f"plan{best}"]} for k, v in gate.seconds.items()
             }
             if ratios[best] >= KEEP_BELOW:
-                return PassResult.skipped(
+                declined = PassResult.skipped(
                     program,
                     SkipKind.NO_MEASURED_GAIN,
                     f"timed on this machine, the request-centric program is not {1 - KEEP_BELOW:.0%} faster: "
@@ -157,6 +158,7 @@ class RequestSharing(Pass[RequestSharingConfig]):
                     measured_s=timings,
                     flops_moved_to_request_level=before.total_flops - built[best][2]["flops_after"],
                 )
+                return dataclasses.replace(declined, rejected=built[best][1])
             _, out, stats = built[best]
             stats["measured_s"] = timings
         else:
