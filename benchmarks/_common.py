@@ -1,10 +1,13 @@
-"""What several benchmarks share: the models they run (examples and the test zoo) and a headless pyplot."""
+"""What several benchmarks share: the models they run (examples and the test zoo), a headless pyplot, host facts."""
 
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import codesign
 from codesign.ir.workload import Workload
@@ -37,3 +40,12 @@ def pyplot() -> Any:
         print("matplotlib is not installed (pip install 'codesign[bench]'): no plot written")
         return None
     return plt
+
+
+def host_meta() -> dict[str, Any]:
+    """Where a host benchmark ran: written beside its results."""
+    return {
+        "device": f"host CPU ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }

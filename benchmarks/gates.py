@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import workloads
+from _common import host_meta, workloads
 
 import codesign
 from codesign.hardware.target import get_target
@@ -68,11 +66,7 @@ def main() -> None:
     print(f"\n{len(rows)} gated decisions, {len(wrong)} wrong")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gates-host{'-cost-model' if args.cost_model else ''}.json"
-    meta = {
-        "device": f"host CPU ({platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    meta = host_meta()
     out.write_text(
         json.dumps(
             {

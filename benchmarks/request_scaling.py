@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import pyplot, workloads
+from _common import host_meta, pyplot, workloads
 
 import codesign
 from codesign.hardware.target import get_target
@@ -138,11 +136,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"request-scaling-host-{args.size}" + ("" if args.backend == "eager" else f"-{args.backend}")
     out = RESULTS / f"{stem}.json"
-    meta = {
-        "device": f"host CPU ({platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    meta = host_meta()
     out.write_text(
         json.dumps(
             {

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import pyplot, workloads
+from _common import host_meta, pyplot, workloads
 
 import codesign
 from codesign.hardware.timing import interleaved_medians
@@ -147,11 +146,7 @@ def main() -> None:
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"vs-compile-host-{args.size}.json"
-    meta = {
-        "device": f"host CPU ({platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    meta = host_meta()
     out.write_text(
         json.dumps({"benchmark": "vs_compile", **meta, "rounds": args.rounds, "rows": rows}, indent=2)
     )
