@@ -105,11 +105,14 @@ class PassResult:
         return cls(program, False, dict(stats), SkipReason(kind, message, fix))
 
 
-def timeable(program: Program, target: Target) -> bool:
+def timeable(program: Program, target: Target, predicted: float | None = None) -> bool:
     """Whether a measured gate can time ``program``: it accepts the gate batches (its ``max_candidates``
-    covers the largest) and the cost model predicts a run within ``MAX_TIMED_S``."""
+    covers the largest) and the cost model predicts a run within ``MAX_TIMED_S`` (``predicted``, when
+    the caller has it already)."""
     widest = max(sum(counts) for _, counts in GATE_LAYOUTS)
-    return program.max_candidates >= widest and predicted_latency(program, target) <= MAX_TIMED_S
+    if program.max_candidates < widest:
+        return False
+    return (predicted if predicted is not None else predicted_latency(program, target)) <= MAX_TIMED_S
 
 
 def predicted_latency(program: Program, target: Target) -> float:
@@ -327,10 +330,12 @@ class PassManager:
             proposed = result
             before = after = None
             if result.modified and p.gated and result.measured is None:
-                if self._measures(p, current):
+                if predicted is None:
+                    predicted = predicted_latency(current, self.target)
+                if self._measures(p, current, predicted):
                     result = self._measured_gate(p, current, result)
                 else:
-                    before = predicted if predicted is not None else predicted_latency(current, self.target)
+                    before = predicted
                     after = predicted_latency(result.program, self.target)
                     result = self._predicted_gate(current, result, before, after)
             check = self._check_gate(p, current, proposed, result) if self.verify_gates and p.gated else None
@@ -360,14 +365,14 @@ class PassManager:
         current = dataclasses.replace(current, metadata={**current.metadata, "passes": passes})
         return current, CompileReport(program.name, self.target.name, records)
 
-    def _measures(self, p: Pass[Any], current: Program) -> bool:
+    def _measures(self, p: Pass[Any], current: Program, predicted: float) -> bool:
         """Gate on timings here: the target is this machine, neither the manager nor the pass opted out
         (``gate_by_measurement``), the gate batches fit the program, and a run is cheap to repeat."""
         return (
             self.gate_by_measurement
             and bool(getattr(p.config, "gate_by_measurement", True))
             and self.target.is_this_machine
-            and timeable(current, self.target)
+            and timeable(current, self.target, predicted)
         )
 
     def _measured_gate(self, p: Pass[Any], current: Program, result: PassResult) -> PassResult:

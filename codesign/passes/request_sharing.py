@@ -128,7 +128,7 @@ class RequestSharing(Pass[RequestSharingConfig]):
         measured: tuple[float, float] | None = None
         # timing runs the original at 1024 candidates a few times: for a model predicted to take seconds
         # per call (an LLM-scale ranker on a CPU) the cost model decides instead
-        measurable = timeable(program, target)
+        measurable = timeable(program, target, estimate_analysis(before, target).latency_s)
         if cfg.require_predicted_gain and cfg.gate_by_measurement and target.is_this_machine and measurable:
             rewrites = {f"plan{i}": b[1] for i, b in enumerate(built)}
             key = (program.graph_hash(), cfg.to_json(), target.name)
