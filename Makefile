@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/request_scaling.py
 	$(BIN)/python benchmarks/compile.py
 	$(BIN)/python benchmarks/vs_compile.py
+	$(BIN)/python benchmarks/decompositions.py
 	$(BIN)/python benchmarks/gates.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/fp8.py

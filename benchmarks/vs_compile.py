@@ -47,7 +47,9 @@ AGREE = Tolerance(rtol=1e-3, atol=1e-4)
 TORCH_MODES = {"compile": "default", "compile-mA": "max-autotune-no-cudagraphs"}
 
 
-def variants(workload: Workload, modes: list[str]) -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
+def variants(
+    workload: Workload, modes: list[str], target: str = "host"
+) -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
     """name -> callable(batch); plus what codesign decided (passes applied, compile seconds)."""
     model = workload.model.eval()
     fns: dict[str, Callable[..., Any]] = {"eager": lambda b: model(**b.inputs)}
@@ -61,7 +63,7 @@ def variants(workload: Workload, modes: list[str]) -> tuple[dict[str, Callable[.
     info: dict[str, Any] = {}
     for backend in ("eager", "inductor"):
         t0 = time.perf_counter()
-        variant = codesign.compile(program, target="host", backend=backend)
+        variant = codesign.compile(program, target=target, backend=backend)
         info[f"cs-{backend}_compile_s"] = time.perf_counter() - t0
         assert variant.program is not None
         info.setdefault("passes_applied", [r["name"] for r in variant.passes if r.get("modified")])
@@ -69,8 +71,18 @@ def variants(workload: Workload, modes: list[str]) -> tuple[dict[str, Callable[.
     return fns, info
 
 
-def bench(workload: Workload, modes: list[str], rounds: int) -> list[dict[str, Any]]:
-    fns, info = variants(workload, modes)
+def bench(
+    workload: Workload,
+    modes: list[str],
+    rounds: int,
+    *,
+    target: str = "host",
+    synchronize: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows per layout. On a GPU, ``synchronize`` (``torch.cuda.synchronize``) ends every timed call."""
+    fns, info = variants(workload, modes, target)
+    if synchronize is not None:
+        fns = {k: (lambda b, f=f: (f(b), synchronize())[0]) for k, f in fns.items()}
     rows = []
     for label, counts in LAYOUTS:
         batch = workload.make_batch(list(counts), seed=sum(counts) + len(counts))

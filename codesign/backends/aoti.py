@@ -8,24 +8,37 @@ tied to the torch version that built it, which the bundle manifest records and c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from codesign.backends.base import Backend, BackendConfig, Lowered
+from codesign.backends.base import Backend, Lowered
+from codesign.config import Config, knob, register_config
 from codesign.errors import BackendError
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 
-__all__ = ["AOTI_PACKAGE", "AotiBackend"]
+__all__ = ["AOTI_PACKAGE", "AotiBackend", "AotiConfig"]
 
 AOTI_PACKAGE = "aoti_package.pt2"
 
 
-class AotiBackend(Backend[BackendConfig]):
+@register_config
+@dataclasses.dataclass(frozen=True)
+class AotiConfig(Config):
+    decompose_ops: bool = knob(
+        True,
+        help="compile codesign's ops in aten form (codesign.ops.decompositions) so Inductor fuses "
+        "around them; off, they are extern kernels",
+    )
+
+
+class AotiBackend(Backend[AotiConfig]):
     name = "aoti"
+    config_class = AotiConfig
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
         self.check_target(target)
@@ -35,8 +48,13 @@ class AotiBackend(Backend[BackendConfig]):
         from torch._inductor import aoti_compile_and_package
 
         try:
+            compiled = exported
+            if self.config.decompose_ops:
+                from codesign.ops.decompositions import decompose_exported
+
+                compiled = decompose_exported(exported)
             with torch.no_grad():
-                aoti_compile_and_package(exported, package_path=str(path))
+                aoti_compile_and_package(compiled, package_path=str(path))
         except Exception as exc:
             raise BackendError(
                 f"AOTInductor could not compile '{program.name}': {type(exc).__name__}: {str(exc)[:500]}",

@@ -10,12 +10,14 @@ second compile on the same machine fast). For a self-contained compiled artifact
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 
 from codesign.backends.base import Backend, Lowered
 from codesign.config import Config, knob, register_config
@@ -36,6 +38,11 @@ class InductorConfig(Config):
         help="fold the weights into the compiled graph as constants (inference only; weights changed "
         "after the first call are not seen)",
     )
+    decompose_ops: bool = knob(
+        True,
+        help="hand Inductor codesign's ops in aten form (codesign.ops.decompositions) so it fuses "
+        "around them; off, they are extern kernels",
+    )
     module_guards: bool = knob(
         False,
         help="re-check the module's attributes and parameters on every call (dynamo guards); the "
@@ -47,10 +54,14 @@ class InductorBackend(Backend[InductorConfig]):
     name = "inductor"
     config_class = InductorConfig
 
-    def _compile(self, module: torch.nn.Module) -> Callable[..., Any]:
+    def _compile(self, module: torch.fx.GraphModule) -> Callable[..., Any]:
         import torch._inductor  # the mode tables; imported here, not with codesign (about 2 s)
 
         cfg = self.config
+        if cfg.decompose_ops:
+            from codesign.ops.decompositions import decompose
+
+            decompose(module)
         # a mode is a set of Inductor options: spelled out, so that freezing can be added to any mode
         options: dict[str, Any] = {**torch._inductor.list_mode_options(cfg.mode, dynamic=True)}
         if cfg.freezing:
@@ -62,7 +73,9 @@ class InductorBackend(Backend[InductorConfig]):
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
         self.check_target(target)
-        return Lowered(runner=self._compile(program.graph_module), exported=program.export())
+        # a graph of its own (parameters shared): decomposing must not change the program's graph
+        module = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
+        return Lowered(runner=self._compile(module), exported=program.export())
 
     def load(
         self,
@@ -70,4 +83,6 @@ class InductorBackend(Backend[InductorConfig]):
         files: Mapping[str, Path],
         example: Mapping[str, Any] | None = None,
     ) -> Callable[..., Any]:
-        return self._compile(exported.module())
+        module = exported.module()
+        assert isinstance(module, torch.fx.GraphModule)
+        return self._compile(module)

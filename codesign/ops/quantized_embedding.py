@@ -51,10 +51,19 @@ def table_bytes(rows: int, dim: int, fmt: str) -> int:
     return rows * dim * per_value[fmt]
 
 
-def _rows(weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def dequantized_rows(
+    weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, check: bool = True
+) -> torch.Tensor:
+    """The rows of ``ids``, dequantized. ``check``: ids checked on the host with a message naming the
+    id (CPU only; the aten form for Inductor passes False, its indirect indexing asserts instead)."""
     flat = ids.reshape(-1).to(torch.int64)
     # on CUDA index_select asserts on the device; a host check there would sync every lookup
-    if not flat.is_cuda and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
+    if (
+        check
+        and not flat.is_cuda
+        and flat.numel()
+        and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0])
+    ):
         bad = flat[(flat < 0) | (flat >= weight.shape[0])][0]
         raise IndexError(
             f"quantized embedding: id {int(bad)} is out of range for a table of {weight.shape[0]} rows"
@@ -66,7 +75,7 @@ def _rows(weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch
 def quantized_embedding(
     weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    return _rows(weight, scale, ids).to(out_dtype).reshape(*ids.shape, weight.shape[1])
+    return dequantized_rows(weight, scale, ids).to(out_dtype).reshape(*ids.shape, weight.shape[1])
 
 
 @quantized_embedding.register_fake
@@ -85,14 +94,17 @@ def quantized_embedding_bag(
 ) -> torch.Tensor:
     if mode not in EMBEDDING_BAG_MODES:
         raise ValueError(f"quantized_embedding_bag: mode {mode} is not one of {EMBEDDING_BAG_MODES}")
-    rows = _rows(weight, scale, ids)
-    # pool the gathered rows: an embedding_bag over them with ids 0..nnz-1 keeps torch's semantics
-    # for empty bags and every mode
+    return pool_rows(dequantized_rows(weight, scale, ids), offsets, mode).to(out_dtype)
+
+
+def pool_rows(rows: torch.Tensor, offsets: torch.Tensor, mode: int) -> torch.Tensor:
+    """Pool gathered rows into bags: an embedding_bag over them with ids 0..nnz-1 keeps torch's
+    semantics for empty bags and every mode."""
     local = torch.arange(rows.shape[0], device=rows.device)
     out, *_ = torch.ops.aten._embedding_bag_forward_only(
         rows, local, offsets.to(torch.int64), False, mode, False, None, False, -1
     )
-    return out.to(out_dtype)
+    return out
 
 
 @quantized_embedding_bag.register_fake

@@ -361,7 +361,9 @@ class PassManager:
                 "pass %s: modified=%s ops %d -> %d", p.name, result.modified, ops_before, current.op_count()
             )
             done.append(p.name)
-        passes = [{"name": r.name, "uuid": r.uuid, "config": r.config} for r in records]
+        passes = [
+            {"name": r.name, "uuid": r.uuid, "config": r.config, "modified": r.modified} for r in records
+        ]
         current = dataclasses.replace(current, metadata={**current.metadata, "passes": passes})
         return current, CompileReport(program.name, self.target.name, records)
 
