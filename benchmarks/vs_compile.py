@@ -45,10 +45,11 @@ RESULTS = Path(__file__).parent / "results"
 # compiled kernels reorder fp32 sums
 AGREE = Tolerance(rtol=1e-3, atol=1e-4)
 TORCH_MODES = {"compile": "default", "compile-mA": "max-autotune-no-cudagraphs"}
+CS_BACKENDS = ("eager", "inductor")
 
 
 def variants(
-    workload: Workload, modes: list[str], target: str = "host"
+    workload: Workload, modes: list[str], target: str = "host", backends: tuple[str, ...] = CS_BACKENDS
 ) -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
     """name -> callable(batch); plus what codesign decided (passes applied, compile seconds)."""
     model = workload.model.eval()
@@ -61,7 +62,7 @@ def variants(
             fns[label] = lambda b, c=compiled: c(**b.inputs)
     program = codesign.capture(workload)
     info: dict[str, Any] = {}
-    for backend in ("eager", "inductor"):
+    for backend in backends:
         t0 = time.perf_counter()
         variant = codesign.compile(program, target=target, backend=backend)
         info[f"cs-{backend}_compile_s"] = time.perf_counter() - t0
@@ -78,9 +79,10 @@ def bench(
     *,
     target: str = "host",
     synchronize: Callable[[], None] | None = None,
+    backends: tuple[str, ...] = CS_BACKENDS,
 ) -> list[dict[str, Any]]:
     """Rows per layout. On a GPU, ``synchronize`` (``torch.cuda.synchronize``) ends every timed call."""
-    fns, info = variants(workload, modes, target)
+    fns, info = variants(workload, modes, target, backends)
     if synchronize is not None:
         fns = {k: (lambda b, f=f: (f(b), synchronize())[0]) for k, f in fns.items()}
     rows = []
@@ -100,15 +102,15 @@ def bench(
             t = interleaved_medians(
                 {k: partial(f, batch) for k, f in fns.items()}, rounds=rounds, calls=calls
             )
-        torch_best = min(v for k, v in t.items() if k in TORCH_MODES)
-        cs_best_name = min(("cs-eager", "cs-inductor"), key=t.__getitem__)
+        torch_best = min((v for k, v in t.items() if k in TORCH_MODES), default=None)
+        cs_best_name = min((f"cs-{b}" for b in backends), key=t.__getitem__)
         row = {
             "model": workload.name,
             "layout": label,
             **{f"{k}_s": v for k, v in t.items()},
             "best": cs_best_name,
-            "best_vs_compile": torch_best / t[cs_best_name],
-            "cs_eager_vs_eager": t["eager"] / t["cs-eager"],
+            "best_vs_compile": torch_best / t[cs_best_name] if torch_best is not None else None,
+            "cs_eager_vs_eager": t["eager"] / t["cs-eager"] if "cs-eager" in t else None,
             "cs_inductor_vs_compile": t["compile"] / t["cs-inductor"] if "compile" in t else None,
             "first_call_s": first_call,
             **info,
@@ -117,10 +119,14 @@ def bench(
         print(
             f"{workload.name:<14} {label:>7} "
             + " ".join(f"{t[k] * 1e3:>9.3f}" for k in fns)
-            + f" {row['best']:>12} {row['best_vs_compile']:>8.2f}x {row['cs_eager_vs_eager']:>8.2f}x",
+            + f" {row['best']:>12} {_ratio(row['best_vs_compile'])} {_ratio(row['cs_eager_vs_eager'])}",
             flush=True,
         )
     return rows
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:>8.2f}x" if x is not None else f"{'-':>9}"
 
 
 def main() -> None:
@@ -131,13 +137,23 @@ def main() -> None:
     parser.add_argument("--size", default="small", help="size of the example models (the zoo has one size)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument(
-        "--modes", nargs="+", default=list(TORCH_MODES.values()), choices=list(TORCH_MODES.values())
+        "--modes", nargs="*", default=list(TORCH_MODES.values()), choices=list(TORCH_MODES.values())
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=list(CS_BACKENDS),
+        help="codesign backends (--backends eager --modes: eager only)",
     )
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/vs-compile-host-<size>.json)"
     )
     args = parser.parse_args()
-    names = ["eager", *(k for k, m in TORCH_MODES.items() if m in args.modes), "cs-eager", "cs-inductor"]
+    names = [
+        "eager",
+        *(k for k, m in TORCH_MODES.items() if m in args.modes),
+        *(f"cs-{b}" for b in args.backends),
+    ]
     print(
         f"{'model':<14} {'layout':>7} "
         + " ".join(f"{n:>9}" for n in names)
@@ -148,14 +164,13 @@ def main() -> None:
         for workload in workloads([name], args.size):
             rows += [
                 {**r, "group": "zoo" if name == "zoo" else "example"}
-                for r in bench(workload, args.modes, args.rounds)
+                for r in bench(workload, args.modes, args.rounds, backends=tuple(args.backends))
             ]
-    worst = min(rows, key=lambda r: r["best_vs_compile"])
-    eager_worst = min(rows, key=lambda r: r["cs_eager_vs_eager"])
-    print(
-        f"\nworst best-vs-compile {worst['best_vs_compile']:.2f}x ({worst['model']} {worst['layout']}); "
-        f"worst cs-eager vs eager {eager_worst['cs_eager_vs_eager']:.2f}x ({eager_worst['model']} {eager_worst['layout']})"
-    )
+    for key, what in (("best_vs_compile", "best vs compile"), ("cs_eager_vs_eager", "cs-eager vs eager")):
+        measured = [r for r in rows if r[key] is not None]
+        if measured:
+            worst = min(measured, key=lambda r: r[key])
+            print(f"worst {what} {worst[key]:.2f}x ({worst['model']} {worst['layout']})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"vs-compile-host-{args.size}.json"
     meta = host_meta()
@@ -173,7 +188,7 @@ def _label(row: dict[str, Any]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
-    if plt is None:
+    if plt is None or all(r["best_vs_compile"] is None for r in rows):
         return
     layouts = [label for label, _ in LAYOUTS]
     models = list(dict.fromkeys(_label(r) for r in rows))

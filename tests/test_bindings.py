@@ -55,4 +55,27 @@ def test_eager_bundles_run_the_lean_graph(tmp_path: object) -> None:
     variant = codesign.compile(captured("pnn"), passes=[], backend="eager")
     loaded = codesign.load(variant.save(tmp_path / "pnn", verify="in_process"))  # type: ignore[operator]
     plain = _aten_calls(captured("pnn").graph_module)
-    assert _aten_calls(variant.runner) < plain / 2 and _aten_calls(loaded.runner) < plain / 2
+    for runner in (variant.runner, loaded.runner):
+        assert isinstance(runner, bindings.DirectCall)  # past nn.Module's hook loop
+        assert _aten_calls(runner.module) < plain / 2
+
+
+def test_input_structure_is_checked_once_per_structure_and_always_refused_when_wrong() -> None:
+    program = captured("dcn_v2")
+    inputs = program.call_inputs(program.example)
+    lean = lean_graph_module(program.graph_module, [inputs])
+    checks = [h for h in lean._forward_pre_hooks.values() if isinstance(h, bindings.StructureCheck)]
+    assert len(checks) == 1  # torch's per-call pytree check is replaced, its other hooks kept
+    assert len(lean._forward_pre_hooks) == len(program.graph_module._forward_pre_hooks)
+    (name, value), *_ = inputs.items()
+    assert isinstance(value, dict)  # the zoo's dcn_v2 takes one dict of features
+    missing = {name: {k: v for k, v in list(value.items())[1:]}}
+    with torch.no_grad():
+        lean(**inputs)
+        lean(**inputs)  # the same structure: checked once
+        assert len(checks[0]._seen) == 1
+        for _ in range(2):  # a structure that failed is never remembered as good
+            with pytest.raises(ValueError, match="exported input tree spec"):
+                lean(**missing)
+        with pytest.raises(ValueError, match="keyword mismatch"):
+            lean(**inputs, extra=torch.zeros(1))

@@ -292,6 +292,44 @@ def test_pareto_front_keeps_one_trial_per_objective_vector() -> None:
     assert [t.number for t in pareto_front(trials)] == [0, 2]
 
 
+def test_result_says_which_backend_won() -> None:
+    def rec(
+        n: int, backend: str, latency: float, feasible: bool = True, state: str = "COMPLETE"
+    ) -> TrialRecord:
+        config = {"backend": {"name": backend, "config": {}}}
+        return TrialRecord(n, state, {}, (latency, 0.0, 1.0), (-1.0 if feasible else 1.0,), config)
+
+    trials = [
+        rec(0, "eager", 3.0),
+        rec(1, "inductor", 2.0),
+        rec(2, "aoti", 0.5, feasible=False),  # over the SLO: does not win
+        rec(3, "aoti", 1.5),
+        rec(4, "inductor", 1.0, state="FAIL"),
+        rec(5, "eager", 2.5),
+    ]
+    result = SearchResult("s", ":memory:", "host", "measured", {}, trials)
+    won = result.backends()
+    assert list(won) == ["aoti", "inductor", "eager"]
+    assert won["eager"] == {"trials": 2, "latency_ms": 2.5, "trial": 5}
+    assert won["aoti"]["trial"] == 3
+    assert result.to_dict()["backends"] == won
+
+
+def test_measured_search_tries_aoti_by_default() -> None:
+    tuner = Tuner(tiny_program("din"), "host", storage=":memory:")
+    assert [b.name for b in tuner.space.backends] == ["eager", "inductor", "aoti"]
+
+
+@pytest.mark.slow  # two AOTInductor builds (~1 min each on 2 cores)
+def test_measured_search_builds_and_times_aoti_trials() -> None:
+    settings = ObjectiveSettings(candidates=(64,), repeats=3, calibration=(64, 64))
+    result = Tuner(
+        tiny_program("din"), "host", settings=settings, storage=":memory:", backends=("aoti",)
+    ).run(2)
+    assert result.counts() == {"COMPLETE": 2}
+    assert all(t.attrs["evaluation"]["latency_source"].startswith("measured") for t in result.trials)
+
+
 # longest a spawned worker may take to import, capture the model and finish its first trial
 WORKER_START_S = 60.0
 
@@ -410,8 +448,13 @@ def test_targets_without_a_backend_are_still_searched_on_the_cost_model() -> Non
 @pytest.mark.slow
 def test_host_measured_search_of_twenty_trials_runs_end_to_end() -> None:
     settings = ObjectiveSettings(candidates=(64, 512), repeats=3, calibration=(128, 128))
-    tuner = Tuner(tiny_program("din"), "host", settings=settings, storage=":memory:")
-    assert {b.name for b in tuner.space.backends} == {"eager", "inductor"}
+    tuner = Tuner(
+        tiny_program("din"),
+        "host",
+        settings=settings,
+        storage=":memory:",
+        backends=("eager", "inductor", "aoti"),
+    )
     result = tuner.run(20)
     assert result.latency_source.startswith("measured")
     assert result.counts().get("COMPLETE", 0) >= 18  # Inductor may fail a configuration; the study goes on

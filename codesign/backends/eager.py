@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from codesign.backends.base import Backend, BackendConfig, Lowered
-from codesign.backends.bindings import lean_graph_module
+from codesign.backends.bindings import direct_call, lean_graph_module
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 
@@ -26,7 +26,8 @@ class EagerBackend(Backend[BackendConfig]):
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:
         self.check_target(target)
         examples = [program.call_inputs(program.example)]
-        return Lowered(runner=lean_graph_module(program.graph_module, examples), exported=program.export())
+        runner = direct_call(lean_graph_module(program.graph_module, examples))
+        return Lowered(runner=runner, exported=program.export())
 
     def load(
         self,
@@ -37,4 +38,4 @@ class EagerBackend(Backend[BackendConfig]):
         module = exported.module()
         if example is None or not isinstance(module, torch.fx.GraphModule):
             return module
-        return lean_graph_module(module, [example])
+        return direct_call(lean_graph_module(module, [example]))

@@ -75,7 +75,10 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         "--quality-budget", type=non_negative_float, default=0.1, help="largest NE change in percent"
     )
     p.add_argument("--memory-gb", type=positive_float, help="memory capacity (default: the target's)")
-    p.add_argument("--backends", help="comma-separated backends to search (measured searches; default: all)")
+    p.add_argument(
+        "--backends",
+        help="comma-separated backends to search (measured searches; default: eager,inductor,aoti)",
+    )
     p.add_argument("--variants", type=positive_int, default=3, help="variants to pick from the front")
     p.add_argument("--out", type=Path, help="write the result (all trials, front) as JSON")
     p.add_argument("--no-progress", action="store_true", help="draw no progress bar on stderr")
@@ -136,7 +139,27 @@ def front_renderables(result: SearchResult, variants: int) -> tuple[list[Any], l
         "chosen",
     )
     title = f"Pareto front ({len(front)} distinct variants; latency {result.latency_source})"
-    return [table(title, columns, rows)], records
+    renderables = [table(title, columns, rows)]
+    won = result.backends()
+    if len(won) > 1:  # which backend won, and by how much over the others
+        fastest = next(iter(won.values()))["latency_ms"]
+        renderables.append(
+            table(
+                f"Backends (fastest first: {next(iter(won))} won)",
+                ("backend", "feasible trials", "best latency", "vs the winner", "trial"),
+                [
+                    (
+                        name,
+                        str(b["trials"]),
+                        fmt_s(b["latency_ms"] / 1e3),
+                        f"{b['latency_ms'] / fastest:.2f}x",
+                        str(b["trial"]),
+                    )
+                    for name, b in won.items()
+                ],
+            )
+        )
+    return renderables, records
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,6 +102,20 @@ class SearchResult:
             out[t.state] = out.get(t.state, 0) + 1
         return out
 
+    def backends(self) -> dict[str, dict[str, Any]]:
+        """Per searched backend: its feasible complete trials and the lowest latency among them,
+        fastest backend first (the one that won). Trials of a search with one backend record none."""
+        best: dict[str, dict[str, Any]] = {}
+        for t in self.trials:
+            name = ((t.config or {}).get("backend") or {}).get("name")
+            if name is None or t.state != "COMPLETE" or not t.feasible or t.values is None:
+                continue
+            entry = best.setdefault(name, {"trials": 0, "latency_ms": math.inf, "trial": None})
+            entry["trials"] += 1
+            if t.objective("latency_ms") < entry["latency_ms"]:
+                entry["latency_ms"], entry["trial"] = t.objective("latency_ms"), t.number
+        return dict(sorted(best.items(), key=lambda kv: kv[1]["latency_ms"]))
+
     def select_variants(self, k: int = 3) -> list[VariantChoice]:
         """Up to ``k`` distinct front trials that span it, for the router.
 
@@ -157,6 +171,7 @@ class SearchResult:
             "settings": self.settings,
             "counts": self.counts(),
             "pareto": [t.number for t in self.pareto],
+            "backends": self.backends(),
             "trials": [dataclasses.asdict(t) for t in self.trials],
         }
 

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///codesign-search.db"
 SAMPLERS = ("tpe", "nsga2")
+# a measured search tries every backend that runs here (aoti: ~1 min of build per trial on 2 cores)
+MEASURED_BACKENDS = ("eager", "inductor", "aoti")
 STUDY_ATTR = "codesign"
 WORKER_ATTR = "codesign.worker"
 CONFIG_ATTR = "codesign.config"
@@ -215,7 +217,7 @@ class Tuner:
         self.settings = settings or ObjectiveSettings()
         self.evaluator = Evaluator(program, self.target, self.settings)
         if backends is None and self.evaluator.measured:
-            backends = ("eager", "inductor")
+            backends = MEASURED_BACKENDS
         elif backends is None:
             # the deployable artifact where a codesign backend lowers for the target; none for TPU/MTIA
             backends = tuple(b for b in ("aoti",) if get_backend(b).supports(self.target))
