@@ -166,6 +166,26 @@ def test_targets_lists_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"h100", "host"} <= {t["name"] for t in _json(capsys)["targets"]}
 
 
+def test_calibrate_measures_caches_and_measures_again_when_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CODESIGN_CACHE_DIR", str(tmp_path))
+    assert main(["calibrate", "--json"]) == 0
+    first = _json(capsys)
+    cache = Path(first["cache"])
+    assert first["measured"] is True and cache.parent == tmp_path and cache.is_file()
+    assert first["matmul_flops_per_s"]["fp32"] > 1e8 and first["memory_bandwidth_bytes_per_s"] > 1e8
+    assert 0 < first["launch_overhead_s"] < 1e-3
+    stored = cache.read_text()
+    assert main(["calibrate", "--json"]) == 0
+    again = _json(capsys)
+    assert again["measured"] is False and again["matmul_flops_per_s"] == first["matmul_flops_per_s"]
+    assert cache.read_text() == stored
+    assert main(["calibrate", "--force"]) == 0
+    assert "measured now" in capsys.readouterr().out
+    assert json.loads(cache.read_text()) != json.loads(stored)  # new timings, never bit-identical
+
+
 def test_library_warnings_are_quiet_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
     from codesign.cli import targets
 

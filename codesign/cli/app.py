@@ -16,6 +16,7 @@ from types import ModuleType
 
 from codesign.cli import (
     bundle,
+    calibrate,
     compile,
     fp8,
     plan,
@@ -33,11 +34,23 @@ from codesign.version import __version__
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (profile, compile, fp8, plan, run, search, bundle, serve, report, targets)
+COMMANDS: tuple[ModuleType, ...] = (
+    profile,
+    compile,
+    fp8,
+    plan,
+    run,
+    search,
+    bundle,
+    serve,
+    report,
+    targets,
+    calibrate,
+)
 
 DESCRIPTION = """\
 Compiler-style model-hardware co-design for ranking models: profile, compile, fp8, plan, run,
-search, bundle, serve, report, targets. `codesign COMMAND --help` shows a command's flags.
+search, bundle, serve, report, targets, calibrate. `codesign COMMAND --help` shows a command's flags.
 
 A model reference is path/to/file.py:factory (a function returning a codesign.Workload) or the
 name of an example (dlrm, dcnv2, din, multitask, useq).

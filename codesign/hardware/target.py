@@ -25,7 +25,15 @@ import torch.fx
 from codesign.analysis import FLOPS_PER_ELEMENT
 from codesign.errors import TargetError
 
-__all__ = ["CATALOGUE", "HardwareSpec", "Target", "calibrate_host", "get_target", "target_names"]
+__all__ = [
+    "CATALOGUE",
+    "HardwareSpec",
+    "Target",
+    "calibrate_host",
+    "get_target",
+    "host_calibration_path",
+    "target_names",
+]
 
 log = logging.getLogger(__name__)
 
@@ -443,9 +451,14 @@ def _measure_host() -> dict[str, float]:
     }
 
 
+def host_calibration_path() -> Path:
+    """Where this machine's calibration is cached: one file per CPU model, core and thread count, torch."""
+    return _cache_dir() / f"host-{_host_key()}.json"
+
+
 def calibrate_host(force: bool = False) -> HardwareSpec:
     """The host CPU as a HardwareSpec, from a ~1 s micro-benchmark (cached per CPU/threads/torch)."""
-    path = _cache_dir() / f"host-{_host_key()}.json"
+    path = host_calibration_path()
     data: dict[str, float] | None = None
     if not force and path.is_file():
         try:
