@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -27,7 +26,6 @@ from codesign.backends import get_backend
 from codesign.hardware.timing import interleaved_medians
 from codesign.numerics import Tolerance, compare_outputs
 from codesign.passes import default_passes
-from codesign.passes.manager import Pass
 
 warnings.filterwarnings("ignore", module=r"torch\..*")
 
@@ -36,22 +34,11 @@ LAYOUTS = (("1x1024", (1024,)), ("16x64", (64,) * 16))
 AGREE = Tolerance(rtol=1e-3, atol=1e-4)
 
 
-def forced_passes() -> list[Pass[Any]]:
-    """The default pipeline with every cost/measurement gate switched off."""
-    out = []
-    for p in default_passes():
-        names = {f.name for f in dataclasses.fields(p.config)}
-        out.append(
-            type(p)(dataclasses.replace(p.config, require_predicted_gain=False))
-            if "require_predicted_gain" in names
-            else p
-        )
-    return out
-
-
 def bench(name: str, backends: list[str], rounds: int) -> dict[str, Any]:
     workload = workloads([name], "small")[0]
-    program = codesign.compile(codesign.capture(workload), backend="eager", passes=forced_passes()).program
+    program = codesign.compile(
+        codesign.capture(workload), backend="eager", passes=[p.ungated() for p in default_passes()]
+    ).program
     assert program is not None
     ops = collections.Counter(
         str(n.target)

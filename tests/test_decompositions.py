@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.fx
@@ -115,12 +113,7 @@ def test_decomposed_graph_traces_whole_with_dynamic_sizes() -> None:
 
 def _forced_sharing_program() -> codesign.Program:
     """dlrm tiny after the default passes, each kept whatever it measures: broadcast_linear, grouped lookups."""
-    passes = [
-        type(p)(dataclasses.replace(p.config, require_predicted_gain=False))
-        if "require_predicted_gain" in {f.name for f in dataclasses.fields(p.config)}
-        else p
-        for p in default_passes()
-    ]
+    passes = [p.ungated() for p in default_passes()]
     program = codesign.compile(tiny_program("dlrm"), backend="eager", passes=passes).program
     assert program is not None
     assert any(n.target == OPS.broadcast_linear.default for n in program.graph_module.graph.nodes)

@@ -143,6 +143,12 @@ class Pass(Tunable[C], abc.ABC):
         """Whether the manager keeps this pass's rewrite only on a predicted gain."""
         return bool(getattr(self.config, "require_predicted_gain", False))
 
+    def ungated(self) -> Pass[C]:
+        """This pass with its gate off (kept whatever it predicts or measures); itself when it has none."""
+        if not any(f.name == "require_predicted_gain" for f in dataclasses.fields(self.config)):
+            return self
+        return type(self)(self.config.replace(require_predicted_gain=False))
+
 
 # A gate's decision is wrong when measurement contradicts it by more than this: it kept a rewrite that
 # runs over 10 % slower, or discarded one that runs over 10 % faster.
