@@ -12,6 +12,10 @@ __all__ = [
     "CaptureError",
     "CodesignError",
     "ConfigError",
+    "InputNameError",
+    "InputShapeError",
+    "InputTypeError",
+    "InputValueError",
     "ModelRefError",
     "NumericsError",
     "PassError",
@@ -82,6 +86,22 @@ class ShardingError(CodesignError):
 
 class RequestError(CodesignError):
     """A scoring request (JSON on the wire, or a batch handed to the runtime) is malformed."""
+
+
+class InputNameError(RequestError):
+    """A scoring batch lacks an input the model takes, has one it does not, or nests them otherwise."""
+
+
+class InputTypeError(RequestError):
+    """An input is not a tensor, or has another dtype than the program was captured with."""
+
+
+class InputShapeError(RequestError):
+    """An input's shape or row count does not match the captured schema or the batch's offsets."""
+
+
+class InputValueError(RequestError):
+    """An input's values cannot be scored: ids outside their table, bad offsets, user rows that differ."""
 
 
 class RoutingError(CodesignError):

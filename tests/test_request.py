@@ -56,8 +56,10 @@ def test_bad_offsets_and_row_counts() -> None:
     b = _simple_batch()
     with pytest.raises(SpecError, match=r">= 1 candidate"):
         RequestBatch(b.inputs, torch.tensor([0, 0, 5])).validate(RequestSpec())
-    with pytest.raises(SpecError, match="int64"):
-        RequestBatch(b.inputs, torch.tensor([0, 5], dtype=torch.int32)).validate(RequestSpec())
+    assert RequestBatch(b.inputs, torch.tensor([0, 5], dtype=torch.int32)).offsets.dtype == torch.int64
+    assert RequestBatch(b.inputs, [0, 2, 5]).offsets.tolist() == [0, 2, 5]  # a list is converted
+    with pytest.raises(SpecError, match="must be integers"):
+        RequestBatch(b.inputs, torch.tensor([0.0, 5.0]))
     with pytest.raises(SpecError, match="6 candidate rows"):
         RequestBatch(b.inputs, offsets_from_counts([3, 3])).validate(RequestSpec())
 

@@ -47,6 +47,16 @@ def test_id_bounds_name_each_table_input() -> None:
     assert embedding_id_bounds(tiny_program("multitask"))["x"] == {"8": 16, "25": 32}
 
 
+def test_id_bounds_follow_column_slices_and_stop_at_arithmetic() -> None:
+    """wide_deep looks up ``sparse[:, i:i+1]`` in table i (a column slice, not the whole input) and
+    ``sparse + field_starts`` in its wide table (arithmetic: no bound)."""
+    from tests.zoo import captured
+
+    assert embedding_id_bounds(captured("wide_deep")) == {
+        "sparse": {"0": 500, "1": 20, "2": 8, "3": 600, "4": 40}
+    }
+
+
 def test_split_inputs_have_user_and_candidate_fields_and_column_bounds_are_checked() -> None:
     w = tiny_workload("multitask")
     schema = RequestSchema.from_reference(w.spec, w.example(), embedding_id_bounds(tiny_program("multitask")))

@@ -168,19 +168,21 @@ def count_kernels(program: Program) -> int:
     return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target not in VIEW_OPS)
 
 
-# Ops that pass ids through unchanged (up to layout), so a bound on their output bounds their input.
+# Ops that pass every id through unchanged (up to layout), so a bound on their output bounds all of
+# their input; once only some columns are known to be ids, only the ops that keep columns in place.
 _ID_VIEWS = {
     aten.reshape.default,
     aten.view.default,
     aten._unsafe_view.default,
     aten.flatten.using_ints,
-    aten.contiguous.default,
-    aten.clone.default,
     aten.squeeze.dim,
     aten.squeeze.dims,
     aten.unsqueeze.default,
-    aten.slice.Tensor,
     aten.expand.default,
+}
+_ID_COPIES = {
+    aten.contiguous.default,
+    aten.clone.default,
     aten._to_copy.default,
     aten.to.dtype,
     aten.alias.default,
@@ -212,14 +214,64 @@ def embedding_id_bounds(program: Program) -> dict[str, dict[str, int]]:
         if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
             continue
         rows = int(program.fetch_attr(str(weight.target)).shape[0])
-        column = "*"
-        while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
-            if ids.target is aten.select.int and as_int(ids.args[1]) == 1 and column == "*":
-                column = str(as_int(ids.args[2]))
-            elif ids.target not in _ID_VIEWS:
-                break
-            ids = ids.args[0]
-        if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and ids.name in inputs:
-            per = bounds.setdefault(inputs[ids.name], {})
-            per[column] = min(rows, per.get(column, rows))
+        source, columns = _id_source(ids)
+        if source is not None and source.name in inputs:
+            per = bounds.setdefault(inputs[source.name], {})
+            for column in ["*"] if columns is None else [str(c) for c in columns]:
+                per[column] = min(rows, per.get(column, rows))
     return bounds
+
+
+def _id_source(ids: Any) -> tuple[torch.fx.Node | None, list[int] | None]:
+    """The placeholder whose values reach a lookup unchanged, and which of its columns (None: all).
+
+    Walks back from the lookup's index argument: layout ops keep every id; ``x[:, i]`` (select on
+    dim 1) and ``x[:, a:b]`` (slice on dim 1) narrow it to columns of ``x``; anything else (an add of
+    per-field offsets, a hash) ends the walk with no bound.
+    """
+    columns: list[int] | None = None
+    while isinstance(ids, torch.fx.Node) and ids.op == "call_function":
+        target = ids.target
+        if target in _ID_COPIES or (target in _ID_VIEWS and columns is None):
+            ids = ids.args[0]
+            continue
+        if target not in (aten.select.int, aten.slice.Tensor) or not isinstance(ids.args[0], torch.fx.Node):
+            return None, None
+        source = ids.args[0]
+        shape = getattr(source.meta.get("val"), "shape", None)
+        if shape is None:
+            return None, None
+        dim = _int_or_none(ids.args[1]) if len(ids.args) > 1 else 0
+        if dim is None:
+            return None, None
+        dim = dim % len(shape)
+        if dim == 0:  # rows, not columns
+            if target is aten.select.int:
+                return None, None
+            ids = source
+            continue
+        width = _int_or_none(shape[1]) if dim == 1 else None
+        if dim != 1 or width is None:
+            return None, None
+        if target is aten.select.int:
+            index = _int_or_none(ids.args[2])
+            if index is None:
+                return None, None
+            picked = [index % width]
+        else:
+            start = _int_or_none(ids.args[2]) if len(ids.args) > 2 and ids.args[2] is not None else 0
+            stop = _int_or_none(ids.args[3]) if len(ids.args) > 3 and ids.args[3] is not None else width
+            step = _int_or_none(ids.args[4]) if len(ids.args) > 4 else 1
+            if start is None or stop is None or step is None:
+                return None, None
+            picked = list(range(width))[slice(start, stop, step)]
+        columns = picked if columns is None else [picked[c] for c in columns if c < len(picked)]
+        ids = source
+    if isinstance(ids, torch.fx.Node) and ids.op == "placeholder":
+        return ids, columns
+    return None, None
+
+
+def _int_or_none(value: Any) -> int | None:
+    """A plain int argument or dimension; None for a symbolic size or a node."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from codesign.build.bundle_write import Verify, write_bundle
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.ir.program import Program, run_in_pieces
 from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch
+from codesign.ir.schema import InputSchema, as_request_batch
 from codesign.numerics import Tolerance, compare_outputs, output_tensors
 from codesign.version import __version__
 
@@ -74,16 +76,34 @@ class Variant:
         with torch.no_grad():
             return self.runner(**inputs)
 
-    def score(self, batch: RequestBatch | StructuredBatch) -> Any:
-        """Scores of a request batch: flat rows (``RequestBatch``) or request-centric (``StructuredBatch``).
+    def score(
+        self,
+        batch: RequestBatch | StructuredBatch | Mapping[str, Any],
+        *,
+        counts: Sequence[int] | None = None,
+        check: bool = True,
+    ) -> Any:
+        """Scores of a request batch: flat rows (``RequestBatch``), request-centric (``StructuredBatch``),
+        or a plain dict of the model's keyword inputs with ``counts`` (candidates per request).
 
-        A structured batch holds user features once per request; it is laid out as the model's flat
-        inputs (user rows repeated by ``request_index``) and request offsets are passed when the
-        variant uses them, so a request-sharing variant reads one row per request again.
+        The batch is checked against the captured schema first (``input_schema``: names, dtypes,
+        shapes, offsets, id ranges, user rows repeated within a request) and refused with a
+        ``RequestError`` subclass naming the input; ``check=False`` skips that for batches already
+        checked (the server checks each request when it parses it). A structured batch holds user
+        features once per request; it is laid out as the model's flat inputs and request offsets are
+        passed when the variant uses them, so a request-sharing variant reads one row per request.
+
+        >>> variant.score({"dense": x, "ids": ids}, counts=[40, 24])
         """
-        if isinstance(batch, StructuredBatch):
-            batch = batch.to_flat(self.spec, self.reference_inputs)
+        batch = as_request_batch(batch, counts=counts, spec=self.spec, template=self.reference_inputs)
+        if check:
+            self.input_schema.check(batch)
         return run_in_pieces(self, batch, self.spec, self.takes_request_offsets, self.micro_batch)
+
+    @functools.cached_property
+    def input_schema(self) -> InputSchema:
+        """What a batch must look like to be scored (from the spec, reference batch and id bounds)."""
+        return InputSchema.from_reference(self.spec, self.reference_inputs, self.id_bounds)
 
     @property
     def tolerance(self) -> Tolerance:

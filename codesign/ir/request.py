@@ -94,10 +94,21 @@ class RequestSpec(Config):
 
     def __post_init__(self) -> None:
         # Normalize JSON lists and user-given lists to tuples so specs compare and hash by value.
-        object.__setattr__(self, "request_inputs", tuple(self.request_inputs))
-        object.__setattr__(self, "static_inputs", tuple(self.static_inputs))
+        object.__setattr__(self, "request_inputs", _names("request_inputs", self.request_inputs))
+        object.__setattr__(self, "static_inputs", _names("static_inputs", self.static_inputs))
+        for field in ("request_columns", "jagged"):
+            if not isinstance(getattr(self, field), Mapping):
+                raise SpecError(
+                    f"RequestSpec {field} must be a dict, got {type(getattr(self, field)).__name__}",
+                    fix="write e.g. request_columns={'x': ((0, 16),)} and jagged={'indices.0': 'offsets.0'}",
+                )
         cols: dict[str, tuple[ColumnRange, ...]] = {}
         for name, ranges in dict(self.request_columns).items():
+            if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Iterable):
+                raise SpecError(
+                    f"request_columns[{name!r}] = {ranges!r} is not a list of (start, stop) pairs",
+                    fix="write e.g. request_columns={'x': ((0, 16),)}",
+                )
             try:
                 cols[name] = tuple(sorted((int(a), int(b)) for a, b in ranges))
             except (TypeError, ValueError) as exc:
@@ -106,7 +117,13 @@ class RequestSpec(Config):
                     fix="write e.g. request_columns={'x': ((0, 16),)}",
                 ) from exc
         object.__setattr__(self, "request_columns", cols)
-        object.__setattr__(self, "jagged", {str(k): str(v) for k, v in dict(self.jagged).items()})
+        for values, offsets in dict(self.jagged).items():
+            if not isinstance(values, str) or not isinstance(offsets, str):
+                raise SpecError(
+                    f"RequestSpec jagged maps input names to input names, got {values!r}: {offsets!r}",
+                    fix="write e.g. jagged={'indices.0': 'offsets.0'} (values input -> its offsets input)",
+                )
+        object.__setattr__(self, "jagged", dict(self.jagged))
         both = set(self.request_inputs) & set(cols)
         if both:
             raise SpecError(
@@ -180,6 +197,15 @@ class RequestBatch:
 
     inputs: dict[str, Any]
     offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Mapping) or not all(isinstance(k, str) for k in self.inputs):
+            raise SpecError(
+                f"RequestBatch inputs must be a dict of the model's keyword inputs, got {type(self.inputs).__name__}",
+                fix="RequestBatch(inputs={'dense': x, 'ids': ids}, offsets=offsets_from_counts([...]))",
+            )
+        self.inputs = dict(self.inputs)
+        self.offsets = _offsets(self.offsets)
 
     @property
     def num_requests(self) -> int:
@@ -292,6 +318,57 @@ class RequestBatch:
             else:
                 candidate[path] = t
         return StructuredBatch(request=request, candidate=candidate, offsets=self.offsets.clone())
+
+
+def _offsets(value: Any) -> torch.Tensor:
+    """Request offsets as a 1-D int64 tensor (lists accepted), starting at 0, every request >= 1 candidate."""
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise SpecError(
+                f"RequestBatch offsets {value!r:.80} are not a list of integers ({exc})",
+                fix="build them with codesign.offsets_from_counts([candidates per request])",
+            ) from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise SpecError(
+            f"RequestBatch offsets must be integers, got {t.dtype}",
+            fix="build them with codesign.offsets_from_counts([candidates per request])",
+        )
+    if t.dim() != 1 or t.numel() < 2:
+        raise SpecError(
+            f"RequestBatch offsets must be 1-D with R+1 >= 2 entries (R requests), got shape {list(t.shape)}",
+            fix="e.g. offsets_from_counts([4, 6]) == [0, 4, 10] for two requests of 4 and 6 candidates",
+        )
+    t = t.to(torch.int64)
+    counts = t[1:] - t[:-1]
+    if int(t[0]) != 0 or bool((counts < 1).any()):
+        raise SpecError(
+            f"RequestBatch offsets must start at 0 and give every request >= 1 candidate, got {t.tolist()[:12]}",
+            fix="offsets[r]:offsets[r+1] are request r's candidate rows; build them with offsets_from_counts",
+        )
+    return t
+
+
+def _names(field: str, value: Any) -> tuple[str, ...]:
+    """A tuple of input names; a lone string is refused (it would iterate as characters)."""
+    if isinstance(value, str):
+        raise SpecError(
+            f"RequestSpec {field}={value!r} is a string; it takes a tuple of input names",
+            fix=f"write {field}=({value!r},)",
+        )
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise SpecError(f"RequestSpec {field} must be a tuple of input names, got {type(value).__name__}")
+    names = tuple(value)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise SpecError(
+            f"RequestSpec {field} holds {bad!r}, which are not input names",
+            fix="name inputs by their path in the model's keyword arguments, e.g. 'user' or 'indices.0'",
+        )
+    return names
 
 
 def _segments(values: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ reported; the others serve.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -49,11 +50,14 @@ from codesign.build.profiling import (
 from codesign.build.variant import Variant, compile
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
+from codesign.ir.request import RequestBatch, StructuredBatch
+from codesign.ir.schema import as_request_batch
 from codesign.serving.router import (
     BudgetedPolicy,
     FeatureConfig,
     LoadTracker,
     Policy,
+    RequestFeatures,
     Router,
     RulesPolicy,
     policy_from_dict,
@@ -198,6 +202,38 @@ class Bundle:
         for name, why in self.failed.items():
             router.mark_down(name, why)
         return router
+
+    def score(
+        self,
+        batch: RequestBatch | StructuredBatch | Mapping[str, Any],
+        *,
+        counts: Sequence[int] | None = None,
+        variant: str | None = None,
+        budget_ms: float | None = None,
+        tier: str | None = None,
+    ) -> Any:
+        """Scores of a batch from the variant the router picks (or ``variant``), after the input checks.
+
+        The batch is checked once against the bundle's schema (the checks ``Variant.score`` and the
+        server make; id bounds hold for every variant). The router decides for the whole batch from
+        its largest request, ``budget_ms`` and ``tier``, as the server does for one request.
+
+        >>> bundle.score({"dense": x, "ids": ids}, counts=[40], budget_ms=20)
+        """
+        first = next(iter(self.variants.values()))
+        flat = as_request_batch(batch, counts=counts, spec=first.spec, template=first.reference_inputs)
+        self._schema.inputs.check(flat)
+        features = RequestFeatures(candidates=int(flat.counts.max()), budget_ms=budget_ms, tier=tier)
+        name = self._router.decide(features, force=variant).variant
+        return self.variants[name].score(flat, check=False)
+
+    @functools.cached_property
+    def _router(self) -> Router:
+        return self.router()
+
+    @functools.cached_property
+    def _schema(self) -> RequestSchema:
+        return self.schema()
 
     def schema(self) -> RequestSchema:
         """The request wire format (every variant takes the same); id bounds hold for all variants."""

@@ -27,6 +27,7 @@ import torch
 
 from codesign.errors import RequestError
 from codesign.ir.request import RequestBatch, RequestSpec, _replace_leaves, _segments, offsets_from_counts
+from codesign.ir.schema import InputSchema
 
 __all__ = ["CONTEXT_KEYS", "MAX_CANDIDATES", "RequestSchema", "WireField", "scores_per_candidate"]
 
@@ -67,8 +68,12 @@ class RequestSchema:
     spec: RequestSpec
     template: RequestBatch
     fields: tuple[WireField, ...]
-    id_bounds: Mapping[str, Mapping[str, int]]
+    inputs: InputSchema  # the batch checks the Python API makes too: one implementation
     max_candidates: int = MAX_CANDIDATES
+
+    @property
+    def id_bounds(self) -> Mapping[str, Mapping[str, int]]:
+        return self.inputs.id_bounds
 
     @classmethod
     def from_reference(
@@ -110,7 +115,8 @@ class RequestSchema:
                 "the model has no candidate-level input, so a request cannot say how many candidates it has",
                 fix="declare at least one input candidate-level in the RequestSpec",
             )
-        return cls(spec, template, tuple(fields), dict(id_bounds or {}), max_candidates)
+        inputs = InputSchema.from_reference(spec, template, id_bounds)
+        return cls(spec, template, tuple(fields), inputs, max_candidates)
 
     def describe(self) -> dict[str, Any]:
         """The wire format as JSON (served at ``GET /v1/schema``)."""
@@ -186,8 +192,8 @@ class RequestSchema:
             else:
                 new[f.path] = t
         new.update(split)
-        self._check_ids(new)
         batch = RequestBatch(_replace_leaves(self.template.inputs, new), offsets_from_counts([n]))
+        self.inputs.check(batch, repeats=False, where=self._where)  # user rows were repeated above
         return batch, dict(context)
 
     def example_keys(self, section: str) -> dict[str, str]:
@@ -221,23 +227,6 @@ class RequestSchema:
                 fix="split the candidates over several requests",
             )
         return n
-
-    def _check_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        for path, per in self.id_bounds.items():
-            t = inputs.get(path)
-            if t is None or t.numel() == 0:
-                continue
-            for column, rows in per.items():
-                ids = t if column == "*" else t[:, int(column)]
-                lo, hi = float(ids.min()), float(ids.max())
-                if lo >= 0 and hi < rows:
-                    continue
-                bad = hi if hi >= rows else lo
-                raise RequestError(
-                    f"{self._where(path, column)} holds id {bad:g}, outside its embedding table's "
-                    f"{rows} rows",
-                    fix=f"ids of this input must lie in 0..{rows - 1}; map unseen ids to a valid (e.g. hashed) id",
-                )
 
     def _where(self, path: str, column: str) -> str:
         for f in self.fields:

@@ -1,0 +1,322 @@
+"""The captured input schema: what every scoring call must look like, checked before the model runs.
+
+A program is captured from one example batch; torch.export then fixes every input's dtype, rank and
+trailing shape, and only the candidate count (and each jagged input's length) stays dynamic. A batch
+that differs anywhere else fails deep inside torch (a guard ``AssertionError``, an ``IndexError`` from
+an embedding table, a dtype mismatch in a matmul) or, worse, scores silently wrong (user features
+that differ within a request, when the variant computes user work once per request).
+
+``InputSchema`` is derived once from the RequestSpec, the reference batch and the embedding id
+bounds, and ``check`` refuses a batch with an ``RequestError`` subclass that names the input, what is
+wrong and the fix. It is the one implementation: ``Variant.score`` runs it on Python API calls and
+the wire format (``serving.wire``) runs it on every JSON request after parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from codesign.errors import (
+    InputNameError,
+    InputShapeError,
+    InputTypeError,
+    InputValueError,
+    RequestError,
+    SpecError,
+)
+from codesign.ir.request import (
+    RequestBatch,
+    RequestSpec,
+    StructuredBatch,
+    flatten_inputs,
+    offsets_from_counts,
+)
+
+__all__ = ["InputField", "InputSchema", "as_request_batch"]
+
+Where = Callable[[str, str], str]  # (input path, id column or "*") -> how a message names it
+
+
+@dataclasses.dataclass(frozen=True)
+class InputField:
+    """One leaf of the model's keyword inputs, as captured."""
+
+    path: str
+    kind: str  # "candidate" | "jagged" (EmbeddingBag values) | "offsets" (per-candidate) | "static" | "constant"
+    dtype: torch.dtype | None  # None for a Python constant
+    shape: tuple[int, ...]  # after dim 0 for candidate inputs; the whole shape for static inputs
+    constant: Any = None  # the captured value of a non-tensor leaf
+
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return f"the constant {self.constant!r}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.kind == "candidate":
+            return f"{dtype} [n_candidates{''.join(f', {d}' for d in self.shape)}]"
+        if self.kind == "jagged":
+            return f"{dtype} [n_values] (EmbeddingBag ids)"
+        if self.kind == "offsets":
+            return f"{dtype} [n_candidates] (per-candidate offsets)"
+        return f"{dtype} {list(self.shape)} (static)"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSchema:
+    """Names, dtypes, shapes, offsets and id ranges a batch must have to be scored."""
+
+    spec: RequestSpec
+    fields: tuple[InputField, ...]
+    treespec: pytree.TreeSpec
+    id_bounds: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_reference(
+        cls,
+        spec: RequestSpec,
+        reference: RequestBatch,
+        id_bounds: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> InputSchema:
+        """The schema of the batch a program was captured (or a bundle verified) with."""
+        offsets_of = set(spec.jagged.values())
+        fields = []
+        for path, value in flatten_inputs(reference.inputs):
+            if not isinstance(value, torch.Tensor):
+                fields.append(InputField(path, "constant", None, (), value))
+            elif path in spec.static_inputs or value.dim() == 0:
+                fields.append(InputField(path, "static", value.dtype, tuple(value.shape)))
+            elif path in spec.jagged:
+                fields.append(InputField(path, "jagged", value.dtype, ()))
+            elif path in offsets_of:
+                fields.append(InputField(path, "offsets", value.dtype, ()))
+            else:
+                fields.append(InputField(path, "candidate", value.dtype, tuple(value.shape[1:])))
+        _, treespec = pytree.tree_flatten(dict(reference.inputs))
+        return cls(spec, tuple(fields), treespec, {k: dict(v) for k, v in (id_bounds or {}).items()})
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.fields]
+
+    def describe(self) -> dict[str, str]:
+        """Each input and what it must be, e.g. ``{"dense": "float32 [n_candidates, 13]"}``."""
+        return {f.path: f.describe() for f in self.fields}
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check(self, batch: RequestBatch, *, repeats: bool = True, where: Where | None = None) -> None:
+        """Refuse a batch this program cannot score correctly, with a typed error naming the input.
+
+        ``repeats`` also checks that request-level inputs repeat on every row of a request (a
+        request-sharing variant reads only the first row; the wire format builds repeated rows
+        itself, so it skips this). ``where`` names an input in messages (the wire names JSON fields).
+        """
+        if not isinstance(batch, RequestBatch):
+            raise RequestError(
+                f"expected a codesign.RequestBatch, got {type(batch).__name__}",
+                fix="score(RequestBatch(inputs, offsets)) or score(inputs_dict, counts=[...])",
+            )
+        name = where or (
+            lambda path, column: f"input '{path}'" + ("" if column == "*" else f" column {column}")
+        )
+        leaves = dict(flatten_inputs(batch.inputs))
+        self._check_names(leaves)
+        n = batch.num_candidates
+        for f in self.fields:
+            self._check_field(f, leaves[f.path], n, leaves, name)
+        _, treespec = pytree.tree_flatten(dict(batch.inputs))
+        if treespec != self.treespec:
+            raise InputNameError(
+                "the inputs have the right names but another nesting (e.g. a tuple where the model "
+                "was captured with a list, or a dict in another key order)",
+                fix="build the inputs like the capture example, e.g. from codesign's make_batch",
+            )
+        self._check_ids(leaves, name)
+        if repeats:
+            try:
+                batch._check_repeats(self.spec, leaves)
+            except SpecError as exc:
+                raise InputValueError(exc.message, fix=exc.fix) from None
+
+    def _check_names(self, leaves: Mapping[str, Any]) -> None:
+        want = self.paths
+        missing = [p for p in want if p not in leaves]
+        extra = [p for p in leaves if p not in set(want)]
+        by_path = {f.path: f for f in self.fields}
+        for path in missing:  # a list or dict where the model takes one tensor flattens to path.0, ...
+            inner = [p for p in extra if p.startswith(path + ".")]
+            if inner and by_path[path].kind != "constant":
+                raise InputTypeError(
+                    f"input '{path}' is a container of {len(inner)} values, not a tensor; it must be "
+                    f"{by_path[path].describe()}",
+                    fix="pass a torch.Tensor (torch.as_tensor(value, dtype=...))",
+                )
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {missing}")
+            if extra:
+                parts.append(f"has unknown inputs {extra}")
+            raise InputNameError(
+                f"the batch {' and '.join(parts)}; the model takes {want}",
+                fix="name inputs by their path in the model's keyword arguments (dict keys and list "
+                "indices joined by '.'); see the schema: " + _short(self.describe()),
+            )
+
+    def _check_field(self, f: InputField, value: Any, n: int, leaves: Mapping[str, Any], name: Where) -> None:
+        label = name(f.path, "*")
+        if f.kind == "constant":
+            if isinstance(value, torch.Tensor) or value != f.constant:
+                raise InputValueError(
+                    f"{label} is {_short(value)}; the program was captured with the constant {f.constant!r}",
+                    fix=f"pass {f.constant!r} (torch.export fixes non-tensor inputs at capture)",
+                )
+            return
+        if not isinstance(value, torch.Tensor):
+            raise InputTypeError(
+                f"{label} is a {type(value).__name__}, not a tensor; it must be {f.describe()}",
+                fix="pass a torch.Tensor (torch.as_tensor(value, dtype=...))",
+            )
+        if value.dtype != f.dtype:
+            raise InputTypeError(
+                f"{label} is {str(value.dtype).removeprefix('torch.')}; the program was captured with "
+                f"{str(f.dtype).removeprefix('torch.')}",
+                fix=f"convert it: x.to({f.dtype})",
+            )
+        if f.kind == "static":
+            if tuple(value.shape) != f.shape:
+                raise InputShapeError(
+                    f"{label} has shape {list(value.shape)}; this static input was captured as {list(f.shape)}",
+                    fix="pass it with the shape it had at capture",
+                )
+            return
+        if f.kind in ("jagged", "offsets"):
+            if value.dim() != 1:
+                raise InputShapeError(
+                    f"{label} has shape {list(value.shape)}; it must be 1-D ({f.describe()})"
+                )
+            if f.kind == "offsets":
+                self._check_offsets(f, value, n, leaves, label)
+            return
+        want = (n, *f.shape)
+        if tuple(value.shape) != want:
+            got = list(value.shape)
+            if value.dim() == 0 or value.shape[0] != n:
+                raise InputShapeError(
+                    f"{label} has shape {got}: {value.shape[0] if value.dim() else 'no'} rows, but the batch's "
+                    f"offsets give {n} candidates",
+                    fix="give every candidate-level input one row per candidate (user features repeated "
+                    "on each row of their request), or fix the offsets",
+                )
+            raise InputShapeError(
+                f"{label} has shape {got}; the program was captured with {f.describe()}",
+                fix=f"pass rows of shape {list(f.shape)}",
+            )
+
+    def _check_offsets(
+        self, f: InputField, offsets: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
+    ) -> None:
+        values_path = next(v for v, o in self.spec.jagged.items() if o == f.path)
+        total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
+        if offsets.numel() != n:
+            raise InputShapeError(
+                f"{label} has {offsets.numel()} entries; it needs one start offset per candidate ({n})",
+                fix=f"offsets[i] is where candidate i's bag starts in '{values_path}' (EmbeddingBag "
+                "include_last_offset=False)",
+            )
+        if n and (
+            int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[-1]) > total
+        ):
+            raise InputValueError(
+                f"{label} must start at 0 and not decrease, ending within the {total} values of "
+                f"'{values_path}'; got {_short(offsets.tolist())}",
+                fix="build them as a cumulative sum of the bag lengths, starting at 0",
+            )
+
+    def _check_ids(self, leaves: Mapping[str, Any], name: Where) -> None:
+        for path, per in self.id_bounds.items():
+            t = leaves.get(path)
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                continue
+            for column, rows in per.items():
+                ids = t if column == "*" else t[:, int(column)]
+                if ids.numel() == 0:
+                    continue
+                lo, hi = float(ids.min()), float(ids.max())
+                if lo >= 0 and hi < rows:
+                    continue
+                bad = hi if hi >= rows else lo
+                raise InputValueError(
+                    f"{name(path, column)} holds id {bad:g}, outside its embedding table's {rows} rows",
+                    fix=f"ids of this input must lie in 0..{rows - 1}; map unseen ids to a valid (e.g. hashed) id",
+                )
+
+
+def as_request_batch(
+    inputs: RequestBatch | StructuredBatch | Mapping[str, Any],
+    *,
+    counts: Sequence[int] | torch.Tensor | None = None,
+    spec: RequestSpec,
+    template: RequestBatch,
+) -> RequestBatch:
+    """A RequestBatch from what ``Variant.score`` accepts: a batch, a structured batch, or a dict of inputs.
+
+    A plain dict holds the model's keyword inputs (flat rows); ``counts`` gives the candidates per
+    request (one request of every row when omitted).
+    """
+    if isinstance(inputs, RequestBatch):
+        if counts is not None:
+            raise RequestError("counts= applies to a dict of inputs; a RequestBatch carries its own offsets")
+        return inputs
+    if isinstance(inputs, StructuredBatch):
+        if counts is not None:
+            raise RequestError(
+                "counts= applies to a dict of inputs; a StructuredBatch carries its own offsets"
+            )
+        return inputs.to_flat(spec, template)
+    if not isinstance(inputs, Mapping):
+        raise RequestError(
+            f"score() takes a RequestBatch, a StructuredBatch or a dict of the model's inputs, got "
+            f"{type(inputs).__name__}",
+            fix="score({'dense': x, ...}, counts=[...]) or score(RequestBatch(inputs, offsets))",
+        )
+    if counts is None:
+        first = _first_candidate_rows(inputs, spec)
+        if first is None:
+            raise RequestError(
+                "cannot tell the number of candidates of this dict of inputs (no candidate-level tensor)",
+                fix="pass counts=[candidates per request]",
+            )
+        counts = [first]
+    try:
+        offsets = offsets_from_counts(counts)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RequestError(
+            f"counts={_short(counts)} is not a list of candidate counts ({exc})",
+            fix="counts=[candidates of request 0, candidates of request 1, ...]",
+        ) from None
+    try:
+        return RequestBatch(inputs=dict(inputs), offsets=offsets)
+    except SpecError as exc:
+        raise RequestError(f"counts={_short(counts)}: {exc.message}", fix=exc.fix) from None
+
+
+def _first_candidate_rows(inputs: Mapping[str, Any], spec: RequestSpec) -> int | None:
+    offsets_of = set(spec.jagged.values())
+    for path, value in flatten_inputs(inputs):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() > 0
+            and path not in spec.jagged
+            and path not in spec.static_inputs
+        ):
+            return int(value.numel()) if path in offsets_of else int(value.shape[0])
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 200 else text[:197] + "..."
