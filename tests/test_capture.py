@@ -158,3 +158,59 @@ def test_multihead_attention_over_fields_captures_with_size_oblivious_shapes() -
         x = torch.randn(n, 3, 8)
         got = variant.score(RequestBatch({"x": x}, offsets_from_counts([n])))
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+class _Contract(torch.nn.Module):
+    """A small scorer whose last step breaks (or keeps) the output contract, by ``mode``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.proj = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        s = self.proj(x)
+        if self.mode == "filter":  # drops the candidates it does not like
+            return s[s[:, 0] > 0]
+        if self.mode == "mean":  # one number for the whole batch
+            return s.mean()
+        if self.mode == "softmax_over_batch":  # normalizes across every request in the batch
+            return torch.softmax(s[:, 0], dim=0)
+        if self.mode == "pairwise":  # [N, N]: the row shape depends on the batch
+            return s @ s.T
+        if self.mode == "nan":
+            return torch.log(s[:, 0] - 1e3)
+        if self.mode == "good":
+            return torch.sigmoid(s[:, 0]), s
+        raise AssertionError(self.mode)
+
+
+def _random_batch(n: int = 6) -> RequestBatch:
+    return RequestBatch({"x": torch.randn(n, 4)}, offsets_from_counts([2, n - 2]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [
+        ("filter", r"output 0 has shape \[\d+, 2\] for a batch of \d+ candidates"),
+        ("mean", "output 0 has a scalar"),
+        ("softmax_over_batch", "output 0 of a request changes when another request is scored"),
+        ("pairwise", r"output 0 is float32 \[n_candidates, \d+\] at \d+ candidates but"),
+        ("nan", "output 0 is NaN or infinite at candidate row 0"),
+    ],
+)
+def test_capture_refuses_models_that_break_the_output_contract(mode: str, match: str) -> None:
+    """Each of these captured and compiled before, then failed or scored wrongly in the server."""
+    torch.manual_seed(0)
+    with pytest.raises(CaptureError, match=match) as info:
+        codesign.capture(_Contract(mode), _random_batch(), RequestSpec())
+    assert info.value.fix
+
+
+def test_capture_records_the_output_schema() -> None:
+    torch.manual_seed(0)
+    program = codesign.capture(_Contract("good"), _random_batch(), RequestSpec())
+    assert program.metadata["outputs"] == [
+        {"dtype": "float32", "shape": ["n_candidates"]},
+        {"dtype": "float32", "shape": ["n_candidates", 2]},
+    ]

@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from codesign.errors import CaptureError, SpecError
+from codesign.ir.contract import check_outputs
 from codesign.ir.program import DEFAULT_MAX_CANDIDATES, Program, dynamic_shapes_for
 from codesign.ir.request import RequestBatch, RequestSpec
 from codesign.ir.workload import Workload
@@ -364,7 +365,8 @@ def _locate_guard(program: Program) -> str | None:
 
 
 def _verify_capture(model: torch.nn.Module, program: Program) -> None:
-    """The captured graph must equal eager on the example and on a batch of another size."""
+    """The captured graph must equal eager on the example and on a batch of another size, and keep the
+    output contract (``ir.contract``: a row per candidate, requests independent of each other)."""
     n = program.example.num_candidates
     batches = [
         program.example,
@@ -375,14 +377,23 @@ def _verify_capture(model: torch.nn.Module, program: Program) -> None:
         with torch.no_grad():
             want = output_tensors(model(**batch.inputs))
             got = output_tensors(program.run(batch))
+        if len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got, strict=False)):
+            raise CaptureError(
+                f"the exported graph returns {[list(g.shape) for g in got]} at {batch.num_candidates} "
+                f"candidates where eager returns {[list(w.shape) for w in want]}",
+                fix="the model likely depends on Python state that export froze (a size read as int); "
+                "make forward() a pure function of its inputs",
+            )
         for i, (w, g) in enumerate(zip(want, got, strict=True)):
-            if not torch.allclose(g, w, rtol=CAPTURE_RTOL, atol=CAPTURE_ATOL):
+            if not torch.allclose(g, w, rtol=CAPTURE_RTOL, atol=CAPTURE_ATOL, equal_nan=True):
                 raise CaptureError(
                     f"the exported graph's output {i} differs from eager at {batch.num_candidates} candidates "
                     f"(max abs error {(g - w).abs().max().item():.3g})",
                     fix="the model likely depends on Python state that export froze (a global, a cached "
                     "tensor, a size read as int); make forward() a pure function of its inputs",
                 )
+    pair = (program.sample_batch([3, 2], seed=12347), program.sample_batch([4], seed=12348))
+    program.metadata["outputs"] = check_outputs(program.run, program.spec, batches, pair)
 
 
 def _frames(tb: TracebackType | None) -> list[Any]:
