@@ -1,6 +1,7 @@
 """What the router knows about a variant: its latency curve L(candidates, requests), quality loss, memory.
 
-Curves are measured on the host (median wall time of real calls on resampled requests) when the
+Curves are measured on the host (``measured_curve``: real calls on resampled requests, every point
+timed side by side with outlier checks, re-measured where latency falls as candidates grow) when the
 variant's target is the host, and predicted by the cost model otherwise; each profile says which.
 Quality is the NE change in percent against a reference variant (``codesign.analysis.quality``), taken from
 a search trial, or given by the user; the profile records its source as well.
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 
 from codesign.build.variant import Variant
 from codesign.errors import ConfigError, RoutingError
-from codesign.hardware.timing import median_latency
+from codesign.hardware.timing import Timing, robust_interleaved
 from codesign.ir.request import even_counts, resample_batch
 
 __all__ = [
@@ -29,10 +31,12 @@ __all__ = [
     "VariantProfile",
     "curve_from_estimates",
     "measure_quality",
+    "measured_curve",
     "profile_variant",
     "variant_memory_bytes",
 ]
 
+Point = tuple[int, int]  # (requests, candidates) of a latency curve
 DEFAULT_CURVE_CANDIDATES = (16, 64, 256, 1024)
 DEFAULT_CURVE_REQUESTS = (1, 4, 16)
 
@@ -50,6 +54,11 @@ class LatencyCurve:
     requests: tuple[int, ...]
     seconds: tuple[tuple[float, ...], ...]  # seconds[i_requests][i_candidates]
     source: str  # "measured on <host>" | "predicted for <target>"
+    # measured curves: the largest disagreement of a point's timing blocks (hardware.timing.Timing), the
+    # (requests, candidates) points timed again because they were out of order, and those lowered after
+    spread: float = 0.0
+    remeasured: tuple[Point, ...] = ()
+    adjusted: tuple[Point, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.candidates or not self.requests:
@@ -97,6 +106,9 @@ class LatencyCurve:
             "requests": list(self.requests),
             "seconds": [list(r) for r in self.seconds],
             "source": self.source,
+            "spread": self.spread,
+            "remeasured": [list(p) for p in self.remeasured],
+            "adjusted": [list(p) for p in self.adjusted],
         }
 
     @classmethod
@@ -107,6 +119,9 @@ class LatencyCurve:
                 tuple(int(r) for r in data["requests"]),
                 tuple(tuple(float(s) for s in row) for row in data["seconds"]),
                 str(data["source"]),
+                float(data.get("spread", 0.0)),
+                tuple((int(r), int(c)) for r, c in data.get("remeasured", ())),
+                tuple((int(r), int(c)) for r, c in data.get("adjusted", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not a latency curve record: {exc!r}") from exc
@@ -195,32 +210,91 @@ def profile_variant(
         raise ConfigError(
             f"profile grid needs positive candidates and requests, got {candidates} x {requests}"
         )
-    rows: list[tuple[float, ...]] = []
-    for r in reqs:
-        row = []
-        for c in cands:
-            n_req = min(r, c)
-            if measured:
-                batch = resample_batch(
-                    variant.reference_inputs, variant.spec, even_counts(c, n_req), seed=seed + c + r
-                )
-                row.append(median_latency(partial(variant.score, batch), repeats, warmup=1))
-            else:
-                row.append(_predicted(variant, c, n_req))
-        rows.append(tuple(row))
-    source = (
-        f"measured on {variant.target.name}"
-        if measured
-        else f"predicted by the cost model for {variant.target.name}"
-    )
+    if measured:
+        curve = measured_curve(variant, cands, reqs, repeats=repeats, seed=seed)
+    else:
+        rows = tuple(tuple(_predicted(variant, c, min(r, c)) for c in cands) for r in reqs)
+        curve = LatencyCurve(cands, reqs, rows, f"predicted by the cost model for {variant.target.name}")
     return VariantProfile(
         name or variant.name,
-        LatencyCurve(cands, reqs, tuple(rows), source),
+        curve,
         quality_loss_pct,
         quality_source,
         variant_memory_bytes(variant),
         tuple(labels),
     )
+
+
+MONOTONE_SLACK = 0.10  # a point may be this much slower than the next larger one before it is re-measured
+MONOTONE_RETRIES = 2
+
+
+def measured_curve(
+    variant: Variant,
+    candidates: Sequence[int],
+    requests: Sequence[int],
+    *,
+    repeats: int = 5,
+    seed: int = 0,
+    timer: Callable[[Mapping[Point, Callable[[], Any]], int], Mapping[Point, Timing]] | None = None,
+) -> LatencyCurve:
+    """The latency curve timed on this machine: every grid point interleaved, with outlier checks.
+
+    Points are timed side by side (``robust_interleaved``: blocks re-measured while they disagree).
+    Latency cannot fall as candidates grow, so a point slower than the next larger one (beyond
+    ``MONOTONE_SLACK``) is timed again with its neighbour, up to ``MONOTONE_RETRIES`` times; what is
+    still out of order is lowered to the larger point's figure (timing noise only adds time), and
+    the curve lists those points in ``adjusted``. ``timer`` replaces the clock in tests.
+    """
+    points: dict[Point, Callable[[], Any]] = {}
+    for r in requests:
+        for c in candidates:
+            counts = even_counts(c, min(r, c))
+            batch = resample_batch(variant.reference_inputs, variant.spec, counts, seed=seed + c + r)
+            points[(r, c)] = partial(variant.score, batch, check=False)
+
+    def time_them(fns: Mapping[Point, Callable[[], Any]], rounds: int) -> Mapping[Point, Timing]:
+        if timer is not None:
+            return timer(fns, rounds)
+        return robust_interleaved(fns, rounds=rounds, warmup=1)
+
+    timings = dict(time_them(points, repeats))
+    remeasured: set[Point] = set()
+    for _ in range(MONOTONE_RETRIES):
+        bad = _out_of_order(timings, candidates, requests)
+        if not bad:
+            break
+        remeasured |= bad
+        timings.update(time_them({p: points[p] for p in sorted(bad)}, 2 * repeats))
+    seconds = {p: t.seconds for p, t in timings.items()}
+    adjusted: list[Point] = []
+    for r in requests:  # suffix minimum along candidates: what is left out of order is noise
+        for i in range(len(candidates) - 2, -1, -1):
+            here, nxt = (r, candidates[i]), (r, candidates[i + 1])
+            if seconds[here] > seconds[nxt] * (1 + MONOTONE_SLACK):
+                seconds[here] = seconds[nxt]
+                adjusted.append(here)
+    return LatencyCurve(
+        tuple(candidates),
+        tuple(requests),
+        tuple(tuple(seconds[(r, c)] for c in candidates) for r in requests),
+        f"measured on {variant.target.name}",
+        spread=max(t.spread for t in timings.values()),
+        remeasured=tuple(sorted(remeasured)),
+        adjusted=tuple(sorted(adjusted)),
+    )
+
+
+def _out_of_order(
+    timings: Mapping[Point, Timing], candidates: Sequence[int], requests: Sequence[int]
+) -> set[Point]:
+    """Points slower than the next larger candidate count (beyond the slack), with that neighbour."""
+    bad: set[Point] = set()
+    for r in requests:
+        for a, b in itertools.pairwise(candidates):
+            if timings[(r, a)].seconds > timings[(r, b)].seconds * (1 + MONOTONE_SLACK):
+                bad |= {(r, a), (r, b)}
+    return bad
 
 
 def _predicted(variant: Variant, candidates: int, requests: int) -> float:

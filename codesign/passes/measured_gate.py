@@ -1,7 +1,8 @@
 """A gain gate that times the rewrite on this machine instead of trusting the cost model.
 
 A rewrite that fires must make the model faster. Where the target runs here, the gate runs the
-original and each candidate rewrite side by side (interleaved rounds, medians) on the layouts a
+original and each candidate rewrite side by side (interleaved rounds in blocks, re-measured while the
+blocks disagree, ``hardware.timing.robust_interleaved``) on the layouts a
 ranking server sees: one request of 1024 candidates and a batch of 16 requests. A rewrite is kept
 only when it is faster on every layout. Rewrites of one program that all pass are compared among
 themselves (more rounds: they are cheap next to the original) by their mean ratio over the layouts.
@@ -14,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 
-from codesign.hardware.timing import interleaved_medians
+from codesign.hardware.timing import interleaved_medians, robust_interleaved
 from codesign.ir.program import Program
 
 __all__ = ["GATE_LAYOUTS", "KEEP_BELOW", "MAX_TIMED_S", "MeasuredGate", "time_programs"]
@@ -39,6 +40,8 @@ class MeasuredGate:
     """Median seconds per layout of each program timed, keyed ``[layout][name]``."""
 
     seconds: Mapping[str, Mapping[str, float]]
+    # [layout][name]: how much the timing blocks disagreed (hardware.timing.Timing.spread)
+    spread: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def worst_ratio(self, name: str, baseline: str) -> float:
         """The largest ``t(name) / t(baseline)`` over the layouts: below 1 means faster on every one."""
@@ -81,10 +84,13 @@ def _time(
 ) -> MeasuredGate:
     first = next(iter(programs.values()))
     seconds: dict[str, dict[str, float]] = {}
+    spread: dict[str, dict[str, float]] = {}
     for layout, counts in layouts:
         batch = first.sample_batch(list(counts), seed)
         fns = {name: partial(p.run, batch) for name, p in programs.items()}
         once = interleaved_medians(fns, rounds=1, warmup=1)
         rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / max(1e-9, sum(once.values())))))
-        seconds[layout] = interleaved_medians(fns, rounds=rounds)
-    return MeasuredGate(seconds)
+        timed = robust_interleaved(fns, rounds=rounds)  # blocks re-measured while they disagree
+        seconds[layout] = {k: t.seconds for k, t in timed.items()}
+        spread[layout] = {k: t.spread for k, t in timed.items()}
+    return MeasuredGate(seconds, spread)

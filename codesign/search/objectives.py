@@ -1,7 +1,8 @@
 """What a trial is judged on: latency, quality loss and memory, plus the constraints on them.
 
-- latency: measured on this machine when the target is the host (median of ``repeats`` timed
-  calls per configured candidate count, after a warm-up), otherwise predicted by the roofline cost
+- latency: measured on this machine when the target is the host (``hardware.timing.robust_latency``:
+  blocks of about ``repeats / 3`` timed calls per configured candidate count after a warm-up, more
+  blocks while they disagree, the spread recorded), otherwise predicted by the roofline cost
   model for the target; ``Evaluation.latency_source`` says which. The objective is the mean over
   the candidate counts; the SLO constraint applies to the worst of them.
 - quality loss: NE change in percent against the captured reference (``codesign.analysis.quality``), on
@@ -31,7 +32,7 @@ from codesign.analysis.quality import QualityLoss, join_heads, quality_loss
 from codesign.errors import SearchError
 from codesign.hardware.costmodel import estimate
 from codesign.hardware.target import Target
-from codesign.hardware.timing import median_latency
+from codesign.hardware.timing import BLOCKS, robust_latency
 from codesign.ir.program import Program, run_in_pieces
 from codesign.ir.request import RequestBatch
 from codesign.passes.manager import Pass, PassManager
@@ -59,7 +60,7 @@ class ObjectiveSettings:
     candidates: tuple[int, ...] = (64, 1024)  # candidates per request at which latency is taken
     requests: int = 1  # requests per call
     measure: str = "auto"  # auto: measured when the target is this machine's CPU, else predicted
-    repeats: int = 5  # timed calls per candidate count (measured)
+    repeats: int = 5  # timed calls per candidate count (measured), over 3 blocks, more if they disagree
     latency_slo_ms: float | None = None  # constraint on the worst candidate count
     quality_budget_pct: float = 0.1  # constraint: NE change at most this many percent
     memory_capacity_bytes: float | None = None  # constraint; None: the target's memory
@@ -106,6 +107,8 @@ class Evaluation:
     memory_bytes: float
     memory_capacity_bytes: float
     kernels: int
+    # measured trials: per candidate count, how much the timing blocks disagreed (hardware.timing.Timing)
+    latency_spread: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def values(self) -> tuple[float, float, float]:
         return (self.latency_s * 1e3, self.quality.loss_pct, self.memory_bytes / _MB)
@@ -123,6 +126,7 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["latency_by_candidates"] = {str(k): v for k, v in self.latency_by_candidates.items()}
+        out["latency_spread"] = {str(k): v for k, v in self.latency_spread.items()}
         return out
 
 
@@ -223,10 +227,13 @@ class Evaluator:
                 return run_in_pieces(runner, batch, program.spec, program.takes_request_offsets, micro)
 
         latency: dict[int, float] = {}
+        spread: dict[int, float] = {}
         for i, n in enumerate(s.candidates):
             if self.measured:
                 batch = program.sample_batch([n] * s.requests, seed=s.seed + i)
-                latency[n] = median_latency(functools.partial(run, batch), s.repeats)
+                per_block = max(1, math.ceil(s.repeats / BLOCKS))
+                timing = robust_latency(functools.partial(run, batch), per_block, blocks=BLOCKS)
+                latency[n], spread[n] = timing.seconds, timing.spread
             else:
                 latency[n] = self._predicted_latency(program, key, n, micro)
             if s.latency_slo_ms is not None and latency[n] * 1e3 > s.prune_ratio * s.latency_slo_ms:
@@ -253,6 +260,7 @@ class Evaluator:
             memory_bytes=float(memory.memory_bytes),
             memory_capacity_bytes=float(self.capacity),
             kernels=count_kernels(program),
+            latency_spread=spread,
         )
 
     def _estimate(self, program: Program, key: str, rows: int, requests: int) -> Any:
