@@ -104,6 +104,28 @@ def test_model_ref_from_file(tmp_path: pytest.TempPathFactory, repo_root: object
         codesign.load_model_ref("no_such_example")
 
 
+def test_a_model_file_imports_the_modules_beside_it(tmp_path: pytest.TempPathFactory) -> None:
+    folder = tmp_path / "project"  # type: ignore[operator]
+    folder.mkdir()
+    (folder / "towers_beside_model.py").write_text(
+        "import torch\nclass Tower(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.l = torch.nn.Linear(3, 1)\n"
+        "    def forward(self, input):\n        return self.l(input)\n"
+    )
+    (folder / "model.py").write_text(
+        "import torch\nfrom towers_beside_model import Tower\n"
+        "from codesign import Workload, RequestBatch, RequestSpec, offsets_from_counts\n"
+        "def make():\n"
+        "    from towers_beside_model import Tower as Late  # imported when the factory runs, too\n"
+        "    def batch(counts, seed):\n"
+        "        g = torch.Generator().manual_seed(seed)\n"
+        "        return RequestBatch({'input': torch.randn(sum(counts), 3, generator=g)}, offsets_from_counts(counts))\n"
+        "    return Workload('tower', Late(), RequestSpec(), batch)\n"
+    )
+    w = codesign.load_model_ref(f"{folder}/model.py:make")
+    assert type(w.model).__name__ == "Tower"
+
+
 class _TensordotCross(torch.nn.Module):
     """DCN v1's cross layer as reference code writes it: x0 * (x . w) + b + x with torch.tensordot."""
 

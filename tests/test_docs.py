@@ -90,3 +90,21 @@ def test_python_snippets_run(page: str) -> None:
     assert code
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)|`(\.\./[^`\s]+)`")
+
+
+def test_no_link_or_path_in_the_docs_leaves_the_repository() -> None:
+    """Markdown links and quoted relative paths resolve inside the checkout (a clone has nothing beside it)."""
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.rglob("*.md"))]
+    outside = []
+    for page in pages:
+        for match in LINK.finditer(page.read_text()):
+            target = (match.group(1) or match.group(2)).split("#")[0]
+            if not target or re.match(r"[a-z]+:", target):  # anchors, http(s):, mailto:
+                continue
+            resolved = (page.parent / target).resolve()
+            if ROOT not in resolved.parents and resolved != ROOT:
+                outside.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not outside, outside

@@ -90,6 +90,7 @@ def capture(
             fix="wrap the model's keyword inputs: RequestBatch(inputs={...}, offsets=offsets_from_counts([...]))",
         )
     example.validate(spec)
+    _check_static_inputs(example, spec)
     if example.num_candidates < 2:
         raise SpecError(
             f"the example has {example.num_candidates} candidate row; torch.export specializes sizes 0 and 1",
@@ -122,12 +123,48 @@ def capture(
         name=name or type(model).__name__,
         make_batch=make_batch,
         max_candidates=max_candidates,
-        metadata={"model_class": f"{type(model).__module__}.{type(model).__qualname__}"},
+        metadata={
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "request_form": spec.form,
+        },
+    )
+    log.info(
+        "%s: request-level inputs in the %s form%s",
+        program.name,
+        spec.form,
+        f" ({', '.join(spec.per_request_inputs)}: one row per request)"
+        if spec.per_request_inputs
+        else " (user features repeated on every candidate row)",
     )
     if not like_backends:
         program = _reexportable(program, exported)
     _verify_capture(model, program)
     return program
+
+
+def _check_static_inputs(example: RequestBatch, spec: RequestSpec) -> None:
+    """A static input with one row per request of the example is a per-request input declared wrong:
+    export would freeze it to the example's request count, and every other count would fail."""
+    leaves = example.leaves()
+    r, n = example.num_requests, example.num_candidates
+    for path in spec.static_inputs:
+        t = leaves.get(path)
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == r != n and r > 1:
+            raise SpecError(
+                f"static input {path!r} has {r} rows, the example's request count: a static input is frozen "
+                "to its capture shape, so a batch of any other request count would fail",
+                fix=f"if it holds one row per request, declare per_request_inputs=({path!r},) with "
+                "request_index_input (or request_offsets_input) naming the model's candidate-to-request "
+                "map; if it is truly static, capture with an example of another request count",
+            )
+    reserved = "request_offsets"
+    if reserved in leaves and spec.request_offsets_input != reserved:
+        raise SpecError(
+            f"the model takes an input named {reserved!r}, the name codesign gives the request offsets it "
+            "passes to request-centric programs",
+            fix=f"declare it request_offsets_input={reserved!r} if it holds the batch's request offsets, or "
+            "rename the model's argument",
+        )
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from codesign.numerics import output_tensors
 
 __all__ = [
     "CANDIDATES_DIM",
+    "REQUESTS_DIM",
     "REQUEST_OFFSETS",
     "Program",
     "call_inputs",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 CANDIDATES_DIM = "candidates"
+REQUESTS_DIM = "requests"  # dim 0 of per-request inputs (RequestSpec.per_request_inputs)
 REQUEST_OFFSETS = "request_offsets"  # extra keyword input of request-centric programs: offsets[R+1]
 DEFAULT_MAX_CANDIDATES = 1 << 20
 
@@ -55,11 +57,16 @@ def dynamic_shapes_for(
     With ``request_offsets`` the tree also covers the ``request_offsets`` input (R+1 entries).
     """
     candidates = Dim(CANDIDATES_DIM, min=1, max=max_candidates)
+    requests = Dim(REQUESTS_DIM, min=1, max=max_candidates)  # per-request inputs: one row per request
     _, tree = pytree.tree_flatten(dict(inputs))
     shapes: list[Any] = []
     for path, value in flatten_inputs(inputs):
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or path in spec.static_inputs:
             shapes.append(None)
+        elif path in spec.per_request_inputs:
+            shapes.append({0: requests})
+        elif path == spec.request_offsets_input:
+            shapes.append({0: requests + 1})
         elif path in spec.jagged:
             shapes.append({0: Dim(_dim_name(path), min=0, max=max_candidates * 1024)})
         else:

@@ -81,21 +81,49 @@ class RequestSpec(Config):
     - ``jagged``: a flat values tensor (EmbeddingBag ``indices``) mapped to its per-candidate
       ``offsets`` input; its length is its own dynamic dimension, not the candidate count.
     - ``static_inputs``: inputs without a candidate dimension (passed as they are).
+    - ``per_request_inputs``: the request-centric form a model may be written in: inputs with one
+      row per *request* (``user_feats[R, 16]``), dimension 0 the request count; the model maps
+      candidates to requests itself, from the input named by ``request_index_input`` (``[N]``: each
+      candidate's request) or ``request_offsets_input`` (``[R+1]``: the batch's request offsets),
+      which codesign fills from the batch's offsets wherever it builds a batch.
 
     Every other tensor input is candidate-level with the candidate count as dimension 0.
 
     >>> RequestSpec(request_inputs=("user_history",), request_columns={"x": ((0, 8),)})
+    >>> RequestSpec(per_request_inputs=("user_feats",), request_index_input="request_index")
     """
 
     request_inputs: tuple[str, ...] = ()
     request_columns: Mapping[str, tuple[ColumnRange, ...]] = dataclasses.field(default_factory=dict)
     jagged: Mapping[str, str] = dataclasses.field(default_factory=dict)
     static_inputs: tuple[str, ...] = ()
+    per_request_inputs: tuple[str, ...] = ()
+    request_index_input: str | None = None
+    request_offsets_input: str | None = None
 
     def __post_init__(self) -> None:
         # Normalize JSON lists and user-given lists to tuples so specs compare and hash by value.
         object.__setattr__(self, "request_inputs", _names("request_inputs", self.request_inputs))
         object.__setattr__(self, "static_inputs", _names("static_inputs", self.static_inputs))
+        object.__setattr__(self, "per_request_inputs", _names("per_request_inputs", self.per_request_inputs))
+        for field in ("request_index_input", "request_offsets_input"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str):
+                raise SpecError(
+                    f"RequestSpec {field} must be the name of one model input, got {value!r}",
+                    fix=f"write e.g. {field}='request_index'",
+                )
+        if (
+            self.per_request_inputs
+            and self.request_index_input is None
+            and self.request_offsets_input is None
+        ):
+            raise SpecError(
+                f"per_request_inputs {list(self.per_request_inputs)} have one row per request, but the spec "
+                "names no input that tells the model which request each candidate belongs to",
+                fix="name the model's input that takes it: request_index_input='request_index' ([N]) or "
+                "request_offsets_input='request_offsets' ([R+1])",
+            )
         for field in ("request_columns", "jagged"):
             if not isinstance(getattr(self, field), Mapping):
                 raise SpecError(
@@ -124,6 +152,16 @@ class RequestSpec(Config):
                     fix="write e.g. jagged={'indices.0': 'offsets.0'} (values input -> its offsets input)",
                 )
         object.__setattr__(self, "jagged", dict(self.jagged))
+        per_request = set(self.per_request_inputs)
+        clash = per_request & (
+            set(self.request_inputs) | set(cols) | set(self.static_inputs) | set(self.jagged)
+        )
+        if clash:
+            raise SpecError(
+                f"inputs {sorted(clash)} are per-request ([R, ...]) and also listed as flat request-level, "
+                "static or jagged",
+                fix="a per-request input has one row per request; list it in per_request_inputs only",
+            )
         both = set(self.request_inputs) & set(cols)
         if both:
             raise SpecError(
@@ -136,9 +174,32 @@ class RequestSpec(Config):
         return path in self.request_inputs
 
     def candidate_dim_inputs(self, paths: Iterable[str]) -> list[str]:
-        """Inputs whose dimension 0 is the candidate count."""
-        jagged_values = set(self.jagged)
-        return [p for p in paths if p not in jagged_values and p not in self.static_inputs]
+        """Inputs whose dimension 0 is the candidate count (the request index input among them)."""
+        other = set(self.jagged) | set(self.static_inputs) | set(self.per_request_inputs)
+        if self.request_offsets_input is not None:
+            other.add(self.request_offsets_input)
+        return [p for p in paths if p not in other]
+
+    @property
+    def request_map_inputs(self) -> dict[str, str]:
+        """The model inputs codesign fills from the batch's offsets: {path: "index" | "offsets"}."""
+        out = {}
+        if self.request_index_input is not None:
+            out[self.request_index_input] = "index"
+        if self.request_offsets_input is not None:
+            out[self.request_offsets_input] = "offsets"
+        return out
+
+    @property
+    def not_sliced(self) -> set[str]:
+        """Inputs that batch surgery (resample, split, join) does not cut by rows: static inputs, jagged
+        offsets (rebuilt with their values) and the request map inputs (rebuilt from the offsets)."""
+        return set(self.static_inputs) | set(self.jagged.values()) | set(self.request_map_inputs)
+
+    @property
+    def form(self) -> str:
+        """``per_request`` when some inputs have one row per request, else ``flat`` (user rows repeated)."""
+        return "per_request" if self.per_request_inputs else "flat"
 
     def named_inputs(self) -> set[str]:
         return (
@@ -147,6 +208,8 @@ class RequestSpec(Config):
             | set(self.jagged)
             | set(self.jagged.values())
             | set(self.static_inputs)
+            | set(self.per_request_inputs)
+            | set(self.request_map_inputs)
         )
 
     def validate(self, leaves: Mapping[str, Any]) -> None:
@@ -227,6 +290,29 @@ class RequestBatch:
     def leaves(self) -> dict[str, Any]:
         return dict(flatten_inputs(self.inputs))
 
+    def request_map(self, kind: str) -> torch.Tensor:
+        """What a per-request model's map input holds: ``index`` (request of each candidate) or ``offsets``."""
+        return self.request_index.to(self.offsets.device) if kind == "index" else self.offsets
+
+    def with_request_map(
+        self, spec: RequestSpec, dtypes: Mapping[str, torch.dtype] | None = None
+    ) -> RequestBatch:
+        """This batch with the spec's request index / offsets inputs set from its offsets.
+
+        ``dtypes`` keeps each map input's dtype (the capture example's); int64 otherwise.
+        """
+        maps = spec.request_map_inputs
+        if not maps:
+            return self
+        leaves = self.leaves()
+        new: dict[str, Any] = {}
+        for path, kind in maps.items():
+            dtype = (dtypes or {}).get(path)
+            if dtype is None and isinstance(leaves.get(path), torch.Tensor):
+                dtype = leaves[path].dtype
+            new[path] = self.request_map(kind).to(dtype or torch.int64)
+        return RequestBatch(_replace_leaves(self.inputs, new), self.offsets)
+
     def to(self, device: torch.device | str) -> RequestBatch:
         """The same batch with every tensor (offsets included) on ``device``."""
 
@@ -250,13 +336,35 @@ class RequestBatch:
             )
         leaves = self.leaves()
         spec.validate(leaves)
-        n = self.num_candidates
+        n, r = self.num_candidates, self.num_requests
         for path in spec.candidate_dim_inputs(leaves):
             t = leaves[path]
             if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[0] != n):
+                hint = (
+                    f"it has one row per request ({r}): declare it per_request_inputs=({path!r},) and name "
+                    "the input that maps candidates to requests (request_index_input or request_offsets_input)"
+                    if t.dim() and t.shape[0] == r
+                    else "give every candidate-level input one row per candidate, or mark it as jagged/static"
+                )
                 raise SpecError(
                     f"input {path!r} has shape {tuple(t.shape)} but the batch has {n} candidate rows",
-                    fix="give every candidate-level input one row per candidate, or mark it as jagged/static",
+                    fix=hint,
+                )
+        for path in spec.per_request_inputs:
+            t = leaves[path]
+            if t.dim() == 0 or t.shape[0] != r:
+                raise SpecError(
+                    f"per-request input {path!r} has shape {tuple(t.shape)} but the batch has {r} requests",
+                    fix="give it one row per request, in the order of the batch's offsets",
+                )
+        for path, kind in spec.request_map_inputs.items():
+            want = self.request_map(kind)
+            got = leaves[path]
+            if got.shape != want.shape or not torch.equal(got.to(want.dtype), want):
+                raise SpecError(
+                    f"input {path!r} must be the batch's request {kind} {_clip(want.tolist())}, got "
+                    f"{_clip(got.tolist())}",
+                    fix="build it from the batch: RequestBatch.with_request_map(spec) fills it from the offsets",
                 )
         for values, offsets in spec.jagged.items():
             o = leaves[offsets]
@@ -310,6 +418,10 @@ class RequestBatch:
                 request[f"{path}#lengths"] = torch.tensor([s.numel() for s in chosen], dtype=torch.int64)
             elif path in spec.request_inputs:
                 request[path] = t[first]
+            elif path in spec.per_request_inputs:
+                request[path] = t  # already one row per request
+            elif path in spec.request_map_inputs:
+                continue  # rebuilt from the offsets
             elif path in spec.request_columns:
                 keep = _complement(spec.request_columns[path], t.shape[1])
                 for a, b in spec.request_columns[path]:
@@ -318,6 +430,10 @@ class RequestBatch:
             else:
                 candidate[path] = t
         return StructuredBatch(request=request, candidate=candidate, offsets=self.offsets.clone())
+
+
+def _clip(values: list[Any]) -> str:
+    return repr(values) if len(values) <= 12 else repr(values[:12])[:-1] + ", ...]"
 
 
 def _offsets(value: Any) -> torch.Tensor:
@@ -413,6 +529,8 @@ class StructuredBatch:
                 new[spec.jagged[path]] = offsets_from_counts([b.numel() for b in bags])[:-1]
             elif path in spec.request_inputs:
                 new[path] = self.request[path].repeat_interleave(counts, dim=0)
+            elif path in spec.per_request_inputs:
+                new[path] = self.request[path]
             elif path in spec.request_columns:
                 cand = self.candidate[path]
                 width = cand.shape[1] + sum(b - a for a, b in spec.request_columns[path])
@@ -423,7 +541,8 @@ class StructuredBatch:
                 new[path] = out
             elif path in self.candidate:
                 new[path] = self.candidate[path]
-        return RequestBatch(inputs=_replace_leaves(template.inputs, new), offsets=self.offsets.clone())
+        flat = RequestBatch(inputs=_replace_leaves(template.inputs, new), offsets=self.offsets.clone())
+        return flat.with_request_map(spec, _dtypes(template))
 
 
 def resample_batch(
@@ -455,7 +574,15 @@ def resample_batch(
     new: dict[str, Any] = {}
     req_noise_rows = req_of_row  # noise shared by the rows of one new request
     for path, t in leaves.items():
-        if not isinstance(t, torch.Tensor) or path in spec.static_inputs or path in spec.jagged.values():
+        if not isinstance(t, torch.Tensor) or path in spec.not_sliced:
+            continue
+        if path in spec.per_request_inputs:  # one row per request: the source request's row
+            out = t[src_req]
+            if out.is_floating_point() and noise > 0:
+                eps = torch.randn(out.shape, generator=g, dtype=out.dtype) * noise
+                id_like = (t == t.round()).reshape(t.shape[0], -1).all(0).reshape(t.shape[1:])
+                out = out + torch.where(id_like, 0.0, eps * out.abs().mean().clamp_min(1e-3))
+            new[path] = out
             continue
         if path in spec.jagged:
             off_path = spec.jagged[path]
@@ -483,7 +610,12 @@ def resample_batch(
             id_like = (t == t.round()).reshape(t.shape[0], -1).all(0).reshape(t.shape[1:])
             out = out + torch.where(id_like, 0.0, eps * out.abs().mean().clamp_min(1e-3))
         new[path] = out
-    return RequestBatch(inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts))
+    resampled = RequestBatch(inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts))
+    return resampled.with_request_map(spec, _dtypes(batch))
+
+
+def _dtypes(batch: RequestBatch) -> dict[str, torch.dtype]:
+    return {p: t.dtype for p, t in batch.leaves().items() if isinstance(t, torch.Tensor)}
 
 
 def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -> list[RequestBatch]:
@@ -500,13 +632,17 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
     if n <= micro_batch:
         return [batch]
     leaves = batch.leaves()
-    offsets_of = {off: values for values, off in spec.jagged.items()}
+    request_of = batch.request_index
     pieces = []
     for start in range(0, n, micro_batch):
         stop = min(n, start + micro_batch)
+        first_req, last_req = int(request_of[start]), int(request_of[stop - 1])
         new: dict[str, Any] = {}
         for path, t in leaves.items():
-            if not isinstance(t, torch.Tensor) or path in spec.static_inputs or path in offsets_of:
+            if not isinstance(t, torch.Tensor) or path in spec.not_sliced:
+                continue
+            if path in spec.per_request_inputs:  # the rows of the requests this piece touches
+                new[path] = t[first_req : last_req + 1]
                 continue
             if path in spec.jagged:
                 off = leaves[spec.jagged[path]]
@@ -517,11 +653,10 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
             else:
                 new[path] = t[start:stop]
         counts = (batch.offsets.clamp(start, stop)[1:] - batch.offsets.clamp(start, stop)[:-1]).clamp_min(0)
-        pieces.append(
-            RequestBatch(
-                inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts[counts > 0])
-            )
+        piece = RequestBatch(
+            inputs=_replace_leaves(batch.inputs, new), offsets=offsets_from_counts(counts[counts > 0])
         )
+        pieces.append(piece.with_request_map(spec))
     return pieces
 
 
@@ -538,10 +673,9 @@ def concat_batches(batches: Sequence[RequestBatch], spec: RequestSpec) -> Reques
     if len(batches) == 1:
         return batches[0]
     leaves = [b.leaves() for b in batches]
-    offsets_of = {off: values for values, off in spec.jagged.items()}
     new: dict[str, Any] = {}
     for path, first in leaves[0].items():
-        if not isinstance(first, torch.Tensor) or path in spec.static_inputs or path in offsets_of:
+        if not isinstance(first, torch.Tensor) or path in spec.not_sliced:
             continue
         if path in spec.jagged:
             off_path = spec.jagged[path]
@@ -552,4 +686,5 @@ def concat_batches(batches: Sequence[RequestBatch], spec: RequestSpec) -> Reques
             new[off_path] = torch.cat(shifted)
         new[path] = torch.cat([lv[path] for lv in leaves])
     counts = torch.cat([b.counts for b in batches])
-    return RequestBatch(inputs=_replace_leaves(batches[0].inputs, new), offsets=offsets_from_counts(counts))
+    joined = RequestBatch(inputs=_replace_leaves(batches[0].inputs, new), offsets=offsets_from_counts(counts))
+    return joined.with_request_map(spec)

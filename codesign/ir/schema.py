@@ -47,7 +47,9 @@ class InputField:
     """One leaf of the model's keyword inputs, as captured."""
 
     path: str
-    kind: str  # "candidate" | "jagged" (EmbeddingBag values) | "offsets" (per-candidate) | "static" | "constant"
+    # "candidate" | "request" ([R, ...]) | "map" (request index/offsets) | "jagged" (EmbeddingBag values) |
+    # "offsets" (per-candidate) | "static" | "constant"
+    kind: str
     dtype: torch.dtype | None  # None for a Python constant
     shape: tuple[int, ...]  # after dim 0 for candidate inputs; the whole shape for static inputs
     constant: Any = None  # the captured value of a non-tensor leaf
@@ -58,6 +60,10 @@ class InputField:
         dtype = str(self.dtype).removeprefix("torch.")
         if self.kind == "candidate":
             return f"{dtype} [n_candidates{''.join(f', {d}' for d in self.shape)}]"
+        if self.kind == "request":
+            return f"{dtype} [n_requests{''.join(f', {d}' for d in self.shape)}]"
+        if self.kind == "map":
+            return f"{dtype} (the batch's request index or offsets)"
         if self.kind == "jagged":
             return f"{dtype} [n_values] (EmbeddingBag ids)"
         if self.kind == "offsets":
@@ -89,6 +95,10 @@ class InputSchema:
                 fields.append(InputField(path, "constant", None, (), value))
             elif path in spec.static_inputs or value.dim() == 0:
                 fields.append(InputField(path, "static", value.dtype, tuple(value.shape)))
+            elif path in spec.per_request_inputs:
+                fields.append(InputField(path, "request", value.dtype, tuple(value.shape[1:])))
+            elif path in spec.request_map_inputs:
+                fields.append(InputField(path, "map", value.dtype, ()))
             elif path in spec.jagged:
                 fields.append(InputField(path, "jagged", value.dtype, ()))
             elif path in offsets_of:
@@ -126,7 +136,7 @@ class InputSchema:
         self._check_names(leaves)
         n = batch.num_candidates
         for f in self.fields:
-            self._check_field(f, leaves[f.path], n, leaves, name)
+            self._check_field(f, leaves[f.path], n, leaves, name, batch)
         _, treespec = pytree.tree_flatten(dict(batch.inputs))
         if treespec != self.treespec:
             raise InputNameError(
@@ -166,7 +176,9 @@ class InputSchema:
                 "indices joined by '.'); see the schema: " + _short(self.describe()),
             )
 
-    def _check_field(self, f: InputField, value: Any, n: int, leaves: Mapping[str, Any], name: Where) -> None:
+    def _check_field(
+        self, f: InputField, value: Any, n: int, leaves: Mapping[str, Any], name: Where, batch: RequestBatch
+    ) -> None:
         label = name(f.path, "*")
         if f.kind == "constant":
             if isinstance(value, torch.Tensor) or value != f.constant:
@@ -191,6 +203,26 @@ class InputSchema:
                 raise InputShapeError(
                     f"{label} has shape {list(value.shape)}; this static input was captured as {list(f.shape)}",
                     fix="pass it with the shape it had at capture",
+                )
+            return
+        if f.kind == "request":
+            r = batch.num_requests
+            if tuple(value.shape) != (r, *f.shape):
+                raise InputShapeError(
+                    f"{label} has shape {list(value.shape)}; this per-request input must be {f.describe()} with "
+                    f"the batch's {r} requests",
+                    fix="give it one row per request, in the order of the batch's offsets",
+                )
+            return
+        if f.kind == "map":
+            kind = self.spec.request_map_inputs[f.path]
+            expected = batch.request_map(kind)
+            if value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected):
+                raise InputValueError(
+                    f"{label} must hold the batch's request {kind} ({_short(expected.tolist())}), got "
+                    f"{_short(value.tolist())}",
+                    fix="set it from the batch (RequestBatch.with_request_map(spec)), or build the batch's "
+                    "offsets from the same candidate counts",
                 )
             return
         if f.kind in ("jagged", "offsets"):
@@ -312,6 +344,8 @@ def _first_candidate_rows(inputs: Mapping[str, Any], spec: RequestSpec) -> int |
             and value.dim() > 0
             and path not in spec.jagged
             and path not in spec.static_inputs
+            and path not in spec.per_request_inputs
+            and path != spec.request_offsets_input
         ):
             return int(value.numel()) if path in offsets_of else int(value.shape[0])
     return None

@@ -64,6 +64,11 @@ def _import_file(path: Path) -> Any:
         raise ModelRefError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
+    # as `python path/to/model.py` would: modules beside the model file import (now and when the
+    # factory runs), without the user setting PYTHONPATH
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:

@@ -97,6 +97,14 @@ class RequestSharing(Pass[RequestSharingConfig]):
             return PassResult.skipped(
                 program, SkipKind.ALREADY_APPLIED, "the program is already request-centric"
             )
+        if REQUEST_OFFSETS in program.placeholders():
+            return PassResult.skipped(
+                program,
+                SkipKind.NOT_APPLICABLE,
+                f"the model takes an input named '{REQUEST_OFFSETS}' itself, the name of the input this pass adds",
+                fix=f"rename the model's '{REQUEST_OFFSETS}' argument (e.g. 'offsets_of_requests') to let "
+                "codesign share its flat request-level work",
+            )
         if program.metadata.get("size_oblivious_export") is False:
             return PassResult.skipped(
                 program,

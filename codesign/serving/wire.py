@@ -46,6 +46,7 @@ class WireField:
     row_shape: tuple[int, ...]  # one user row / one candidate row (jagged: a bag of any length)
     jagged: bool = False
     columns: tuple[int, ...] = ()  # columns of ``path`` this field fills (split inputs only)
+    per_request: bool = False  # the model takes this user input with one row per request (not repeated)
 
     @property
     def integral(self) -> bool:
@@ -88,9 +89,17 @@ class RequestSchema:
         offsets_of = set(spec.jagged.values())
         fields: list[WireField] = []
         for path, t in leaves.items():
-            if not isinstance(t, torch.Tensor) or path in spec.static_inputs or path in offsets_of:
+            if (
+                not isinstance(t, torch.Tensor)
+                or path in spec.static_inputs
+                or path in offsets_of
+                or path in spec.request_map_inputs  # filled from the request's candidate count
+            ):
                 continue
             jagged = path in spec.jagged
+            if path in spec.per_request_inputs:
+                fields.append(WireField("user", path, path, t.dtype, tuple(t.shape[1:]), per_request=True))
+                continue
             row = () if jagged else tuple(t.shape[1:])
             if path in spec.request_inputs:
                 fields.append(WireField("user", path, path, t.dtype, row, jagged))
@@ -181,7 +190,9 @@ class RequestSchema:
                 new[off_path] = offsets_from_counts(lengths)[:-1].to(leaves[off_path].dtype)
                 continue
             t = _tensor(f, value, n if f.section == "candidates" else None)
-            if f.section == "user":
+            if f.per_request:
+                t = t.unsqueeze(0)  # one request: one row
+            elif f.section == "user":
                 t = t.unsqueeze(0).expand(n, *t.shape).contiguous()
             if f.columns:
                 out = split.get(f.path)
@@ -193,6 +204,7 @@ class RequestSchema:
                 new[f.path] = t
         new.update(split)
         batch = RequestBatch(_replace_leaves(self.template.inputs, new), offsets_from_counts([n]))
+        batch = batch.with_request_map(self.spec, {p: leaves[p].dtype for p in self.spec.request_map_inputs})
         self.inputs.check(batch, repeats=False, where=self._where)  # user rows were repeated above
         return batch, dict(context)
 
@@ -256,6 +268,8 @@ class RequestSchema:
             elif f.columns:
                 rows = t[a:b][:, list(f.columns)]
                 value = rows[0].tolist() if f.section == "user" else rows.tolist()
+            elif f.per_request:
+                value = t[request].tolist()
             else:
                 value = t[a].tolist() if f.section == "user" else t[a:b].tolist()
             body[f.section][f.key] = value
