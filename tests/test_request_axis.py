@@ -69,7 +69,7 @@ def _eager(workload: Workload, batch: RequestBatch) -> torch.Tensor:
         return workload.model(**batch.inputs)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", pytest.param("aoti", marks=pytest.mark.slow)])
 def test_any_request_count_scores_like_the_model(workload: Workload, backend: str, tmp_path: Path) -> None:
     program = codesign.capture(workload)
     assert program.metadata["request_form"] == "per_request"
