@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint docs bench clean
+.PHONY: setup demo test test-slow lint docs bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,20 @@ docs: $(STAMP)
 # MAKE_START is read once, when make parses this file: the time printed covers the prerequisites too.
 MAKE_START := $(shell date +%s)
 
-test: lint docs
+# Headless Chromium for the report test (it renders the HTML report and checks every chart's pixels):
+# Debian's chromium, installed when missing (as root, with apt-get). CODESIGN_SKIP_BROWSER=1 opts out.
+browser:
+	@if [ "$${CODESIGN_SKIP_BROWSER:-0}" = 1 ] || command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the report test"; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	else \
+		echo "make test renders the report in headless Chromium: install it (apt-get install chromium)," \
+			"or set CODESIGN_SKIP_BROWSER=1 to skip that test"; exit 1; \
+	fi
+
+test: lint docs browser
 	@$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15; \
 	rc=$$?; echo "make test: $$(( $$(date +%s) - $(MAKE_START) )) s wall (lint + docs + pytest), exit $$rc"; exit $$rc
 

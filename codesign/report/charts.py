@@ -198,6 +198,19 @@ def sharding_chart(plan: Plan) -> str:
     return _svg_uri(fig)
 
 
+# Objective field names as a reader says them (chart labels are words, not record keys).
+OBJECTIVE_WORDS = {
+    "latency_ms": "latency (ms)",
+    "quality_loss_pct": "NE change vs the reference (%)",
+    "memory_mb": "memory (MB)",
+}
+
+
+def objective_label(name: str) -> str:
+    """``latency_ms`` -> ``latency (ms)``; an unknown objective with its underscores as spaces."""
+    return OBJECTIVE_WORDS.get(name, name.replace("_", " "))
+
+
 def pareto_chart(search: Mapping[str, Any]) -> str:
     """Every complete trial (latency vs quality loss, colour = memory); front ringed; chosen named."""
     objectives = list(search.get("objectives", ["latency_ms", "quality_loss_pct", "memory_mb"]))
@@ -212,7 +225,7 @@ def pareto_chart(search: Mapping[str, Any]) -> str:
     sc = ax.scatter(
         lat, qual, c=memory, cmap="viridis", s=[14 if t["feasible"] else 8 for t in trials], alpha=0.8
     )
-    fig.colorbar(sc, ax=ax, label=objectives[2] if len(objectives) > 2 else "memory")
+    fig.colorbar(sc, ax=ax, label=objective_label(objectives[2]) if len(objectives) > 2 else "memory (MB)")
     front = sorted((t for t in trials if t.get("pareto")), key=lambda t: t["values"][0])
     ax.plot(
         [t["values"][0] for t in front],
@@ -231,8 +244,8 @@ def pareto_chart(search: Mapping[str, Any]) -> str:
             ax.scatter([v[0]], [v[1]], marker="*", s=160, color=COLORS["chosen"], zorder=5)
             ax.annotate(name, (v[0], v[1]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel(objectives[0])
-    ax.set_ylabel(objectives[1])
+    ax.set_xlabel(objective_label(objectives[0]))
+    ax.set_ylabel(objective_label(objectives[1]))
     ax.set_title(f"search on {search.get('target', '?')} ({search.get('latency_source', '')})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

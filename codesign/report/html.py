@@ -362,7 +362,7 @@ def _search(data: ReportData) -> str:
     chosen_by_trial = {c["trial"]: name for name, c in (s.get("chosen") or {}).items()}
     parts.append(
         _table(
-            ("trial", *objectives, "chosen as"),
+            ("trial", *(charts.objective_label(o) for o in objectives), "chosen as"),
             (
                 (t["number"], *(f"{x:.4g}" for x in t["values"]), chosen_by_trial.get(t["number"], ""))
                 for t in sorted(front, key=lambda t: t["values"][0])
