@@ -295,3 +295,42 @@ def test_every_model_bundle_reloads_in_a_fresh_process(backend: str, tmp_path: P
         warnings.warn(f"not captured, so not bundled: {uncaptured}", stacklevel=1)
     assert len(bundles) >= len(EXAMPLES)
     check_in_fresh_process(bundles, saving=False)
+
+
+PLAIN_TORCH = """
+import json, sys
+import torch
+import torch.utils._pytree as pytree
+
+folder = sys.argv[1]
+manifest = json.load(open(f"{folder}/manifest.json"))
+ref = torch.load(f"{folder}/reference.pt", weights_only=True)
+leaves = [ref["inputs"][p] for p in manifest["inputs"]["paths"]]
+inputs = pytree.tree_unflatten(leaves, pytree.treespec_loads(manifest["inputs"]["treespec"]))
+extra = {"request_offsets": ref["offsets"]} if manifest["takes_request_offsets"] else {}
+runner = torch._inductor.aoti_load_package(f"{folder}/aoti_package.pt2")
+with torch.no_grad():
+    out = runner(**inputs, **extra)
+out = [out] if isinstance(out, torch.Tensor) else list(out)
+for got, want in zip(out, ref["outputs"], strict=True):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+assert not any(m == "codesign" or m.startswith("codesign.") for m in sys.modules), "codesign was imported"
+print("ok", manifest["takes_request_offsets"])
+"""
+
+
+@pytest.mark.slow
+def test_an_aoti_package_runs_in_plain_torch(tmp_path: Path) -> None:
+    """The AOTI package of a request-sharing, grouped-lookup DLRM loads and scores with torch alone."""
+    import subprocess
+    import sys
+
+    passes = [p.ungated() for p in default_passes()]
+    variant = codesign.compile(tiny_workload("dlrm"), backend="aoti", passes=passes)
+    assert variant.takes_request_offsets
+    assert any("codesign" in str(n.target) for n in variant.exported.graph.nodes)
+    folder = variant.save(tmp_path / "dlrm", verify="none")
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_TORCH, str(folder)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok True", done.stderr[-3000:]

@@ -83,7 +83,7 @@ def test_documented_example_commands_run(name: str) -> None:
     _run_section(name)
 
 
-@pytest.mark.parametrize("page", ["index.md", "extending.md"])
+@pytest.mark.parametrize("page", ["index.md", "extending.md", "own-model.md"])
 def test_python_snippets_run(page: str) -> None:
     """The self-contained Python blocks of these pages run in one interpreter, top to bottom."""
     code = "\n\n".join(_blocks(DOCS / page, "python"))
