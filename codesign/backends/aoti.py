@@ -1,7 +1,9 @@
 """AOTInductor backend: ahead-of-time compiled ``.pt2`` package, loadable without the model's source.
 
-The package holds generated C++/CUDA code compiled into a shared library plus the weights; it is
-tied to the torch version that built it, which the bundle manifest records and checks.
+The package holds generated C++/CUDA code compiled into a shared library; the weights are not in it but
+in the bundle's ``program.pt2`` (every bundle holds it), handed to the compiled model by name when it
+loads, so a bundle stores them once. It is tied to the torch version that built it, which the bundle
+manifest records and checks.
 ``torch._inductor`` (about 2 s to import, torch._dynamo with it) is imported by ``lower`` and
 ``load``, not by this module, so importing codesign does not pay for it.
 """
@@ -45,7 +47,7 @@ class AotiBackend(Backend[AotiConfig]):
         exported = program.export()
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / AOTI_PACKAGE
-        from torch._inductor import aoti_compile_and_package
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
 
         try:
             compiled = exported
@@ -54,17 +56,19 @@ class AotiBackend(Backend[AotiConfig]):
 
                 compiled = decompose_exported(exported)
             with torch.no_grad():
-                aoti_compile_and_package(compiled, package_path=str(path))
+                # the weights stay in program.pt2 (which every bundle holds) and are handed to the
+                # compiled model at load: a bundle stores them once
+                aoti_compile_and_package(compiled, package_path=str(path), inductor_configs=WEIGHTS_OUTSIDE)
+                runner = aoti_load_package(str(path))
+                if not _constants_from(exported, runner):  # a constant the program lacks: keep them inside
+                    aoti_compile_and_package(compiled, package_path=str(path))
+                    runner = aoti_load_package(str(path))
         except Exception as exc:
             raise BackendError(
                 f"AOTInductor could not compile '{program.name}': {type(exc).__name__}: {str(exc)[:500]}",
                 fix="check that a C++ compiler is installed (gcc/g++) or use backend 'eager'/'inductor'",
             ) from exc
-        return Lowered(
-            runner=self.load(exported, {AOTI_PACKAGE: path}),
-            exported=exported,
-            artifacts={AOTI_PACKAGE: path},
-        )
+        return Lowered(runner=runner, exported=exported, artifacts={AOTI_PACKAGE: path})
 
     def load(
         self,
@@ -76,4 +80,30 @@ class AotiBackend(Backend[AotiConfig]):
             raise BackendError(f"the bundle has no {AOTI_PACKAGE}", fix="recompile with backend 'aoti'")
         from torch._inductor import aoti_load_package
 
-        return aoti_load_package(str(files[AOTI_PACKAGE]))  # type: ignore[no-any-return]  # untyped in torch
+        runner = aoti_load_package(str(files[AOTI_PACKAGE]))
+        if not _constants_from(exported, runner):
+            raise BackendError(
+                f"the bundle's {AOTI_PACKAGE} needs weights that its program.pt2 does not hold",
+                fix="recompile the bundle with backend 'aoti'",
+            )
+        return runner  # type: ignore[no-any-return]  # untyped in torch
+
+
+# Inductor settings of the package: no weights in the shared library (program.pt2 holds them).
+WEIGHTS_OUTSIDE = {"aot_inductor.package_constants_in_so": False}
+
+
+def _constants_from(exported: torch.export.ExportedProgram, runner: Any) -> bool:
+    """Hand the compiled model the program's weights and buffers (by name, not copied); False if it
+    needs one the program lacks. Packages that carry their own weights get the same values again."""
+    source = {
+        name: t
+        for name, t in {**exported.state_dict, **exported.constants}.items()
+        if isinstance(t, torch.Tensor)
+    }
+    names = list(runner.get_constant_fqns())
+    if any(n not in source for n in names):
+        return False
+    if names:
+        runner.load_constants({n: source[n] for n in names}, check_full_update=True, user_managed=True)
+    return True
