@@ -308,20 +308,30 @@ ref = torch.load(f"{folder}/reference.pt", weights_only=True)
 leaves = [ref["inputs"][p] for p in manifest["inputs"]["paths"]]
 inputs = pytree.tree_unflatten(leaves, pytree.treespec_loads(manifest["inputs"]["treespec"]))
 extra = {"request_offsets": ref["offsets"]} if manifest["takes_request_offsets"] else {}
+import codesign.ops  # the one import: registers the ops program.pt2 calls
+
+# the package holds code only; the weights come from program.pt2, handed over by name (not copied)
+program = torch.export.load(f"{folder}/program.pt2")
+weights = {**program.state_dict, **program.constants}
 runner = torch._inductor.aoti_load_package(f"{folder}/aoti_package.pt2")
+runner.load_constants(
+    {name: weights[name] for name in runner.get_constant_fqns()}, check_full_update=True, user_managed=True
+)
 with torch.no_grad():
     out = runner(**inputs, **extra)
 out = [out] if isinstance(out, torch.Tensor) else list(out)
 for got, want in zip(out, ref["outputs"], strict=True):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-assert not any(m == "codesign" or m.startswith("codesign.") for m in sys.modules), "codesign was imported"
+heavy = [m for m in ("codesign.passes", "codesign.build", "codesign.serving") if m in sys.modules]
+assert not heavy, f"more of codesign than its ops was imported: {heavy}"
 print("ok", manifest["takes_request_offsets"])
 """
 
 
 @pytest.mark.slow
 def test_an_aoti_package_runs_in_plain_torch(tmp_path: Path) -> None:
-    """The AOTI package of a request-sharing, grouped-lookup DLRM loads and scores with torch alone."""
+    """The AOTI package of a request-sharing, grouped-lookup DLRM loads and scores with torch and
+    codesign's ops alone, its weights taken from program.pt2 as docs/own-model.md shows."""
     import subprocess
     import sys
 
@@ -334,3 +344,38 @@ def test_an_aoti_package_runs_in_plain_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", PLAIN_TORCH, str(folder)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok True", done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_an_aoti_bundle_stores_its_weights_once(tmp_path: Path) -> None:
+    """program.pt2 holds the weights; the AOTI package holds code only and takes them at load."""
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.EmbeddingBag(40_000, 32, mode="sum")  # 5.1 MB
+            self.head = nn.Linear(32 + 8, 1)
+
+        def forward(self, ids: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.table(ids, offsets), dense], 1)).squeeze(1)
+
+    def batch(counts: list[int], seed: int) -> codesign.RequestBatch:
+        g = torch.Generator().manual_seed(seed)
+        n = sum(counts)
+        inputs = {
+            "ids": torch.randint(0, 40_000, (3 * n,), generator=g),
+            "offsets": torch.arange(n) * 3,
+            "dense": torch.randn(n, 8, generator=g),
+        }
+        return codesign.RequestBatch(inputs, offsets_from_counts(counts))
+
+    spec = codesign.RequestSpec(jagged={"ids": "offsets"})
+    w = Workload("wide", Wide().eval(), spec, batch)
+    params = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    folder = codesign.compile(w, backend="aoti", passes=[]).save(tmp_path / "wide", verify="in_process")
+    package = (folder / "aoti_package.pt2").stat().st_size
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert package < params / 2, (package, params)  # code, not weights
+    assert total < params * 1.1 + 4e6, (total, params)  # one copy of the weights plus the code
+    b = batch([5, 2], 3)
+    torch.testing.assert_close(codesign.load(folder).score(b), w.model(**b.inputs), rtol=1e-4, atol=1e-5)

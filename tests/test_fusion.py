@@ -256,8 +256,63 @@ def test_grouped_lookup_rejects_an_id_outside_its_table() -> None:
         out.run(batch)
 
 
-def test_a_lone_lookup_is_left_alone() -> None:
+class _FieldEmbeddings(torch.nn.Module):
+    """Per-field ``nn.Embedding`` tables as CTR code writes them: ids [N, F], one table per column, a
+    history table read with [N, L] ids, and a table of another width that cannot join a group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields = torch.nn.ModuleList([torch.nn.Embedding(v, 8) for v in (30, 12, 50)])
+        self.history = torch.nn.Embedding(40, 8, padding_idx=0)
+        self.other = torch.nn.Embedding(9, 4)
+        self.head = torch.nn.Linear(5 * 8 + 4, 1)
+
+    def forward(self, sparse: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        embs = [emb(sparse[:, i]) for i, emb in enumerate(self.fields)]  # [N, d] each
+        h = self.history(hist)  # [N, L, d]
+        x = torch.cat([*embs, h.sum(1), h.max(1).values, self.other(sparse[:, 3])], 1)
+        return self.head(x).squeeze(1)
+
+
+def _fields_batch(counts: list[int], seed: int) -> RequestBatch:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    sparse = torch.stack([torch.randint(0, v, (n,), generator=g) for v in (30, 12, 50, 9)], 1)
+    return RequestBatch(
+        {"sparse": sparse, "hist": torch.randint(0, 40, (n, 5), generator=g)}, offsets_from_counts(counts)
+    )
+
+
+def test_nn_embedding_lookups_are_grouped_like_bags() -> None:
+    program = _capture(_FieldEmbeddings(), _fields_batch)
+    out, stats, modified = _run(program, FORCED["group_embedding_bags"])
+    assert modified and stats["tables_per_group"] == [4] and stats["embedding_lookups_grouped"] == 4
+    ops = _ops(out)
+    assert ops.count("codesign.grouped_embedding_bag.default") == 1
+    assert ops.count("aten.embedding.default") == 1  # the 4-wide table stays a lookup of its own
+    for counts in ([1], [4, 1, 3]):
+        batch = _fields_batch(counts, 7)
+        assert_outputs_close(out.run(batch), program.run(batch), REORDERED)
+
+
+def test_grouping_is_measured_and_declined_where_it_is_slower_here() -> None:
+    """DIN's request-level history tables group; on this CPU the gate times it and keeps it only if faster."""
     _, report = PassManager([EmbeddingGrouping()], HOST).run(tiny_program("din"))
+    rec = report.passes[0]
+    assert rec.measured_latency_before_s is not None and rec.measured_latency_after_s is not None
+    assert rec.modified or (rec.skip is not None and rec.skip.kind is SkipKind.NO_MEASURED_GAIN)
+
+
+def test_a_lone_lookup_is_left_alone() -> None:
+    class _One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Embedding(30, 8)
+
+        def forward(self, sparse: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+            return self.table(sparse[:, 0]).sum(1) + hist.sum(1)
+
+    _, report = PassManager([EmbeddingGrouping()], HOST).run(_capture(_One(), _fields_batch))
     rec = report.passes[0]
     assert not rec.modified and rec.skip is not None and rec.skip.kind is SkipKind.NOT_APPLICABLE
     assert rec.skip.message == "no group of EmbeddingBag lookups to merge" and "min_group=2" in rec.skip.fix

@@ -267,3 +267,46 @@ def test_sharded_program_needs_a_process_group() -> None:
         pytest.skip("a process group is already initialized")
     with pytest.raises(ShardingError, match="not initialized"):
         ShardedProgram(program.graph_module, plan)
+
+
+# ---- nn.Embedding tables ------------------------------------------------------------------------
+
+
+def _embedding_program(world: int) -> tuple[codesign.ir.program.Program, str]:
+    """zoo wide_deep (5 per-field nn.Embedding tables and a wide one read with [N, 5] ids), planned
+    over ``world`` devices with a row-wise and a column-wise table among them."""
+    from tests.zoo import ZOO
+
+    program = codesign.capture(ZOO["wide_deep"]())
+    hw = dataclasses.replace(H100, devices_per_host=2)
+    forced = (("embeds.0.weight", "row_wise"), ("embeds.1.weight", "column_wise"))
+    config = ShardingConfig(devices=world, constraints=forced)
+    out, report = PassManager([ShardEmbeddings(config)], Target(hw, world)).run(program)
+    assert report.passes[0].modified, report.passes[0].skip
+    return out, json.dumps(out.metadata["sharding_plan"])
+
+
+def test_nn_embedding_tables_are_planned_like_embedding_bags() -> None:
+    _, plan_json = _embedding_program(2)
+    plan = Plan.from_json(plan_json)
+    assert sorted(t.name for t in plan.tables) == sorted(
+        [f"embeds.{i}.weight" for i in range(5)] + ["wide.weight"]
+    )
+    wide = next(t for t in plan.tables if t.name == "wide.weight")
+    assert wide.bags_per_sample == pytest.approx(5.0)  # [N, 5] ids: five one-id bags per candidate
+    assert plan.kinds["embeds.0.weight"] == "row_wise" and plan.kinds["embeds.1.weight"] == "column_wise"
+
+
+def _score_embedding_rank(rank: int, world: int, out: str) -> None:
+    program, plan_json = _embedding_program(world)
+    sharded = ShardedProgram(program.graph_module, Plan.from_json(plan_json))
+    batch = program.sample_batch([3, 1 + rank, 2], seed=7 + rank)
+    err = float((sharded(**batch.inputs) - program.run(batch)).abs().max())
+    Path(out, f"{rank}.json").write_text(json.dumps({"error": err}))
+
+
+def test_sharded_nn_embedding_run_on_gloo_equals_single_device() -> None:
+    with tempfile.TemporaryDirectory() as out:
+        launch(_score_embedding_rank, 2, out, backend="gloo")
+        errors = [json.loads(Path(out, f"{r}.json").read_text())["error"] for r in range(2)]
+    assert max(errors) <= SHARDED_ATOL, errors

@@ -13,12 +13,19 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis import node_value
+from codesign.analysis import node_value, symbolic_dim
 from codesign.ir.program import Program
 from codesign.ops.grouped_embedding_bag import EMBEDDING_BAG_MODES
-from codesign.passes.graph_edit import param_value
+from codesign.passes.graph_edit import insert_call, param_value
 
-__all__ = ["UNARY_ACTIVATIONS", "embedding_bag_lookup", "epilogue_activation", "linear_parts"]
+__all__ = [
+    "UNARY_ACTIVATIONS",
+    "embedding_as_bag",
+    "embedding_bag_lookup",
+    "embedding_lookup",
+    "epilogue_activation",
+    "linear_parts",
+]
 
 aten = torch.ops.aten
 
@@ -86,3 +93,61 @@ def embedding_bag_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.T
     if ids_val is None or ids_val.dim() != 1 or offsets_val is None or offsets_val.dim() != 1:
         return None
     return weight, ids, offsets, int(mode)
+
+
+def embedding_lookup(program: Program, node: torch.fx.Node) -> tuple[torch.Tensor, torch.fx.Node] | None:
+    """(table, ids node) of an ``nn.Embedding`` lookup (``aten.embedding``) of a 2-D parameter table.
+
+    ``padding_idx`` only affects gradients, so every inference lookup qualifies; the ids may have any
+    shape (``[N]``, ``[N, L]``).
+    """
+    if node.target is not aten.embedding.default or len(node.args) < 2:
+        return None
+    weight, ids = param_value(program, node.args[0]), node.args[1]
+    if weight is None or weight.dim() != 2 or not isinstance(ids, torch.fx.Node):
+        return None
+    ids_val = node_value(ids)
+    if ids_val is None or ids_val.is_floating_point() or ids_val.dim() < 1:
+        return None
+    return weight, ids
+
+
+def embedding_as_bag(
+    program: Program, node: torch.fx.Node, shared_offsets: dict[Any, torch.fx.Node] | None = None
+) -> torch.fx.Node:
+    """Rewrite an ``nn.Embedding`` lookup (``embedding_lookup``) in place as an EmbeddingBag of one id per bag.
+
+    ``embedding(W, ids)`` equals ``embedding_bag(W, ids.flatten(), arange(ids.numel()), mode=sum)``
+    reshaped to ``[*ids.shape, d]``: what lets the passes that group and shard EmbeddingBag tables take
+    ``nn.Embedding`` tables too. Returns the new ``embedding_bag`` node (its pooled output is getitem 0).
+    ``shared_offsets`` (size expression -> ``arange`` node) lets lookups of as many ids share one
+    ``arange``: the node must already stand before ``node`` in the graph.
+    """
+    graph = program.graph
+    weight_node, ids = node.args[0], node.args[1]
+    assert isinstance(ids, torch.fx.Node)
+    ids_val = node_value(ids)
+    assert ids_val is not None
+    with graph.inserting_before(node):
+        flat = ids if ids_val.dim() == 1 else insert_call(graph, aten.reshape.default, (ids, [-1]))
+        size = symbolic_dim(ids_val.numel()), ids_val.dtype
+        offsets = (shared_offsets or {}).get(size)
+        if offsets is None:
+            count = insert_call(graph, aten.sym_size.int, (flat, 0))
+            offsets = insert_call(
+                graph, aten.arange.default, (count,), {"dtype": ids_val.dtype, "device": ids_val.device}
+            )
+            if shared_offsets is not None:
+                shared_offsets[size] = offsets
+        bag = insert_call(graph, aten.embedding_bag.default, (weight_node, flat, offsets, False, 0))
+        pooled = insert_call(graph, operator.getitem, (bag, 0))
+        out = pooled
+        if ids_val.dim() > 1:
+            sizes = [insert_call(graph, aten.sym_size.int, (ids, k)) for k in range(ids_val.dim())]
+            table = param_value(program, weight_node)
+            assert table is not None
+            width = int(table.shape[1])
+            out = insert_call(graph, aten.reshape.default, (pooled, [*sizes, width]))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return bag

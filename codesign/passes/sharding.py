@@ -22,7 +22,9 @@ from codesign.hardware.costmodel import estimate
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 from codesign.ir.request import flatten_inputs
+from codesign.passes.graph_edit import finish_rewrite
 from codesign.passes.manager import Pass, PassResult, SkipKind
+from codesign.passes.patterns import embedding_as_bag, embedding_lookup
 from codesign.passes.registry import register_pass
 from codesign.sharding.planner import PlannerConfig, plan_sharding
 from codesign.sharding.runtime import Lookup, find_lookups, table_storage
@@ -136,7 +138,8 @@ def program_tables(
 
 @register_pass
 class ShardEmbeddings(Pass[ShardingConfig]):
-    """Plan every EmbeddingBag table across the target's devices (metadata only; graph unchanged)."""
+    """Plan every EmbeddingBag and nn.Embedding table across the target's devices (the plan is metadata;
+    nn.Embedding lookups are rewritten as EmbeddingBags of one id per bag so the sharded runtime takes them)."""
 
     name = "shard_embeddings"
     config_class = ShardingConfig
@@ -157,6 +160,13 @@ class ShardEmbeddings(Pass[ShardingConfig]):
             raise PassError(
                 f"shard_embeddings: table_format {cfg.table_format!r} is not 'model' or one of {TABLE_FORMATS}"
             )
+        # nn.Embedding tables are planned and looked up like EmbeddingBag ones: as bags of one id each
+        converted = [n for n in list(program.graph.nodes) if embedding_lookup(program, n) is not None]
+        for node in converted:
+            embedding_as_bag(program, node)
+        if converted:
+            program = finish_rewrite(program)
+            program.recompile()
         tables, lookups, refused = program_tables(program, cfg.table_format)
         if not tables:
             return PassResult.skipped(
@@ -185,6 +195,7 @@ class ShardEmbeddings(Pass[ShardingConfig]):
         program.metadata["sharding_plan"] = plan.to_dict()
         stats: dict[str, Any] = dict(plan.summary())
         stats["tables_by_kind"] = plan.kinds
+        stats["embedding_lookups_as_bags"] = len(converted)
         if refused:
             stats["not_sharded"] = refused
         return PassResult(program, True, stats)

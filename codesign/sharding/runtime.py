@@ -249,7 +249,12 @@ class ShardedProgram:
         flat = [v for _, v in flatten_inputs(inputs)]
         with torch.no_grad():
             parts = self.front(*flat)
-            ids = {lk.node: parts[2 * i].reshape(-1).to(torch.int64) for i, lk in enumerate(self.lookups)}
+            # contiguous: ids cut from a column of a [N, F] input are a strided view, and the lookup
+            # kernel below reads its ids as if they were packed (it read another field's ids)
+            ids = {
+                lk.node: parts[2 * i].reshape(-1).to(torch.int64).contiguous()
+                for i, lk in enumerate(self.lookups)
+            }
             lengths = {}
             for i, lk in enumerate(self.lookups):
                 offsets = parts[2 * i + 1].reshape(-1).to(torch.int64)

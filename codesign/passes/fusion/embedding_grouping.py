@@ -1,4 +1,7 @@
-"""``group_embedding_bags``: EmbeddingBag lookups of equal width, dtype and mode become one grouped op (TBE)."""
+"""``group_embedding_bags``: EmbeddingBag lookups of equal width, dtype and mode become one grouped op (TBE).
+
+``nn.Embedding`` lookups take part as bags of one id each (sum), rewritten so only when they join a group.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis import count_kernels, propagate_roles
+from codesign.analysis import count_kernels, node_value, propagate_roles, symbolic_dim
 from codesign.config import Config, knob, register_config
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
@@ -25,9 +28,7 @@ from codesign.passes.graph_edit import (
     register_constant,
 )
 from codesign.passes.manager import GAIN_HELP, Pass, PassResult, SkipKind
-from codesign.passes.patterns import (
-    embedding_bag_lookup,
-)
+from codesign.passes.patterns import embedding_as_bag, embedding_bag_lookup, embedding_lookup
 from codesign.passes.registry import register_pass
 
 aten = torch.ops.aten
@@ -69,20 +70,34 @@ class EmbeddingGrouping(Pass[EmbeddingGroupingConfig]):
         graph = program.graph
         roles = propagate_roles(program)
         lookups = {n: info for n in graph.nodes if (info := embedding_bag_lookup(program, n)) is not None}
+        # nn.Embedding lookups group as bags of one id each (mode sum); rewritten so only if grouped
+        plain = {n: one for n in graph.nodes if (one := embedding_lookup(program, n)) is not None}
         by_key: dict[tuple[Any, ...], list[torch.fx.Node]] = defaultdict(list)
         for node, (weight, ids, _, mode) in lookups.items():
             # request-level lookups stay apart from candidate-level ones (request sharing compresses them)
             by_key[(weight.dtype, weight.shape[1], mode, roles.get(ids.name))].append(node)
-        rows = {n: lookups[n][0].shape[0] for n in lookups}
+        for node, (table, table_ids) in plain.items():
+            by_key[(table.dtype, table.shape[1], 0, roles.get(table_ids.name))].append(node)
+        rows = {n: int(info[0].shape[0]) for n, info in lookups.items()}
+        rows.update({n: int(table.shape[0]) for n, (table, _) in plain.items()})
 
         def fits(group: list[torch.fx.Node], node: torch.fx.Node) -> bool:
+            # a table looked up twice (DIN's item table, for history and candidate) is not copied twice
+            if any(m.args[0] is node.args[0] for m in group):
+                return False
             return sum(rows[m] for m in group) + rows[node] <= cfg.max_group_rows
+
+        def saves_kernels(group: list[torch.fx.Node]) -> bool:
+            # k lookups become one grouped op, plus one arange of offsets per distinct id count of the
+            # nn.Embedding members (bags of one id): grouping pays only when that is fewer kernels
+            sizes = {symbolic_dim(node_value(plain[m][1]).numel()) for m in group if m in plain}  # type: ignore[union-attr]  # matched lookups have values
+            return len(group) > 1 + len(sizes)
 
         groups = [
             g
             for members in by_key.values()
             for g in independent_groups(members, graph, fits)
-            if len(g) >= cfg.min_group
+            if len(g) >= cfg.min_group and saves_kernels(g)
         ]
         if not groups:
             return PassResult.skipped(
@@ -91,8 +106,17 @@ class EmbeddingGrouping(Pass[EmbeddingGroupingConfig]):
                 "no group of EmbeddingBag lookups to merge",
                 fix=f"grouping needs at least min_group={cfg.min_group} lookups of equal width, dtype and mode",
             )
+        converted = 0
         for members in groups:
-            _group_lookups(program, members, [lookups[m] for m in members])
+            bags = []
+            shared_offsets: dict[Any, torch.fx.Node] = {}
+            for m in sorted(members, key=list(graph.nodes).index):  # a shared arange precedes its users
+                if m in plain:
+                    m = embedding_as_bag(program, m, shared_offsets)
+                    converted += 1
+                    lookups[m] = embedding_bag_lookup(program, m)  # type: ignore[assignment]  # a plain bag
+                bags.append(m)
+            _group_lookups(program, bags, [lookups[m] for m in bags])
         out = finish_rewrite(program)
         stats = kernels_stats(
             kernels,
@@ -100,6 +124,7 @@ class EmbeddingGrouping(Pass[EmbeddingGroupingConfig]):
             groups=len(groups),
             lookups_grouped=sum(len(g) for g in groups),
             tables_per_group=[len(g) for g in groups],
+            embedding_lookups_grouped=converted,
         )
         return PassResult(out, True, stats)
 
