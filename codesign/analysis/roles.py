@@ -246,7 +246,7 @@ def propagate_roles(program: Program) -> dict[str, Role]:
     for path, node in program.placeholders().items():
         if path == REQUEST_OFFSETS:
             roles[node.name] = Role.PARAM
-        elif path in spec.static_inputs or path in spec.jagged.values():
+        elif path in spec.static_inputs or path in spec.not_sliced:
             roles[node.name] = Role.PARAM if path in spec.static_inputs else Role.CANDIDATE
         elif path in spec.request_inputs:
             roles[node.name] = Role.REQUEST

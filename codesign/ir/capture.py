@@ -96,7 +96,7 @@ def capture(
             f"the example has {example.num_candidates} candidate row; torch.export specializes sizes 0 and 1",
             fix="capture with an example of at least 2 candidate rows (the program still accepts 1)",
         )
-    for values in spec.jagged:
+    for values in spec.bags:
         if example.leaves()[values].numel() < 2:
             raise SpecError(f"jagged input {values!r} has < 2 values in the example; use a larger example")
     model.eval()

@@ -67,7 +67,7 @@ def dynamic_shapes_for(
             shapes.append({0: requests})
         elif path == spec.request_offsets_input:
             shapes.append({0: requests + 1})
-        elif path in spec.jagged:
+        elif path in spec.bags:
             shapes.append({0: Dim(_dim_name(path), min=0, max=max_candidates * 1024)})
         else:
             shapes.append({0: candidates})

@@ -28,6 +28,9 @@ __all__ = [
     "RequestBatch",
     "RequestSpec",
     "StructuredBatch",
+    "bag_companion",
+    "bag_offsets",
+    "bag_segments",
     "concat_batches",
     "even_counts",
     "flatten_inputs",
@@ -80,6 +83,8 @@ class RequestSpec(Config):
       (dim 1) that are request-level.
     - ``jagged``: a flat values tensor (EmbeddingBag ``indices``) mapped to its per-candidate
       ``offsets`` input; its length is its own dynamic dimension, not the candidate count.
+    - ``jagged_lengths``: the same for a values tensor described by per-candidate ``lengths``
+      (bag sizes, TorchRec's convention) instead of offsets.
     - ``static_inputs``: inputs without a candidate dimension (passed as they are).
     - ``per_request_inputs``: the request-centric form a model may be written in: inputs with one
       row per *request* (``user_feats[R, 16]``), dimension 0 the request count; the model maps
@@ -97,6 +102,7 @@ class RequestSpec(Config):
     request_columns: Mapping[str, tuple[ColumnRange, ...]] = dataclasses.field(default_factory=dict)
     jagged: Mapping[str, str] = dataclasses.field(default_factory=dict)
     static_inputs: tuple[str, ...] = ()
+    jagged_lengths: Mapping[str, str] = dataclasses.field(default_factory=dict)
     per_request_inputs: tuple[str, ...] = ()
     request_index_input: str | None = None
     request_offsets_input: str | None = None
@@ -124,7 +130,7 @@ class RequestSpec(Config):
                 fix="name the model's input that takes it: request_index_input='request_index' ([N]) or "
                 "request_offsets_input='request_offsets' ([R+1])",
             )
-        for field in ("request_columns", "jagged"):
+        for field in ("request_columns", "jagged", "jagged_lengths"):
             if not isinstance(getattr(self, field), Mapping):
                 raise SpecError(
                     f"RequestSpec {field} must be a dict, got {type(getattr(self, field)).__name__}",
@@ -145,16 +151,24 @@ class RequestSpec(Config):
                     fix="write e.g. request_columns={'x': ((0, 16),)}",
                 ) from exc
         object.__setattr__(self, "request_columns", cols)
-        for values, offsets in dict(self.jagged).items():
-            if not isinstance(values, str) or not isinstance(offsets, str):
-                raise SpecError(
-                    f"RequestSpec jagged maps input names to input names, got {values!r}: {offsets!r}",
-                    fix="write e.g. jagged={'indices.0': 'offsets.0'} (values input -> its offsets input)",
-                )
-        object.__setattr__(self, "jagged", dict(self.jagged))
+        for field in ("jagged", "jagged_lengths"):
+            for values, companion in dict(getattr(self, field)).items():
+                if not isinstance(values, str) or not isinstance(companion, str):
+                    example = "offsets.0" if field == "jagged" else "lengths.0"
+                    raise SpecError(
+                        f"RequestSpec {field} maps input names to input names, got {values!r}: {companion!r}",
+                        fix=f"write e.g. {field}={{'indices.0': '{example}'}} (values input -> its per-candidate input)",
+                    )
+            object.__setattr__(self, field, dict(getattr(self, field)))
+        both_kinds = set(self.jagged) & set(self.jagged_lengths)
+        if both_kinds:
+            raise SpecError(
+                f"inputs {sorted(both_kinds)} are listed in both jagged (offsets) and jagged_lengths",
+                fix="describe each values input by its offsets or by its lengths, not both",
+            )
         per_request = set(self.per_request_inputs)
         clash = per_request & (
-            set(self.request_inputs) | set(cols) | set(self.static_inputs) | set(self.jagged)
+            set(self.request_inputs) | set(cols) | set(self.static_inputs) | set(self.bags)
         )
         if clash:
             raise SpecError(
@@ -175,7 +189,7 @@ class RequestSpec(Config):
 
     def candidate_dim_inputs(self, paths: Iterable[str]) -> list[str]:
         """Inputs whose dimension 0 is the candidate count (the request index input among them)."""
-        other = set(self.jagged) | set(self.static_inputs) | set(self.per_request_inputs)
+        other = set(self.bags) | set(self.static_inputs) | set(self.per_request_inputs)
         if self.request_offsets_input is not None:
             other.add(self.request_offsets_input)
         return [p for p in paths if p not in other]
@@ -194,7 +208,14 @@ class RequestSpec(Config):
     def not_sliced(self) -> set[str]:
         """Inputs that batch surgery (resample, split, join) does not cut by rows: static inputs, jagged
         offsets (rebuilt with their values) and the request map inputs (rebuilt from the offsets)."""
-        return set(self.static_inputs) | set(self.jagged.values()) | set(self.request_map_inputs)
+        return set(self.static_inputs) | {c for c, _ in self.bags.values()} | set(self.request_map_inputs)
+
+    @property
+    def bags(self) -> dict[str, tuple[str, str]]:
+        """Every jagged values input -> (its per-candidate input, ``"offsets"`` or ``"lengths"``)."""
+        out = {v: (o, "offsets") for v, o in self.jagged.items()}
+        out.update({v: (n, "lengths") for v, n in self.jagged_lengths.items()})
+        return out
 
     @property
     def form(self) -> str:
@@ -207,6 +228,8 @@ class RequestSpec(Config):
             | set(self.request_columns)
             | set(self.jagged)
             | set(self.jagged.values())
+            | set(self.jagged_lengths)
+            | set(self.jagged_lengths.values())
             | set(self.static_inputs)
             | set(self.per_request_inputs)
             | set(self.request_map_inputs)
@@ -242,8 +265,8 @@ class RequestSpec(Config):
                 if start < prev_stop:
                     raise SpecError(f"request_columns[{name!r}] ranges overlap at column {start}")
                 prev_stop = stop
-        for values, offsets in self.jagged.items():
-            for p in (values, offsets):
+        for values, (companion, _) in self.bags.items():
+            for p in (values, companion):
                 if leaves[p].dim() != 1 or leaves[p].dtype not in (torch.int32, torch.int64):
                     raise SpecError(
                         f"jagged input {p!r} must be a 1-D integer tensor, got {leaves[p].dtype} "
@@ -372,12 +395,19 @@ class RequestBatch:
                 int(o[0]) != 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > leaves[values].numel()
             ):
                 raise SpecError(f"jagged offsets {offsets!r} are not non-decreasing within len({values!r})")
+        for values, lengths in spec.jagged_lengths.items():
+            sizes = leaves[lengths]
+            if bool((sizes < 0).any()) or int(sizes.sum()) != leaves[values].numel():
+                raise SpecError(
+                    f"jagged lengths {lengths!r} must be >= 0 and add up to len({values!r}) = "
+                    f"{leaves[values].numel()}, got a sum of {int(sizes.sum())}"
+                )
         self._check_repeats(spec, leaves)
 
     def _check_repeats(self, spec: RequestSpec, leaves: Mapping[str, Any]) -> None:
         first_row = self.offsets[:-1].repeat_interleave(self.counts)
         pieces: list[tuple[str, torch.Tensor]] = [
-            (f"'{p}'", leaves[p]) for p in spec.request_inputs if p not in spec.jagged
+            (f"'{p}'", leaves[p]) for p in spec.request_inputs if p not in spec.bags
         ]
         for name, ranges in spec.request_columns.items():
             pieces += [(f"'{name}'[:, {a}:{b}]", leaves[name][:, a:b]) for a, b in ranges]
@@ -392,8 +422,8 @@ class RequestBatch:
                     fix="repeat user features on every candidate row, or declare the input candidate-level",
                 )
         for values in spec.request_inputs:
-            if values in spec.jagged:
-                segs = _segments(leaves[values], leaves[spec.jagged[values]])
+            if values in spec.bags:
+                segs = bag_segments(spec, leaves, values)
                 for r in range(self.num_requests):
                     a, b = int(self.offsets[r]), int(self.offsets[r + 1])
                     if any(not torch.equal(segs[i], segs[a]) for i in range(a + 1, b)):
@@ -409,10 +439,10 @@ class RequestBatch:
         request: dict[str, torch.Tensor] = {}
         candidate: dict[str, Any] = {}
         for path, t in leaves.items():
-            if path in spec.jagged.values() and any(spec.jagged[v] == path for v in spec.request_inputs):
-                continue  # offsets of a request-level bag are rebuilt from the request's bags
-            if path in spec.request_inputs and path in spec.jagged:
-                segs = _segments(t, leaves[spec.jagged[path]])
+            if any(spec.bags[v][0] == path for v in spec.request_inputs if v in spec.bags):
+                continue  # offsets / lengths of a request-level bag are rebuilt from the request's bags
+            if path in spec.request_inputs and path in spec.bags:
+                segs = bag_segments(spec, leaves, path)
                 chosen = [segs[int(i)] for i in first]
                 request[path] = torch.cat(chosen) if chosen else t[:0]
                 request[f"{path}#lengths"] = torch.tensor([s.numel() for s in chosen], dtype=torch.int64)
@@ -487,6 +517,24 @@ def _names(field: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def bag_offsets(spec: RequestSpec, leaves: Mapping[str, Any], values: str) -> torch.Tensor:
+    """Per-candidate start offsets of a jagged values input, whichever way the spec describes it."""
+    companion, kind = spec.bags[values]
+    c = leaves[companion]
+    return c if kind == "offsets" else torch.cumsum(c, 0) - c
+
+
+def bag_segments(spec: RequestSpec, leaves: Mapping[str, Any], values: str) -> list[torch.Tensor]:
+    """The bag of each candidate row of a jagged values input."""
+    return _segments(leaves[values], bag_offsets(spec, leaves, values))
+
+
+def bag_companion(bags: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """The per-candidate input of ``bags`` laid end to end: start offsets, or lengths."""
+    sizes = [b.numel() for b in bags]
+    return offsets_from_counts(sizes)[:-1] if kind == "offsets" else torch.tensor(sizes, dtype=torch.int64)
+
+
 def _segments(values: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
     ends = torch.cat([offsets[1:], torch.tensor([values.numel()], dtype=offsets.dtype)])
     return [values[int(a) : int(b)] for a, b in zip(offsets, ends, strict=True)]
@@ -521,12 +569,13 @@ class StructuredBatch:
         counts = self.offsets[1:] - self.offsets[:-1]
         new: dict[str, Any] = {}
         for path, _t in template.leaves().items():
-            if path in spec.request_inputs and path in spec.jagged:
+            if path in spec.request_inputs and path in spec.bags:
                 lengths = self.request[f"{path}#lengths"]
                 segs = _segments(self.request[path], offsets_from_counts(lengths)[:-1])
                 bags = [segs[int(r)] for r in idx]
                 new[path] = torch.cat(bags) if bags else self.request[path][:0]
-                new[spec.jagged[path]] = offsets_from_counts([b.numel() for b in bags])[:-1]
+                companion, kind = spec.bags[path]
+                new[companion] = bag_companion(bags, kind)
             elif path in spec.request_inputs:
                 new[path] = self.request[path].repeat_interleave(counts, dim=0)
             elif path in spec.per_request_inputs:
@@ -584,14 +633,14 @@ def resample_batch(
                 out = out + torch.where(id_like, 0.0, eps * out.abs().mean().clamp_min(1e-3))
             new[path] = out
             continue
-        if path in spec.jagged:
-            off_path = spec.jagged[path]
-            segs = _segments(t, leaves[off_path])
+        if path in spec.bags:
+            companion, kind = spec.bags[path]
+            segs = bag_segments(spec, leaves, path)
             # request-level bags stay identical within a request: take the source request's first row
             bag_rows = batch.offsets[src_req][req_of_row] if path in spec.request_inputs else rows
             bags = [segs[int(r)] for r in bag_rows]
             new[path] = torch.cat(bags) if bags else t[:0]
-            new[off_path] = offsets_from_counts([b.numel() for b in bags])[:-1].to(leaves[off_path].dtype)
+            new[companion] = bag_companion(bags, kind).to(leaves[companion].dtype)
             continue
         out = t[batch.offsets[src_req][req_of_row]] if path in spec.request_inputs else t[rows]
         if out.is_floating_point() and noise > 0:
@@ -644,12 +693,13 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
             if path in spec.per_request_inputs:  # the rows of the requests this piece touches
                 new[path] = t[first_req : last_req + 1]
                 continue
-            if path in spec.jagged:
-                off = leaves[spec.jagged[path]]
+            if path in spec.bags:
+                companion, kind = spec.bags[path]
+                off = bag_offsets(spec, leaves, path)
                 lo = int(off[start])
                 hi = int(off[stop]) if stop < n else t.numel()
                 new[path] = t[lo:hi]
-                new[spec.jagged[path]] = off[start:stop] - lo
+                new[companion] = off[start:stop] - lo if kind == "offsets" else leaves[companion][start:stop]
             else:
                 new[path] = t[start:stop]
         counts = (batch.offsets.clamp(start, stop)[1:] - batch.offsets.clamp(start, stop)[:-1]).clamp_min(0)
@@ -677,13 +727,13 @@ def concat_batches(batches: Sequence[RequestBatch], spec: RequestSpec) -> Reques
     for path, first in leaves[0].items():
         if not isinstance(first, torch.Tensor) or path in spec.not_sliced:
             continue
-        if path in spec.jagged:
-            off_path = spec.jagged[path]
+        if path in spec.bags:
+            companion, kind = spec.bags[path]
             shifted, start = [], 0
             for lv in leaves:
-                shifted.append(lv[off_path] + start)
+                shifted.append(lv[companion] + start if kind == "offsets" else lv[companion])
                 start += int(lv[path].numel())
-            new[off_path] = torch.cat(shifted)
+            new[companion] = torch.cat(shifted)
         new[path] = torch.cat([lv[path] for lv in leaves])
     counts = torch.cat([b.counts for b in batches])
     joined = RequestBatch(inputs=_replace_leaves(batches[0].inputs, new), offsets=offsets_from_counts(counts))

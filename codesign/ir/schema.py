@@ -48,7 +48,7 @@ class InputField:
 
     path: str
     # "candidate" | "request" ([R, ...]) | "map" (request index/offsets) | "jagged" (EmbeddingBag values) |
-    # "offsets" (per-candidate) | "static" | "constant"
+    # "offsets" / "lengths" (per-candidate, of a jagged input) | "static" | "constant"
     kind: str
     dtype: torch.dtype | None  # None for a Python constant
     shape: tuple[int, ...]  # after dim 0 for candidate inputs; the whole shape for static inputs
@@ -68,6 +68,8 @@ class InputField:
             return f"{dtype} [n_values] (EmbeddingBag ids)"
         if self.kind == "offsets":
             return f"{dtype} [n_candidates] (per-candidate offsets)"
+        if self.kind == "lengths":
+            return f"{dtype} [n_candidates] (per-candidate bag lengths)"
         return f"{dtype} {list(self.shape)} (static)"
 
 
@@ -88,7 +90,7 @@ class InputSchema:
         id_bounds: Mapping[str, Mapping[str, int]] | None = None,
     ) -> InputSchema:
         """The schema of the batch a program was captured (or a bundle verified) with."""
-        offsets_of = set(spec.jagged.values())
+        companions = {c: kind for c, kind in spec.bags.values()}
         fields = []
         for path, value in flatten_inputs(reference.inputs):
             if not isinstance(value, torch.Tensor):
@@ -99,10 +101,10 @@ class InputSchema:
                 fields.append(InputField(path, "request", value.dtype, tuple(value.shape[1:])))
             elif path in spec.request_map_inputs:
                 fields.append(InputField(path, "map", value.dtype, ()))
-            elif path in spec.jagged:
+            elif path in spec.bags:
                 fields.append(InputField(path, "jagged", value.dtype, ()))
-            elif path in offsets_of:
-                fields.append(InputField(path, "offsets", value.dtype, ()))
+            elif path in companions:
+                fields.append(InputField(path, companions[path], value.dtype, ()))
             else:
                 fields.append(InputField(path, "candidate", value.dtype, tuple(value.shape[1:])))
         _, treespec = pytree.tree_flatten(dict(reference.inputs))
@@ -225,13 +227,15 @@ class InputSchema:
                     "offsets from the same candidate counts",
                 )
             return
-        if f.kind in ("jagged", "offsets"):
+        if f.kind in ("jagged", "offsets", "lengths"):
             if value.dim() != 1:
                 raise InputShapeError(
                     f"{label} has shape {list(value.shape)}; it must be 1-D ({f.describe()})"
                 )
             if f.kind == "offsets":
                 self._check_offsets(f, value, n, leaves, label)
+            if f.kind == "lengths":
+                self._check_lengths(f, value, n, leaves, label)
             return
         want = (n, *f.shape)
         if tuple(value.shape) != want:
@@ -251,7 +255,7 @@ class InputSchema:
     def _check_offsets(
         self, f: InputField, offsets: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
     ) -> None:
-        values_path = next(v for v, o in self.spec.jagged.items() if o == f.path)
+        values_path = next(v for v, (c, _) in self.spec.bags.items() if c == f.path)
         total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
         if offsets.numel() != n:
             raise InputShapeError(
@@ -266,6 +270,23 @@ class InputSchema:
                 f"{label} must start at 0 and not decrease, ending within the {total} values of "
                 f"'{values_path}'; got {_short(offsets.tolist())}",
                 fix="build them as a cumulative sum of the bag lengths, starting at 0",
+            )
+
+    def _check_lengths(
+        self, f: InputField, lengths: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
+    ) -> None:
+        values_path = next(v for v, (c, _) in self.spec.bags.items() if c == f.path)
+        total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
+        if lengths.numel() != n:
+            raise InputShapeError(
+                f"{label} has {lengths.numel()} entries; it needs one bag length per candidate ({n})",
+                fix=f"lengths[i] is how many values of '{values_path}' candidate i's bag holds",
+            )
+        if n and (bool((lengths < 0).any()) or int(lengths.sum()) != total):
+            raise InputValueError(
+                f"{label} must be >= 0 and add up to the {total} values of '{values_path}'; got "
+                f"{_short(lengths.tolist())} (sum {int(lengths.sum())})",
+                fix="give each candidate's bag size, in candidate order",
             )
 
     def _check_ids(self, leaves: Mapping[str, Any], name: Where) -> None:
@@ -337,12 +358,12 @@ def as_request_batch(
 
 
 def _first_candidate_rows(inputs: Mapping[str, Any], spec: RequestSpec) -> int | None:
-    offsets_of = set(spec.jagged.values())
+    offsets_of = {c for c, _ in spec.bags.values()}
     for path, value in flatten_inputs(inputs):
         if (
             isinstance(value, torch.Tensor)
             and value.dim() > 0
-            and path not in spec.jagged
+            and path not in spec.bags
             and path not in spec.static_inputs
             and path not in spec.per_request_inputs
             and path != spec.request_offsets_input

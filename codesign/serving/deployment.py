@@ -80,7 +80,7 @@ VARIANTS_DIR = "variants"
 def _interface(variant: Variant) -> dict[str, Any]:
     """What a client sends to a variant: its spec and its inputs' paths, dtypes and row shapes."""
     leaves = variant.reference_inputs.leaves()
-    jagged = set(variant.spec.jagged)
+    jagged = set(variant.spec.bags)
     return {
         "spec": variant.spec.to_dict(),
         "inputs": {

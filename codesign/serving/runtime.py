@@ -26,7 +26,7 @@ import torch
 
 from codesign.config import Config, register_config
 from codesign.errors import CodesignError, ConfigError, RequestError, RoutingError
-from codesign.ir.request import RequestBatch, concat_batches
+from codesign.ir.request import RequestBatch, RequestSpec, bag_offsets, concat_batches
 from codesign.numerics import output_tensors
 from codesign.serving.metrics import Metrics
 from codesign.serving.router import Decision, LoadTracker, Policy, RequestFeatures, Router
@@ -203,7 +203,7 @@ class Runtime:
                 batch,
                 self.router.features.history_input,
                 self.router.features.padding_id,
-                self.schema.spec.jagged,
+                self.schema.spec,
             )
         return RequestFeatures(
             candidates=batch.num_candidates,
@@ -321,13 +321,13 @@ class Runtime:
         }
 
 
-def _history_length(batch: RequestBatch, path: str, padding_id: int, jagged: Mapping[str, str]) -> int:
+def _history_length(batch: RequestBatch, path: str, padding_id: int, spec: RequestSpec) -> int:
     leaves = batch.leaves()
     if path not in leaves:
         raise ConfigError(f"router feature history_input names '{path}', which is not a model input")
     t = leaves[path]
-    if path in jagged:
-        off = leaves[jagged[path]]
+    if path in spec.bags:
+        off = bag_offsets(spec, leaves, path)
         end = int(off[1]) if off.numel() > 1 else t.numel()
         return end - int(off[0])
     return int((t[0] != padding_id).sum())

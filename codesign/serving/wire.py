@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from codesign.errors import RequestError
-from codesign.ir.request import RequestBatch, RequestSpec, _replace_leaves, _segments, offsets_from_counts
+from codesign.ir.request import RequestBatch, RequestSpec, _replace_leaves, bag_segments, offsets_from_counts
 from codesign.ir.schema import InputSchema
 
 __all__ = ["CONTEXT_KEYS", "MAX_CANDIDATES", "RequestSchema", "WireField", "scores_per_candidate"]
@@ -86,7 +86,7 @@ class RequestSchema:
     ) -> RequestSchema:
         """Derive the wire format from a RequestSpec and any batch of the model (a bundle's reference)."""
         leaves = template.leaves()
-        offsets_of = set(spec.jagged.values())
+        offsets_of = {c for c, _ in spec.bags.values()}  # offsets or lengths: built from the bags
         fields: list[WireField] = []
         for path, t in leaves.items():
             if (
@@ -96,7 +96,7 @@ class RequestSchema:
                 or path in spec.request_map_inputs  # filled from the request's candidate count
             ):
                 continue
-            jagged = path in spec.jagged
+            jagged = path in spec.bags
             if path in spec.per_request_inputs:
                 fields.append(WireField("user", path, path, t.dtype, tuple(t.shape[1:]), per_request=True))
                 continue
@@ -186,8 +186,9 @@ class RequestSchema:
                 if f.section == "user":
                     flat, lengths = flat.repeat(n), lengths.repeat(n)
                 new[f.path] = flat
-                off_path = self.spec.jagged[f.path]
-                new[off_path] = offsets_from_counts(lengths)[:-1].to(leaves[off_path].dtype)
+                companion, kind = self.spec.bags[f.path]
+                per_row = offsets_from_counts(lengths)[:-1] if kind == "offsets" else lengths
+                new[companion] = per_row.to(leaves[companion].dtype)
                 continue
             t = _tensor(f, value, n if f.section == "candidates" else None)
             if f.per_request:
@@ -263,7 +264,7 @@ class RequestSchema:
         for f in self.fields:
             t = leaves[f.path]
             if f.jagged:
-                segs = _segments(t, leaves[self.spec.jagged[f.path]])
+                segs = bag_segments(self.spec, leaves, f.path)
                 value: Any = segs[a].tolist() if f.section == "user" else [s.tolist() for s in segs[a:b]]
             elif f.columns:
                 rows = t[a:b][:, list(f.columns)]
