@@ -33,13 +33,23 @@ COUNTS = [3, 4]
 
 @pytest.fixture(scope="module")
 def din() -> Variant:
-    """DIN with request sharing: user history once per request (so repeated rows matter)."""
-    return codesign.compile(tiny_workload("din"), backend="eager", target="host")
+    """DIN with request sharing forced on: user history once per request (so repeated rows matter)."""
+    from codesign.passes import pass_by_name
+
+    passes = [pass_by_name("request_sharing")().ungated(), "cse", "dce"]
+    variant = codesign.compile(tiny_workload("din"), backend="eager", target="host", passes=passes)
+    assert variant.takes_request_offsets
+    return variant
 
 
 @pytest.fixture(scope="module")
 def dlrm() -> Variant:
-    return codesign.compile(tiny_workload("dlrm"), backend="eager", target="host", passes=[])
+    from codesign.passes import pass_by_name
+
+    passes = [pass_by_name("request_sharing")().ungated(), "cse", "dce"]
+    variant = codesign.compile(tiny_workload("dlrm"), backend="eager", target="host", passes=passes)
+    assert variant.takes_request_offsets
+    return variant
 
 
 def _din_inputs() -> dict[str, Any]:
@@ -309,6 +319,23 @@ def test_a_dict_with_counts_scores_like_its_batch_and_a_structured_batch(din: Va
         din.score(dict(batch.inputs))
     one = w.make_batch([5], 6)
     torch.testing.assert_close(output_tensors(din.score(dict(one.inputs))), output_tensors(din.score(one)))
+
+
+def test_user_rows_may_differ_for_a_variant_that_scores_every_row(din: Variant) -> None:
+    """Without request sharing each row is scored on its own features, so nothing is refused."""
+    plain = codesign.compile(tiny_workload("din"), backend="eager", target="host", passes=[])
+    inputs = _with(_din_inputs(), history=_din_inputs()["history"].roll(1, 0))
+    with torch.no_grad():
+        want = tiny_workload("din").model(**inputs)
+    torch.testing.assert_close(plain.score(inputs, counts=COUNTS), want)
+    with pytest.raises(InputValueError, match="'history' is declared request-level"):
+        din.score(inputs, counts=COUNTS)
+
+
+def test_top_level_inputs_in_another_order_are_the_same_call(din: Variant) -> None:
+    batch = tiny_workload("din").make_batch(COUNTS, 5)
+    reordered = dict(reversed(list(batch.inputs.items())))
+    torch.testing.assert_close(din.score(reordered, counts=COUNTS), din.score(batch), rtol=0, atol=0)
 
 
 def test_a_loaded_bundle_checks_its_inputs(din: Variant, tmp_path: Any) -> None:

@@ -134,6 +134,14 @@ def test_request_offsets_form_captures_too() -> None:
     torch.testing.assert_close(v.score(batch), _eager(w, batch), rtol=1e-5, atol=1e-6)
 
 
+def test_a_dict_without_the_index_gets_it_from_the_counts(workload: Workload, variant: Variant) -> None:
+    batch = _batch([3, 4], 17)
+    given = {"user_feats": batch.inputs["user_feats"], "item_feats": batch.inputs["item_feats"]}
+    torch.testing.assert_close(
+        variant.score(given, counts=[3, 4]), _eager(workload, batch), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_wrong_rows_and_a_stale_request_index_are_refused(variant: Variant) -> None:
     batch = _batch([3, 4], 15)
     with pytest.raises(InputShapeError, match="'user_feats' has shape \\[3, 16\\]; this per-request input"):

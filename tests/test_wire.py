@@ -80,3 +80,26 @@ def test_scores_per_candidate_one_number_or_one_list_per_candidate() -> None:
 def test_concat_refuses_nothing() -> None:
     with pytest.raises(SpecError, match="at least one batch"):
         concat_batches([], tiny_workload("useq").spec)
+
+
+def test_id_bounds_stop_where_a_select_drops_the_column_axis() -> None:
+    """``x[:, 1][:, 0:3]`` on [N, F, L] ids picks positions of field 1, not columns 0-2 of x: no bound."""
+    import codesign
+    from codesign import RequestBatch, RequestSpec, offsets_from_counts
+
+    class Positions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.table(x[:, 1][:, 0:3]).sum((1, 2)) + self.table(x[:, 0, 0]).sum(1)
+
+    def make(counts: list[int], seed: int) -> RequestBatch:
+        g = torch.Generator().manual_seed(seed)
+        return RequestBatch(
+            {"x": torch.randint(0, 10, (sum(counts), 2, 5), generator=g)}, offsets_from_counts(counts)
+        )
+
+    program = codesign.capture(Positions().eval(), make([2, 2], 0), RequestSpec(), make_batch=make)
+    assert embedding_id_bounds(program) == {}

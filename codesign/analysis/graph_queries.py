@@ -254,6 +254,8 @@ def _id_source(ids: Any) -> tuple[torch.fx.Node | None, list[int] | None]:
         if dim != 1 or width is None:
             return None, None
         if target is aten.select.int:
+            if columns is not None:  # a select drops dim 1: what a later op called columns is another axis
+                return None, None
             index = _int_or_none(ids.args[2])
             if index is None:
                 return None, None

@@ -81,11 +81,9 @@ class AotiBackend(Backend[AotiConfig]):
         from torch._inductor import aoti_load_package
 
         runner = aoti_load_package(str(files[AOTI_PACKAGE]))
-        if not _constants_from(exported, runner):
-            raise BackendError(
-                f"the bundle's {AOTI_PACKAGE} needs weights that its program.pt2 does not hold",
-                fix="recompile the bundle with backend 'aoti'",
-            )
+        # False: the package needs a constant the program lacks, so lower() compiled it with its own
+        # weights inside (and the reference check of codesign.load proves it scores)
+        _constants_from(exported, runner)
         return runner  # type: ignore[no-any-return]  # untyped in torch
 
 

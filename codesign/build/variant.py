@@ -87,7 +87,8 @@ class Variant:
         or a plain dict of the model's keyword inputs with ``counts`` (candidates per request).
 
         The batch is checked against the captured schema first (``input_schema``: names, dtypes,
-        shapes, offsets, id ranges, user rows repeated within a request) and refused with a
+        shapes, offsets, id ranges, and, for a variant that computes user work once per request,
+        user rows repeated within a request) and refused with a
         ``RequestError`` subclass naming the input; ``check=False`` skips that for batches already
         checked (the server checks each request when it parses it). A structured batch holds user
         features once per request; it is laid out as the model's flat inputs and request offsets are
@@ -95,9 +96,11 @@ class Variant:
 
         >>> variant.score({"dense": x, "ids": ids}, counts=[40, 24])
         """
+        structured = isinstance(batch, StructuredBatch)  # laid out flat here: its user rows repeat
         batch = as_request_batch(batch, counts=counts, spec=self.spec, template=self.reference_inputs)
         if check:
-            self.input_schema.check(batch)
+            # repeated user rows matter only where the variant reads one row per request
+            self.input_schema.check(batch, repeats=self.takes_request_offsets and not structured)
         return run_in_pieces(self, batch, self.spec, self.takes_request_offsets, self.micro_batch)
 
     @functools.cached_property

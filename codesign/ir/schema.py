@@ -15,6 +15,7 @@ the wire format (``serving.wire``) runs it on every JSON request after parsing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from codesign.ir.request import (
     RequestBatch,
     RequestSpec,
     StructuredBatch,
+    _dtypes,
     flatten_inputs,
     offsets_from_counts,
 )
@@ -139,11 +141,19 @@ class InputSchema:
         n = batch.num_candidates
         for f in self.fields:
             self._check_field(f, leaves[f.path], n, leaves, name, batch)
-        _, treespec = pytree.tree_flatten(dict(batch.inputs))
+        self._check_bags(leaves, n, name)
+        # keyword inputs: the order of the top-level keys does not matter, the nesting below them does
+        inputs = dict(batch.inputs)
+        ordered = (
+            {k: inputs[k] for k in self._top_keys if k in inputs}
+            if set(inputs) == set(self._top_keys)
+            else inputs
+        )
+        _, treespec = pytree.tree_flatten(ordered)
         if treespec != self.treespec:
             raise InputNameError(
                 "the inputs have the right names but another nesting (e.g. a tuple where the model "
-                "was captured with a list, or a dict in another key order)",
+                "was captured with a list, or a nested dict in another key order)",
                 fix="build the inputs like the capture example, e.g. from codesign's make_batch",
             )
         self._check_ids(leaves, name)
@@ -232,10 +242,14 @@ class InputSchema:
                 raise InputShapeError(
                     f"{label} has shape {list(value.shape)}; it must be 1-D ({f.describe()})"
                 )
-            if f.kind == "offsets":
-                self._check_offsets(f, value, n, leaves, label)
-            if f.kind == "lengths":
-                self._check_lengths(f, value, n, leaves, label)
+            if f.kind in ("offsets", "lengths") and value.numel() != n:
+                values_path = self._values_of[f.path]
+                what = "start offset" if f.kind == "offsets" else "bag length"
+                raise InputShapeError(
+                    f"{label} has {value.numel()} entries; it needs one {what} per candidate ({n})",
+                    fix=f"entry i describes candidate i's bag in '{values_path}'"
+                    + (" (EmbeddingBag include_last_offset=False)" if f.kind == "offsets" else ""),
+                )
             return
         want = (n, *f.shape)
         if tuple(value.shape) != want:
@@ -252,20 +266,40 @@ class InputSchema:
                 fix=f"pass rows of shape {list(f.shape)}",
             )
 
+    @functools.cached_property
+    def _values_of(self) -> dict[str, str]:
+        """Offsets / lengths input -> the jagged values input it describes."""
+        return {c: v for v, (c, _) in self.spec.bags.items()}
+
+    @functools.cached_property
+    def _top_keys(self) -> tuple[str, ...]:
+        return tuple(pytree.tree_unflatten([0] * self.treespec.num_leaves, self.treespec))
+
+    def _check_bags(self, leaves: Mapping[str, Any], n: int, name: Where) -> None:
+        """Offsets and lengths of every jagged input, checked together (one host sync: this runs on
+        every scoring call, and DLRM has 26 of them); on a failure, each alone for the message."""
+        fields = [f for f in self.fields if f.kind in ("offsets", "lengths")]
+        if not fields or n == 0:
+            return
+        totals = torch.tensor([leaves[self._values_of[f.path]].numel() for f in fields], dtype=torch.int64)
+        per_row = torch.stack([leaves[f.path].to(torch.int64) for f in fields])  # [fields, n], shapes checked
+        is_offsets = torch.tensor([f.kind == "offsets" for f in fields])
+        offsets_bad = (
+            (per_row[:, 0] != 0) | (per_row[:, -1] > totals) | (per_row[:, 1:] < per_row[:, :-1]).any(1)
+        )
+        lengths_bad = (per_row < 0).any(1) | (per_row.sum(1) != totals)
+        if not bool(torch.where(is_offsets, offsets_bad, lengths_bad).any()):
+            return
+        for f in fields:
+            check = self._check_offsets if f.kind == "offsets" else self._check_lengths
+            check(f, leaves[f.path], n, leaves, name(f.path, "*"))
+
     def _check_offsets(
         self, f: InputField, offsets: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
     ) -> None:
-        values_path = next(v for v, (c, _) in self.spec.bags.items() if c == f.path)
+        values_path = self._values_of[f.path]
         total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
-        if offsets.numel() != n:
-            raise InputShapeError(
-                f"{label} has {offsets.numel()} entries; it needs one start offset per candidate ({n})",
-                fix=f"offsets[i] is where candidate i's bag starts in '{values_path}' (EmbeddingBag "
-                "include_last_offset=False)",
-            )
-        if n and (
-            int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[-1]) > total
-        ):
+        if n and bool((offsets[0] != 0) | (offsets[-1] > total) | (offsets[1:] < offsets[:-1]).any()):
             raise InputValueError(
                 f"{label} must start at 0 and not decrease, ending within the {total} values of "
                 f"'{values_path}'; got {_short(offsets.tolist())}",
@@ -275,13 +309,8 @@ class InputSchema:
     def _check_lengths(
         self, f: InputField, lengths: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
     ) -> None:
-        values_path = next(v for v, (c, _) in self.spec.bags.items() if c == f.path)
+        values_path = self._values_of[f.path]
         total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
-        if lengths.numel() != n:
-            raise InputShapeError(
-                f"{label} has {lengths.numel()} entries; it needs one bag length per candidate ({n})",
-                fix=f"lengths[i] is how many values of '{values_path}' candidate i's bag holds",
-            )
         if n and (bool((lengths < 0).any()) or int(lengths.sum()) != total):
             raise InputValueError(
                 f"{label} must be >= 0 and add up to the {total} values of '{values_path}'; got "
@@ -290,6 +319,27 @@ class InputSchema:
             )
 
     def _check_ids(self, leaves: Mapping[str, Any], name: Where) -> None:
+        """Ids against their tables' rows: all inputs in one pass (one host sync), each alone on a failure."""
+        parts, bounds = [], []
+        for path, per in self.id_bounds.items():
+            t = leaves.get(path)
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                continue
+            for column, rows in per.items():
+                ids = (t if column == "*" else t[:, int(column)]).reshape(-1)
+                parts.append(ids.to(torch.float64) if ids.is_floating_point() else ids.to(torch.int64))
+                bounds.append(torch.full((ids.numel(),), rows, dtype=parts[-1].dtype))
+        if not parts:
+            return
+        if parts[0].is_floating_point() != all(p.is_floating_point() for p in parts):
+            parts = [p.to(torch.float64) for p in parts]
+            bounds = [b.to(torch.float64) for b in bounds]
+        ids_all, rows_all = torch.cat(parts), torch.cat(bounds)
+        if not bool(((ids_all < 0) | (ids_all >= rows_all)).any()):
+            return
+        self._check_ids_one_by_one(leaves, name)
+
+    def _check_ids_one_by_one(self, leaves: Mapping[str, Any], name: Where) -> None:
         for path, per in self.id_bounds.items():
             t = leaves.get(path)
             if not isinstance(t, torch.Tensor) or t.numel() == 0:
@@ -298,7 +348,8 @@ class InputSchema:
                 ids = t if column == "*" else t[:, int(column)]
                 if ids.numel() == 0:
                     continue
-                lo, hi = float(ids.min()), float(ids.max())
+                lo_hi = torch.aminmax(ids)
+                lo, hi = (float(x) for x in torch.stack(lo_hi).tolist())  # one host sync
                 if lo >= 0 and hi < rows:
                     continue
                 bad = hi if hi >= rows else lo
@@ -351,10 +402,15 @@ def as_request_batch(
             f"counts={_short(counts)} is not a list of candidate counts ({exc})",
             fix="counts=[candidates of request 0, candidates of request 1, ...]",
         ) from None
+    given = dict(inputs)
+    for path in spec.request_map_inputs:  # filled from the offsets, as everywhere codesign builds a batch
+        if "." not in path and path not in given:
+            given[path] = torch.zeros(0, dtype=torch.int64)
     try:
-        return RequestBatch(inputs=dict(inputs), offsets=offsets)
+        batch = RequestBatch(inputs=given, offsets=offsets)
     except SpecError as exc:
         raise RequestError(f"counts={_short(counts)}: {exc.message}", fix=exc.fix) from None
+    return batch.with_request_map(spec, _dtypes(template))
 
 
 def _first_candidate_rows(inputs: Mapping[str, Any], spec: RequestSpec) -> int | None:

@@ -221,15 +221,13 @@ class Bundle:
         >>> bundle.score({"dense": x, "ids": ids}, counts=[40], budget_ms=20)
         """
         first = next(iter(self.variants.values()))
+        structured = isinstance(batch, StructuredBatch)
         flat = as_request_batch(batch, counts=counts, spec=first.spec, template=first.reference_inputs)
-        self._schema.inputs.check(flat)
+        shares = any(v.takes_request_offsets for v in self.variants.values())
+        self._schema.inputs.check(flat, repeats=shares and not structured)
         features = RequestFeatures(candidates=int(flat.counts.max()), budget_ms=budget_ms, tier=tier)
-        name = self._router.decide(features, force=variant).variant
+        name = self.router().decide(features, force=variant).variant
         return self.variants[name].score(flat, check=False)
-
-    @functools.cached_property
-    def _router(self) -> Router:
-        return self.router()
 
     @functools.cached_property
     def _schema(self) -> RequestSchema:
