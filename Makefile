@@ -4,12 +4,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# TorchRec (KeyedJaggedTensor inputs are tested) and what it imports, pinned in constraints.txt
+TORCHREC := torchrec fbgemm-gpu-cpu tensordict pyvers cloudpickle pyre-extensions typing-inspect
 
 .PHONY: setup demo test test-slow lint docs bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench,report,docs,gpu]'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt $(TORCHREC)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from codesign.errors import CaptureError, SpecError
 from codesign.ir.contract import check_outputs
+from codesign.ir.kjt import adapt_for_kjt
 from codesign.ir.program import DEFAULT_MAX_CANDIDATES, Program, dynamic_shapes_for
 from codesign.ir.request import RequestBatch, RequestSpec
 from codesign.ir.workload import Workload
@@ -89,6 +90,8 @@ def capture(
             f"example must be a codesign.RequestBatch, got {type(example).__name__}",
             fix="wrap the model's keyword inputs: RequestBatch(inputs={...}, offsets=offsets_from_counts([...]))",
         )
+    # TorchRec KeyedJaggedTensor inputs become per-key values/lengths; an adapter rebuilds them inside
+    model, example, spec, make_batch = adapt_for_kjt(model, example, spec, make_batch)
     example.validate(spec)
     _check_static_inputs(example, spec)
     if example.num_candidates < 2:

@@ -30,6 +30,7 @@ from codesign.errors import (
     RequestError,
     SpecError,
 )
+from codesign.ir.kjt import expand_kjts, is_kjt
 from codesign.ir.request import (
     RequestBatch,
     RequestSpec,
@@ -331,7 +332,8 @@ class InputSchema:
                 bounds.append(torch.full((ids.numel(),), rows, dtype=parts[-1].dtype))
         if not parts:
             return
-        if parts[0].is_floating_point() != all(p.is_floating_point() for p in parts):
+        floats = [p.is_floating_point() for p in parts]
+        if any(floats) and not all(floats):  # float id columns (a flat feature tensor) beside int ids
             parts = [p.to(torch.float64) for p in parts]
             bounds = [b.to(torch.float64) for b in bounds]
         ids_all, rows_all = torch.cat(parts), torch.cat(bounds)
@@ -374,7 +376,9 @@ def as_request_batch(
     if isinstance(inputs, RequestBatch):
         if counts is not None:
             raise RequestError("counts= applies to a dict of inputs; a RequestBatch carries its own offsets")
-        return inputs
+        if not any(is_kjt(v) for v in inputs.inputs.values()):
+            return inputs
+        return RequestBatch(_expand(inputs.inputs, template), inputs.offsets)
     if isinstance(inputs, StructuredBatch):
         if counts is not None:
             raise RequestError(
@@ -402,7 +406,7 @@ def as_request_batch(
             f"counts={_short(counts)} is not a list of candidate counts ({exc})",
             fix="counts=[candidates of request 0, candidates of request 1, ...]",
         ) from None
-    given = dict(inputs)
+    given = _expand(inputs, template)
     for path in spec.request_map_inputs:  # filled from the offsets, as everywhere codesign builds a batch
         if "." not in path and path not in given:
             given[path] = torch.zeros(0, dtype=torch.int64)
@@ -411,6 +415,17 @@ def as_request_batch(
     except SpecError as exc:
         raise RequestError(f"counts={_short(counts)}: {exc.message}", fix=exc.fix) from None
     return batch.with_request_map(spec, _dtypes(template))
+
+
+def _expand(inputs: Mapping[str, Any], template: RequestBatch) -> dict[str, Any]:
+    """KeyedJaggedTensor inputs as the per-key values/lengths the program was captured with."""
+    if not any(is_kjt(v) for v in inputs.values()):
+        return dict(inputs)
+    keys = {n: tuple(v) for n, v in template.inputs.items() if isinstance(v, dict)}
+    try:
+        return expand_kjts(inputs, keys)
+    except SpecError as exc:
+        raise InputNameError(exc.message, fix=exc.fix) from None
 
 
 def _first_candidate_rows(inputs: Mapping[str, Any], spec: RequestSpec) -> int | None:
