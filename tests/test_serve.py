@@ -282,7 +282,8 @@ def test_variant_that_raises_is_taken_out_and_traffic_falls_back(bundle_dir: Pat
         got = torch.tensor(reply["scores"])
         assert (got - eager_scores(next_best, batch)).abs().max() <= SCORE_TOLERANCE
         status, reply = request(srv, "POST", "/v1/score", sch.encode(batch))  # no second try on 'full'
-        assert status == 200 and reply["variant"] == next_best and calls["n"] == 1
+        # 'full' ran twice, then never again: the batch, and the health probe on its reference batch
+        assert status == 200 and reply["variant"] == next_best and calls["n"] == 2
         status, health = request(srv, "GET", "/healthz")
         assert status == 200 and "illegal memory access" in health["variants"]["full"]
         _, text = request(srv, "GET", "/metrics")
@@ -414,3 +415,49 @@ def test_bundle_from_search_compiles_the_chosen_trials(tmp_path: Path) -> None:
         == 0
     )
     assert sorted(load_bundle(out).variants) == ["best+small", "fast"]
+
+
+def test_a_request_the_model_cannot_score_fails_alone_and_the_variant_stays_up(tmp_path: Path) -> None:
+    """zoo deepfm looks ids up at ``x[:, sparse] + field offsets`` (no id bound can be read off the graph),
+    so an id past the shared table reaches the model and raises. That request gets a 400; the request
+    batched with it is scored; the variant stays in rotation."""
+    from tests.zoo import ZOO, deepfm
+
+    w = ZOO["deepfm"]()
+    variant = codesign.compile(w, target="host", backend="eager", passes=[])
+    assert variant.id_bounds == {}
+    bundle = Bundle.build({"only": variant}, candidates=(8,), requests=(1,), repeats=1)
+    runtime = Runtime(bundle, batching=BatchingConfig(max_delay_ms=300.0))
+    sch = bundle.schema()
+    good = sch.encode(w.make_batch([5], seed=3))
+    bad = sch.encode(w.make_batch([4], seed=4))
+    field = next(f for f in sch.fields if f.section == "candidates" and f.key == "x")
+    bad["candidates"]["x"][1][field.columns.index(deepfm.SPARSE_IDX[-1])] = 10**6
+    results: dict[str, Any] = {}
+    isolated: list[int] = []
+    isolate = runtime._isolate
+
+    def spy(name: str, v: Any, jobs: list[Any], exc: Exception) -> None:
+        isolated.append(len(jobs))
+        isolate(name, v, jobs, exc)
+
+    runtime._isolate = spy  # type: ignore[method-assign]  # records the failed batch's size
+
+    def send(label: str, body: dict[str, Any]) -> None:
+        try:
+            results[label] = runtime.score_json(body)
+        except RequestError as exc:
+            results[label] = exc
+
+    threads = [threading.Thread(target=send, args=(k, b)) for k, b in (("bad", bad), ("good", good))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["bad"], RequestError), results["bad"]
+    assert "could not score this request" in results["bad"].message
+    assert results["good"]["variant"] == "only" and len(results["good"]["scores"]) == 5
+    assert isolated == [2]  # the two were batched; the batch failed and each was scored alone
+    assert runtime.router.down == {}
+    assert runtime.score_json(good)["scores"] == results["good"]["scores"]
+    runtime.close()

@@ -263,29 +263,60 @@ class Runtime:
     def _run(self, name: str, variant: Variant, jobs: list[_Job], rows: int) -> None:
         t0 = time.perf_counter()
         try:
-            batch = concat_batches([j.batch for j in jobs], variant.spec)
-            with torch.no_grad():
-                outputs = output_tensors(variant.score(batch, check=False))  # parse checked each request
-            bad = [tuple(o.shape) for o in outputs if o.dim() == 0 or o.shape[0] != rows]
-            if bad:
-                raise RuntimeError(f"outputs {bad} do not have one row per candidate ({rows})")
-        except Exception as exc:  # a failing variant leaves rotation; its requests go elsewhere
-            why = f"{type(exc).__name__}: {exc}"
-            log.exception("variant '%s' failed on a batch of %d requests; out of rotation", name, len(jobs))
-            self.router.mark_down(name, why)
-            self.metrics.inc("codesign_variant_failures_total", variant=name, stage="run")
-            self._reroute(name, jobs)
+            outputs = _score(variant, jobs, rows)
+        except Exception as exc:
+            self._isolate(name, variant, jobs, exc)
             return
         seconds = time.perf_counter() - t0
         self.load.observe(name, self.router.profiles[name].latency(rows, len(jobs)), seconds)
         self.metrics.observe("codesign_batch_requests", len(jobs), variant=name)
-        start = 0
+        _deliver(jobs, outputs)
+
+    def _isolate(self, name: str, variant: Variant, jobs: list[_Job], exc: Exception) -> None:
+        """A batch failed: is it the variant or a request? The variant scores its reference batch again
+        (the health probe): if that fails too, the variant leaves rotation and its requests go elsewhere;
+        if not, each request is scored alone and only the one(s) the model cannot score get an error,
+        so one bad request never takes a variant (or the server) down."""
+        try:
+            healthy, _ = variant.check_reference()
+        except Exception:
+            healthy = False
+        if not healthy:
+            why = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "variant '%s' failed on a batch of %d requests and on its reference batch; out of "
+                "rotation: %s",
+                name,
+                len(jobs),
+                why,
+            )
+            self.router.mark_down(name, why)
+            self.metrics.inc("codesign_variant_failures_total", variant=name, stage="run")
+            self._reroute(name, jobs)
+            return
         for job in jobs:
-            stop = start + job.candidates
-            job.scores = scores_per_candidate(outputs, start, stop)
-            job.batch_requests = len(jobs)
-            start = stop
-            job.done.set()
+            try:
+                # a one-request batch already failed alone: no need to run it again
+                outputs = _score(variant, [job], job.candidates) if len(jobs) > 1 else None
+                if outputs is None:
+                    raise exc
+            except Exception as one:
+                log.warning(
+                    "variant '%s' cannot score a request (%d candidates): %s: %s",
+                    name,
+                    job.candidates,
+                    type(one).__name__,
+                    one,
+                )
+                self.metrics.inc("codesign_errors_total", kind="unscorable")
+                job.error = RequestError(
+                    f"variant '{name}' could not score this request: {type(one).__name__}: {str(one)[:300]}",
+                    fix="check the request's values against the schema (GET /v1/schema): ids within each "
+                    "table's rows, lengths and offsets consistent; the variant stays in rotation",
+                )
+                job.done.set()
+                continue
+            _deliver([job], outputs)
 
     def _reroute(self, failed: str, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -319,6 +350,27 @@ class Runtime:
             },
             "policy": self.router.policy_name,
         }
+
+
+def _score(variant: Variant, jobs: list[_Job], rows: int) -> list[torch.Tensor]:
+    """The output tensors of the jobs scored as one batch; raises if any has not one row per candidate."""
+    batch = concat_batches([j.batch for j in jobs], variant.spec)
+    with torch.no_grad():
+        outputs = output_tensors(variant.score(batch, check=False))  # parse checked each request
+    bad = [tuple(o.shape) for o in outputs if o.dim() == 0 or o.shape[0] != rows]
+    if bad:
+        raise RuntimeError(f"outputs {bad} do not have one row per candidate ({rows})")
+    return outputs
+
+
+def _deliver(jobs: list[_Job], outputs: list[torch.Tensor]) -> None:
+    start = 0
+    for job in jobs:
+        stop = start + job.candidates
+        job.scores = scores_per_candidate(outputs, start, stop)
+        job.batch_requests = len(jobs)
+        start = stop
+        job.done.set()
 
 
 def _history_length(batch: RequestBatch, path: str, padding_id: int, spec: RequestSpec) -> int:
