@@ -33,6 +33,7 @@ MODEL = "dlrm"
 OUT = Path("out/demo-bundle")
 ROUTED = Path("out/demo-routed")
 FP8_REPORT = Path("out/demo-fp8-h100.json")
+PLAN = Path("out/demo-plan-host4.json")
 REPORT = Path("out/demo-report.html")
 SEARCH_TRIALS = 12
 
@@ -117,8 +118,11 @@ def main() -> int:
     FP8_REPORT.write_text(json.dumps(stats, indent=1))
     print(f"   {len(stats['chosen'])} of {len(stats['layers'])} layers chosen; saved {FP8_REPORT}")
 
-    print(f"== 8. report → {REPORT}")
-    report_args = [str(OUT), str(ROUTED), str(FP8_REPORT), "--out", str(REPORT)]
+    print("== 8. embedding sharding plan for the host as 4 devices (whether or not the search kept sharding)")
+    cli_main(["plan", MODEL, "--size", "small", "--target", "host", "--devices", "4", "--out", str(PLAN)])
+
+    print(f"== 9. report → {REPORT}")
+    report_args = [str(OUT), str(ROUTED), str(FP8_REPORT), str(PLAN), "--out", str(REPORT)]
     cli_main(["report", *report_args, "--measure", "--model", MODEL, "--size", "small"])  # + timed here
     page = REPORT.read_text()
     missing = [title for key, title in SECTIONS.items() if f'<section id="{key}">' not in page]
