@@ -277,8 +277,8 @@ class InputSchema:
         return tuple(pytree.tree_unflatten([0] * self.treespec.num_leaves, self.treespec))
 
     def _check_bags(self, leaves: Mapping[str, Any], n: int, name: Where) -> None:
-        """Offsets and lengths of every jagged input, checked together (one host sync: this runs on
-        every scoring call, and DLRM has 26 of them); on a failure, each alone for the message."""
+        """Offsets and lengths of every jagged input, checked together with one host sync (this runs on
+        every scoring call, and DLRM has 26 of them); the first bad one is named."""
         fields = [f for f in self.fields if f.kind in ("offsets", "lengths")]
         if not fields or n == 0:
             return
@@ -289,76 +289,49 @@ class InputSchema:
             (per_row[:, 0] != 0) | (per_row[:, -1] > totals) | (per_row[:, 1:] < per_row[:, :-1]).any(1)
         )
         lengths_bad = (per_row < 0).any(1) | (per_row.sum(1) != totals)
-        if not bool(torch.where(is_offsets, offsets_bad, lengths_bad).any()):
+        bad = torch.where(is_offsets, offsets_bad, lengths_bad).nonzero()
+        if not bad.numel():
             return
-        for f in fields:
-            check = self._check_offsets if f.kind == "offsets" else self._check_lengths
-            check(f, leaves[f.path], n, leaves, name(f.path, "*"))
-
-    def _check_offsets(
-        self, f: InputField, offsets: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
-    ) -> None:
-        values_path = self._values_of[f.path]
-        total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
-        if n and bool((offsets[0] != 0) | (offsets[-1] > total) | (offsets[1:] < offsets[:-1]).any()):
+        f, row, total = fields[int(bad[0])], per_row[int(bad[0])], int(totals[int(bad[0])])
+        label, values_path = name(f.path, "*"), self._values_of[f.path]
+        if f.kind == "offsets":
             raise InputValueError(
                 f"{label} must start at 0 and not decrease, ending within the {total} values of "
-                f"'{values_path}'; got {_short(offsets.tolist())}",
+                f"'{values_path}'; got {_short(row.tolist())}",
                 fix="build them as a cumulative sum of the bag lengths, starting at 0",
             )
-
-    def _check_lengths(
-        self, f: InputField, lengths: torch.Tensor, n: int, leaves: Mapping[str, Any], label: str
-    ) -> None:
-        values_path = self._values_of[f.path]
-        total = leaves[values_path].numel() if isinstance(leaves[values_path], torch.Tensor) else 0
-        if n and (bool((lengths < 0).any()) or int(lengths.sum()) != total):
-            raise InputValueError(
-                f"{label} must be >= 0 and add up to the {total} values of '{values_path}'; got "
-                f"{_short(lengths.tolist())} (sum {int(lengths.sum())})",
-                fix="give each candidate's bag size, in candidate order",
-            )
+        raise InputValueError(
+            f"{label} must be >= 0 and add up to the {total} values of '{values_path}'; got "
+            f"{_short(row.tolist())} (sum {int(row.sum())})",
+            fix="give each candidate's bag size, in candidate order",
+        )
 
     def _check_ids(self, leaves: Mapping[str, Any], name: Where) -> None:
-        """Ids against their tables' rows: all inputs in one pass (one host sync), each alone on a failure."""
-        parts, bounds = [], []
+        """Ids against their tables' rows: every bounded input and column in one pass (one host sync);
+        the first that holds an id outside its table is named."""
+        parts: list[tuple[str, str, int, torch.Tensor]] = []
         for path, per in self.id_bounds.items():
             t = leaves.get(path)
-            if not isinstance(t, torch.Tensor) or t.numel() == 0:
-                continue
-            for column, rows in per.items():
-                ids = (t if column == "*" else t[:, int(column)]).reshape(-1)
-                parts.append(ids.to(torch.float64) if ids.is_floating_point() else ids.to(torch.int64))
-                bounds.append(torch.full((ids.numel(),), rows, dtype=parts[-1].dtype))
+            if isinstance(t, torch.Tensor) and t.numel():
+                parts += [
+                    (path, c, rows, (t if c == "*" else t[:, int(c)]).reshape(-1)) for c, rows in per.items()
+                ]
         if not parts:
             return
-        floats = [p.is_floating_point() for p in parts]
-        if any(floats) and not all(floats):  # float id columns (a flat feature tensor) beside int ids
-            parts = [p.to(torch.float64) for p in parts]
-            bounds = [b.to(torch.float64) for b in bounds]
-        ids_all, rows_all = torch.cat(parts), torch.cat(bounds)
-        if not bool(((ids_all < 0) | (ids_all >= rows_all)).any()):
+        floats = any(ids.is_floating_point() for *_, ids in parts)  # id columns of a flat float tensor
+        dtype = torch.float64 if floats else torch.int64
+        ids_all = torch.cat([ids.to(dtype) for *_, ids in parts])
+        sizes = torch.tensor([ids.numel() for *_, ids in parts])
+        rows_all = torch.tensor([rows for _, _, rows, _ in parts], dtype=dtype).repeat_interleave(sizes)
+        outside = ((ids_all < 0) | (ids_all >= rows_all)).nonzero()
+        if not outside.numel():
             return
-        self._check_ids_one_by_one(leaves, name)
-
-    def _check_ids_one_by_one(self, leaves: Mapping[str, Any], name: Where) -> None:
-        for path, per in self.id_bounds.items():
-            t = leaves.get(path)
-            if not isinstance(t, torch.Tensor) or t.numel() == 0:
-                continue
-            for column, rows in per.items():
-                ids = t if column == "*" else t[:, int(column)]
-                if ids.numel() == 0:
-                    continue
-                lo_hi = torch.aminmax(ids)
-                lo, hi = (float(x) for x in torch.stack(lo_hi).tolist())  # one host sync
-                if lo >= 0 and hi < rows:
-                    continue
-                bad = hi if hi >= rows else lo
-                raise InputValueError(
-                    f"{name(path, column)} holds id {bad:g}, outside its embedding table's {rows} rows",
-                    fix=f"ids of this input must lie in 0..{rows - 1}; map unseen ids to a valid (e.g. hashed) id",
-                )
+        at = int(outside[0])
+        path, column, rows, _ = parts[int(torch.searchsorted(sizes.cumsum(0), at, right=True))]
+        raise InputValueError(
+            f"{name(path, column)} holds id {float(ids_all[at]):g}, outside its embedding table's {rows} rows",
+            fix=f"ids of this input must lie in 0..{rows - 1}; map unseen ids to a valid (e.g. hashed) id",
+        )
 
 
 def as_request_batch(
