@@ -60,7 +60,7 @@ def test_bad_offsets_and_row_counts() -> None:
     assert RequestBatch(b.inputs, [0, 2, 5]).offsets.tolist() == [0, 2, 5]  # a list is converted
     with pytest.raises(SpecError, match="must be integers"):
         RequestBatch(b.inputs, torch.tensor([0.0, 5.0]))
-    with pytest.raises(SpecError, match="6 candidate rows"):
+    with pytest.raises(SpecError, match="offsets give 6 candidates"):
         RequestBatch(b.inputs, offsets_from_counts([3, 3])).validate(RequestSpec())
 
 

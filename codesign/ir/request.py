@@ -347,64 +347,17 @@ class RequestBatch:
         return RequestBatch(pytree.tree_map(move, self.inputs), self.offsets.to(device))
 
     def validate(self, spec: RequestSpec) -> None:
-        """Check offsets, shapes and that request-level data really repeats within each request."""
-        off = self.offsets
-        if off.dim() != 1 or off.numel() < 2 or off.dtype != torch.int64:
-            raise SpecError(
-                f"offsets must be a 1-D int64 tensor with R+1 >= 2 entries, got {off.dtype} {tuple(off.shape)}",
-                fix="build it with codesign.ir.request.offsets_from_counts(counts)",
-            )
-        counts = self.counts
-        if int(off[0]) != 0 or bool((counts < 1).any()):
-            raise SpecError(
-                f"offsets must start at 0 and give every request >= 1 candidate, got {off.tolist()[:10]}"
-            )
-        leaves = self.leaves()
-        spec.validate(leaves)
-        n, r = self.num_candidates, self.num_requests
-        for path in spec.candidate_dim_inputs(leaves):
-            t = leaves[path]
-            if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[0] != n):
-                hint = (
-                    f"it has one row per request ({r}): declare it per_request_inputs=({path!r},) and name "
-                    "the input that maps candidates to requests (request_index_input or request_offsets_input)"
-                    if t.dim() and t.shape[0] == r
-                    else "give every candidate-level input one row per candidate, or mark it as jagged/static"
-                )
-                raise SpecError(
-                    f"input {path!r} has shape {tuple(t.shape)} but the batch has {n} candidate rows",
-                    fix=hint,
-                )
-        for path in spec.per_request_inputs:
-            t = leaves[path]
-            if t.dim() == 0 or t.shape[0] != r:
-                raise SpecError(
-                    f"per-request input {path!r} has shape {tuple(t.shape)} but the batch has {r} requests",
-                    fix="give it one row per request, in the order of the batch's offsets",
-                )
-        for path, kind in spec.request_map_inputs.items():
-            want = self.request_map(kind)
-            got = leaves[path]
-            if got.shape != want.shape or not torch.equal(got.to(want.dtype), want):
-                raise SpecError(
-                    f"input {path!r} must be the batch's request {kind} {_clip(want.tolist())}, got "
-                    f"{_clip(got.tolist())}",
-                    fix="build it from the batch: RequestBatch.with_request_map(spec) fills it from the offsets",
-                )
-        for values, offsets in spec.jagged.items():
-            o = leaves[offsets]
-            if o.numel() and (
-                int(o[0]) != 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > leaves[values].numel()
-            ):
-                raise SpecError(f"jagged offsets {offsets!r} are not non-decreasing within len({values!r})")
-        for values, lengths in spec.jagged_lengths.items():
-            sizes = leaves[lengths]
-            if bool((sizes < 0).any()) or int(sizes.sum()) != leaves[values].numel():
-                raise SpecError(
-                    f"jagged lengths {lengths!r} must be >= 0 and add up to len({values!r}) = "
-                    f"{leaves[values].numel()}, got a sum of {int(sizes.sum())}"
-                )
-        self._check_repeats(spec, leaves)
+        """Check the spec against the inputs, then the batch as every scoring call is checked
+        (``ir.schema.InputSchema``, derived from this batch: rows per candidate and per request, jagged
+        offsets and lengths, the request map, request-level data repeated within each request)."""
+        from codesign.errors import RequestError
+        from codesign.ir.schema import InputSchema  # the schema is built on batches: imported when used
+
+        spec.validate(self.leaves())
+        try:
+            InputSchema.from_reference(spec, self).check(self)
+        except RequestError as exc:
+            raise SpecError(exc.message, fix=exc.fix) from None
 
     def _check_repeats(self, spec: RequestSpec, leaves: Mapping[str, Any]) -> None:
         if not spec.request_inputs and not spec.request_columns:
@@ -464,10 +417,6 @@ class RequestBatch:
             else:
                 candidate[path] = t
         return StructuredBatch(request=request, candidate=candidate, offsets=self.offsets.clone())
-
-
-def _clip(values: list[Any]) -> str:
-    return repr(values) if len(values) <= 12 else repr(values[:12])[:-1] + ", ...]"
 
 
 def _offsets(value: Any) -> torch.Tensor:

@@ -256,11 +256,16 @@ class InputSchema:
         if tuple(value.shape) != want:
             got = list(value.shape)
             if value.dim() == 0 or value.shape[0] != n:
+                r = batch.num_requests
+                per_request = value.dim() > 0 and value.shape[0] == r
                 raise InputShapeError(
                     f"{label} has shape {got}: {value.shape[0] if value.dim() else 'no'} rows, but the batch's "
                     f"offsets give {n} candidates",
-                    fix="give every candidate-level input one row per candidate (user features repeated "
-                    "on each row of their request), or fix the offsets",
+                    fix=f"it has one row per request ({r}): declare it per_request_inputs=({f.path!r},) and name "
+                    "the input that maps candidates to requests (request_index_input or request_offsets_input)"
+                    if per_request
+                    else "give every candidate-level input one row per candidate (user features repeated "
+                    "on each row of their request), mark it jagged or static, or fix the offsets",
                 )
             raise InputShapeError(
                 f"{label} has shape {got}; the program was captured with {f.describe()}",
