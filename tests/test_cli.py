@@ -44,6 +44,7 @@ def test_compile_then_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (out_dir / "manifest.json").is_file()
     printed = capsys.readouterr().out
     assert "pass stats" in printed and "{'" not in printed  # stats as rows, never a dict repr
+    assert "request-level inputs: flat (user features repeated" in printed  # which form capture found
     assert main(["run", str(out_dir), "--requests", "2", "--candidates", "5", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "reference outputs match" in out and "median latency" in out

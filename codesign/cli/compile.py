@@ -127,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if variant.plan is not None:
         renderables += plan_renderables(variant.plan)
+    form = variant.spec.form
+    renderables.append(
+        "request-level inputs: "
+        + (
+            f"per request ({', '.join(variant.spec.per_request_inputs)}: one row per request)"
+            if form == "per_request"
+            else "flat (user features repeated on every candidate row)"
+        )
+    )
     renderables.append(
         f"bundle written to [bold]{out}[/] in {fmt_s(elapsed)} (cache key {variant.cache_key[:12]})"
     )
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         "target": variant.target.name,
         "backend": variant.backend.name,
         "cache_key": variant.cache_key,
+        "request_form": form,
         "seconds": elapsed,
         "passes": records,
         "plan": variant.plan.to_dict() if variant.plan is not None else None,
