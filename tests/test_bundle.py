@@ -149,15 +149,24 @@ def test_config_outside_the_allow_list_is_refused(eager_bundles: dict[str, Path]
         codesign.load(b)
 
 
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("data/constants/custom_obj_0", "pickled object"),
+        # legacy entries torch.export.load reads with torch.load(weights_only=False)
+        ("data/weights/model.pt", "legacy pickled weights file"),
+        ("data/constants/model.pt", "legacy pickled weights file"),
+    ],
+)
 def test_pickled_payload_in_program_archive_is_refused(
-    eager_bundles: dict[str, Path], tmp_path: Path
+    eager_bundles: dict[str, Path], tmp_path: Path, entry: str, match: str
 ) -> None:
     b = _copy(eager_bundles["multitask"], tmp_path)
     with zipfile.ZipFile(b / PROGRAM, "a") as z:
         root = z.namelist()[0].split("/")[0]
-        z.writestr(f"{root}/data/constants/custom_obj_0", b"cos\nsystem\n(S'echo pwned'\ntR.")
+        z.writestr(f"{root}/{entry}", b"cos\nsystem\n(S'echo pwned'\ntR.")
     _reseal(b)
-    with pytest.raises(BundleError, match="pickled object"):
+    with pytest.raises(BundleError, match=match):
         codesign.load(b)
 
 

@@ -141,6 +141,12 @@ def _check_program_archive(path: Path) -> None:
     with z:
         for name in z.namelist():
             base = name.rsplit("/", 1)[-1]
+            if ("/data/weights/" in name or "/data/constants/" in name) and base.endswith(".pt"):
+                # torch.export.load reads a legacy weights/constants file with torch.load(weights_only=False)
+                raise BundleError(
+                    f"{path.name} holds a legacy pickled weights file ({name}); codesign bundles carry tensors only",
+                    fix="recompile the bundle with this codesign (torch.export.save writes weights as tensors)",
+                )
             if base.startswith(("custom_obj", "opaque_obj")):
                 raise BundleError(
                     f"{path.name} holds a pickled object ({name}); codesign bundles carry tensors only"
