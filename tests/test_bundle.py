@@ -170,6 +170,15 @@ def test_pickled_payload_in_program_archive_is_refused(
         codesign.load(b)
 
 
+def test_a_symlinked_bundle_file_is_refused(eager_bundles: dict[str, Path], tmp_path: Path) -> None:
+    b = _copy(eager_bundles["multitask"], tmp_path)
+    outside = tmp_path / "elsewhere.pt2"
+    (b / PROGRAM).rename(outside)
+    (b / PROGRAM).symlink_to(outside)  # same bytes, same sha256: only the link gives it away
+    with pytest.raises(BundleError, match="is a symbolic link"):
+        codesign.load(b)
+
+
 def test_abi_bound_backend_refuses_another_torch(eager_bundles: dict[str, Path], tmp_path: Path) -> None:
     b = _copy(eager_bundles["multitask"], tmp_path)
     manifest = json.loads((b / MANIFEST).read_text())

@@ -115,6 +115,13 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
         if "/" in name or "\\" in name or name.startswith("."):
             raise BundleError(f"manifest lists an unsafe file name {name!r}")
         p = d / name
+        if (
+            p.is_symlink()
+        ):  # a link can point anywhere: the checksum would vouch for a file outside the bundle
+            raise BundleError(
+                f"bundle {d}: {name} is a symbolic link ({p.readlink()}); a bundle holds its own files",
+                fix="copy the bundle with its files (cp -rL), not links to them",
+            )
         if not p.is_file():
             raise BundleError(f"bundle {d} is missing {name}", fix="copy the whole bundle folder")
         size = p.stat().st_size
