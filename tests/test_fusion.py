@@ -301,6 +301,7 @@ def test_grouping_is_measured_and_declined_where_it_is_slower_here() -> None:
     rec = report.passes[0]
     assert rec.measured_latency_before_s is not None and rec.measured_latency_after_s is not None
     assert rec.modified or (rec.skip is not None and rec.skip.kind is SkipKind.NO_MEASURED_GAIN)
+    assert 0 <= rec.stats["measured_spread"] < 10  # the timings' spread is reported with the decision
 
 
 def test_a_lone_lookup_is_left_alone() -> None:

@@ -391,15 +391,16 @@ class PassManager:
         )
         first = GATE_LAYOUTS[0][0]
         measured = (gate.seconds[first]["before"], gate.seconds[first]["after"])
+        stats = {**result.stats, "measured_spread": round(gate.max_spread, 4)}  # how much the timings agreed
         if gate.worst_ratio("after", "before") < KEEP_BELOW:
-            return dataclasses.replace(result, measured=measured)
+            return dataclasses.replace(result, measured=measured, stats=stats)
         timings = ", ".join(
             f"{k} {t['after'] * 1e3:.3g} ms vs {t['before'] * 1e3:.3g} ms" for k, t in gate.seconds.items()
         )
         return PassResult(
             current,
             False,
-            result.stats,
+            stats,
             SkipReason(
                 SkipKind.NO_MEASURED_GAIN,
                 f"timed on this machine, the rewrite is not {1 - KEEP_BELOW:.0%} faster: {timings}",

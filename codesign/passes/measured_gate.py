@@ -43,6 +43,11 @@ class MeasuredGate:
     # [layout][name]: how much the timing blocks disagreed (hardware.timing.Timing.spread)
     spread: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
+    @property
+    def max_spread(self) -> float:
+        """The largest disagreement of any timing's blocks (0 when none was recorded): what a report shows."""
+        return max((v for per in self.spread.values() for v in per.values()), default=0.0)
+
     def worst_ratio(self, name: str, baseline: str) -> float:
         """The largest ``t(name) / t(baseline)`` over the layouts: below 1 means faster on every one."""
         return max(times[name] / times[baseline] for times in self.seconds.values())

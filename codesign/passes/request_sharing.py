@@ -164,11 +164,13 @@ class RequestSharing(Pass[RequestSharingConfig]):
                     fix="set gate_by_measurement=False to gate on the cost model, or require_predicted_gain=False "
                     "to keep the rewrite anyway",
                     measured_s=timings,
+                    measured_spread=round(gate.max_spread, 4),
                     flops_moved_to_request_level=before.total_flops - built[best][2]["flops_after"],
                 )
                 return dataclasses.replace(declined, rejected=built[best][1])
             _, out, stats = built[best]
             stats["measured_s"] = timings
+            stats["measured_spread"] = round(gate.max_spread, 4)
         else:
             _, out, stats = min(built, key=lambda b: b[0])
         stats.update(
