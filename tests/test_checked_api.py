@@ -31,25 +31,25 @@ from tests.conftest import tiny_workload
 COUNTS = [3, 4]
 
 
-@pytest.fixture(scope="module")
-def din() -> Variant:
-    """DIN with request sharing forced on: user history once per request (so repeated rows matter)."""
+def _sharing(name: str) -> Variant:
+    """The example compiled with request sharing forced on: user work once per request, so user rows that
+    differ within a request would be silently ignored (and must be refused)."""
     from codesign.passes import pass_by_name
 
     passes = [pass_by_name("request_sharing")().ungated(), "cse", "dce"]
-    variant = codesign.compile(tiny_workload("din"), backend="eager", target="host", passes=passes)
+    variant = codesign.compile(tiny_workload(name), backend="eager", target="host", passes=passes)
     assert variant.takes_request_offsets
     return variant
+
+
+@pytest.fixture(scope="module")
+def din() -> Variant:
+    return _sharing("din")
 
 
 @pytest.fixture(scope="module")
 def dlrm() -> Variant:
-    from codesign.passes import pass_by_name
-
-    passes = [pass_by_name("request_sharing")().ungated(), "cse", "dce"]
-    variant = codesign.compile(tiny_workload("dlrm"), backend="eager", target="host", passes=passes)
-    assert variant.takes_request_offsets
-    return variant
+    return _sharing("dlrm")
 
 
 def _din_inputs() -> dict[str, Any]:
