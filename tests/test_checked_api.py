@@ -300,10 +300,6 @@ def test_malformed_jagged_and_column_inputs_raise_typed_errors(
         dlrm.score(_dlrm_with(change), counts=COUNTS)
 
 
-def test_there_are_at_least_30_malformed_cases() -> None:
-    assert len(SPEC_CASES) + len(DIN_CASES) + len(DLRM_CASES) >= 30
-
-
 def test_a_dict_with_counts_scores_like_its_batch_and_a_structured_batch(din: Variant) -> None:
     w = tiny_workload("din")
     batch = w.make_batch(COUNTS, 5)

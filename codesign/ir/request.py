@@ -14,6 +14,7 @@ Inputs are named by their path in the model's keyword arguments: ``dense``, ``fe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -194,7 +195,7 @@ class RequestSpec(Config):
             other.add(self.request_offsets_input)
         return [p for p in paths if p not in other]
 
-    @property
+    @functools.cached_property
     def request_map_inputs(self) -> dict[str, str]:
         """The model inputs codesign fills from the batch's offsets: {path: "index" | "offsets"}."""
         out = {}
@@ -204,13 +205,15 @@ class RequestSpec(Config):
             out[self.request_offsets_input] = "offsets"
         return out
 
-    @property
-    def not_sliced(self) -> set[str]:
+    @functools.cached_property
+    def not_sliced(self) -> frozenset[str]:
         """Inputs that batch surgery (resample, split, join) does not cut by rows: static inputs, jagged
         offsets (rebuilt with their values) and the request map inputs (rebuilt from the offsets)."""
-        return set(self.static_inputs) | {c for c, _ in self.bags.values()} | set(self.request_map_inputs)
+        return (
+            frozenset(self.static_inputs) | {c for c, _ in self.bags.values()} | set(self.request_map_inputs)
+        )
 
-    @property
+    @functools.cached_property
     def bags(self) -> dict[str, tuple[str, str]]:
         """Every jagged values input -> (its per-candidate input, ``"offsets"`` or ``"lengths"``)."""
         out = {v: (o, "offsets") for v, o in self.jagged.items()}
