@@ -52,6 +52,14 @@ def test_request_level_data_must_repeat_within_a_request() -> None:
         b.validate(RequestSpec(request_inputs=("ad",)))
 
 
+def test_a_user_row_that_changes_late_in_a_request_is_named() -> None:
+    # request 1 covers rows 2..4; its rows 2 and 3 agree, row 4 differs (a later row, not the second)
+    b = _simple_batch()
+    b.inputs["x"][4, 0] += 1.0
+    with pytest.raises(SpecError, match=r"row 4 differs.*request 1"):
+        b.validate(RequestSpec(request_columns={"x": ((0, 4),)}))
+
+
 def test_bad_offsets_and_row_counts() -> None:
     b = _simple_batch()
     with pytest.raises(SpecError, match=r">= 1 candidate"):

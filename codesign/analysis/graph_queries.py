@@ -16,6 +16,7 @@ import torch.fx
 from codesign.ir.program import Program
 
 __all__ = [
+    "RESHAPE_OPS",
     "VIEW_OPS",
     "as_int",
     "constant_value",
@@ -31,6 +32,16 @@ __all__ = [
 aten = torch.ops.aten
 
 # Ops that launch no kernel: views, shape queries and bookkeeping (their cost is zero).
+# ops whose output is the input's elements in the same order under another shape
+RESHAPE_OPS: frozenset[Any] = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+    }
+)
 VIEW_OPS: frozenset[Any] = frozenset(
     {
         aten.view.default,

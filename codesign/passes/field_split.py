@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from codesign.analysis.graph_queries import as_int, node_value
+from codesign.analysis.graph_queries import RESHAPE_OPS, as_int, node_value
 from codesign.analysis.roles import (
     Role,
     constant_positions,
@@ -142,15 +142,7 @@ _BINARY = frozenset(
         aten.ne.Tensor,
     }
 )
-_RESHAPES = frozenset(
-    {
-        aten.view.default,
-        aten.reshape.default,
-        aten._unsafe_view.default,
-        aten.flatten.using_ints,
-        aten.unflatten.int,
-    }
-)
+_RESHAPES = RESHAPE_OPS
 _REDUCTIONS = frozenset({aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default})
 _LAST_DIM_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten.log_softmax.int})
 

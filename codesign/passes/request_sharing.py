@@ -49,6 +49,7 @@ from codesign.passes.measured_gate import GATE_LAYOUTS, KEEP_BELOW, time_program
 from codesign.passes.patterns import epilogue_activation
 from codesign.passes.registry import register_pass
 from codesign.passes.request_attention import fuse_request_attention
+from codesign.passes.row_layout import rows_first
 
 __all__ = ["RequestSharing", "RequestSharingConfig"]
 
@@ -193,6 +194,10 @@ def _build(
     work = program.shallow_copy()
     known = set(work.graph.nodes)
     bags = rewrite_fixed_bags(work)  # EmbeddingBag over [N, F] user ids: a row-wise lookup sharing can follow
+    # [fields, batch, d] regions (nn.MultiheadAttention, sequence-first code) rewritten batch-first
+    regions = rows_first(work, symbolic_dim(_row_source(work).meta["val"].shape[0]))
+    if regions:
+        work.recompile()
     fields = SplitStats()
     if split:
         fields, _ = split_fields(work)
@@ -228,6 +233,7 @@ def _build(
         "nodes_shared": compressed,
         "expansions": expanded,
         "fixed_bags_as_lookups": bags,
+        "regions_made_rows_first": regions,
         "fields_split": fields.values_split,
         "linears_split": fields.contractions_split,
         "reductions_split": fields.reductions_split,

@@ -7,7 +7,8 @@ vocabularies up to 1000 rows, MLPs up to 64 wide) so that capturing and compilin
 
 ``dlrm_reference`` is ``dlrm_lists`` with the reference code's pair indices built in ``forward``;
 ``autoint_mha`` is ``autoint`` with ``nn.MultiheadAttention`` layers (capture copies its transposed
-``[fields, batch, d]`` projections' inputs to contiguous layout; sharing stops at that transpose).
+``[fields, batch, d]`` projections' inputs to contiguous layout; request sharing rewrites that region
+rows first, codesign.passes.row_layout).
 
 >>> from tests.zoo import ZOO, names
 >>> workload = ZOO["dcn_v1"]()
