@@ -60,6 +60,17 @@ def test_a_user_row_that_changes_late_in_a_request_is_named() -> None:
         b.validate(RequestSpec(request_columns={"x": ((0, 4),)}))
 
 
+def test_many_requests_are_checked_in_one_pass_that_names_the_row() -> None:
+    # 12 requests of 3 rows (past the per-request torch.equal path): request 7's last row differs
+    counts = torch.full((12,), 3)
+    user = torch.randn(12, 4).repeat_interleave(counts, 0)
+    b = RequestBatch({"user": user, "ad": torch.randn(36, 2)}, offsets_from_counts(counts))
+    b.validate(RequestSpec(request_inputs=("user",)))
+    user[7 * 3 + 2, 1] += 1.0
+    with pytest.raises(SpecError, match=r"row 23 differs.*request 7"):
+        b.validate(RequestSpec(request_inputs=("user",)))
+
+
 def test_bad_offsets_and_row_counts() -> None:
     b = _simple_batch()
     with pytest.raises(SpecError, match=r">= 1 candidate"):
