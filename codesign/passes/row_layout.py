@@ -101,7 +101,7 @@ class _RowsFirst:
         self.graph = program.graph
         self.rows = rows
         self.frame: dict[Node, _Layout] = {}
-        self.rebuilt: dict[Node, Node] = {}
+        self.rebuilt: dict[tuple[Node, bool], Node] = {}  # (value, for a strided view) -> rebuilt
         self.regions = 0
         self.exits = 0  # values back on rows-first layout: where the rewrite pays
 
@@ -363,10 +363,11 @@ class _RowsFirst:
             else:
                 layout = None
             if layout is None:
+                strided = node.target in _NEEDS_STRIDES
                 for a in inside:  # an op the rewrite does not know: the value it read before
-                    if a not in self.rebuilt:
-                        self.rebuilt[a] = self.rebuild(self.frame[a], contiguous=True)
-                    node.replace_input_with(a, self.rebuilt[a])
+                    if (a, strided) not in self.rebuilt:
+                        self.rebuilt[a, strided] = self.rebuild(self.frame[a], contiguous=strided)
+                    node.replace_input_with(a, self.rebuilt[a, strided])
                 return
             if self.is_rows_first(layout):
                 strided = any(u.target in _NEEDS_STRIDES for u in node.users)
