@@ -132,6 +132,32 @@ def test_a_region_that_never_comes_back_rows_first_is_left_alone() -> None:
     assert work.graph_module.code == program.graph_module.code
 
 
+class SeqFirstOneField(nn.Module):
+    """Sequence-first code with one field: [1, B, d], a size-1 dim beside the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.user = nn.Embedding(VOCAB, DIM)
+        self.item = nn.Embedding(VOCAB, DIM)
+        self.lin = nn.Linear(DIM, DIM)
+
+    def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        x = (self.user(user_ids).sum(1) + self.item(item_ids).sum(1)).unsqueeze(1)  # [B, 1, d]
+        s = x.transpose(0, 1).contiguous()  # [1, B, d]
+        y = torch.relu(self.lin(s)).transpose(0, 1)  # back to [B, 1, d]: the region comes back
+        return y.flatten(1).sum(-1)
+
+
+def test_a_size_one_dim_beside_the_rows_still_comes_back_rows_first() -> None:
+    model = SeqFirstOneField().eval()
+    work = codesign.capture(model, _batch([2, 3], 0), SPEC, make_batch=_batch).shallow_copy()
+    assert rows_first(work, _rows(work)) == 1
+    work.recompile()
+    assert _off_dim0(work) == []
+    _equal(work, model, EXACT)
+
+
 def test_request_sharing_computes_user_field_projections_once_per_request() -> None:
     model = SeqFirstAttention()
     forced = RequestSharing(RequestSharingConfig(require_predicted_gain=False))

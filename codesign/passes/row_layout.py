@@ -104,6 +104,7 @@ class _RowsFirst:
         self.rebuilt: dict[tuple[Node, bool], Node] = {}  # (value, for a strided view) -> rebuilt
         self.regions = 0
         self.exits = 0  # values back on rows-first layout: where the rewrite pays
+        self.abandon = False  # a region value meets an op no rebuilt value can stand in for
 
     # ---- helpers -----------------------------------------------------------------------------------
 
@@ -169,8 +170,8 @@ class _RowsFirst:
         x = layout.base
         if order != list(range(len(order))):
             x = self.emit(aten.permute.default, (x, order))
-            if contiguous:
-                x = self.emit(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+        if contiguous:  # the base itself may be a strided view (a select, an einsum's output)
+            x = self.emit(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
         starts = [sum(len(g) for g in layout.dims[:i]) for i in range(len(layout.dims))]
         for group, start in reversed(list(zip(layout.dims, starts, strict=True))):
             if not group:
@@ -186,10 +187,21 @@ class _RowsFirst:
         for _ in range(16):
             plan = self._plan_reshape(layout, target)
             if plan is None or isinstance(plan, _Layout):
-                return plan
+                return None if plan is None else self.squeeze_units(plan)
             atom, first = plan
             layout = self.split_atom(layout, atom, first)
         return None
+
+    def squeeze_units(self, layout: _Layout) -> _Layout:
+        """Size-1 base dims squeezed out (a group of only such dims becomes a size-1 dim): a leading
+        ``[B, 1, E] -> [1, B, E] -> [B, E]`` is then plainly rows first."""
+        while True:
+            sizes = self.sizes(layout.base)
+            unit = next((a for g in layout.dims for a in g if a != 0 and _eq(sizes[a], 1)), None)
+            if unit is None:
+                return layout
+            base = self.emit(aten.squeeze.dim, (layout.base, unit))
+            layout = self.drop_atom(layout, unit, base)
 
     def _plan_reshape(self, layout: _Layout, target: list[Any]) -> _Layout | tuple[int, int] | None:
         sizes = self.sizes(layout.base)
@@ -323,7 +335,7 @@ class _RowsFirst:
         if not last or 0 in last:
             return None
         layout, _ = self.atoms_last(layout, last)
-        base = self.emit(aten.linear.default, (layout.base, *node.args[1:]))
+        base = self.emit(aten.linear.default, (layout.base, *node.args[1:]), dict(node.kwargs))
         return _Layout(base, layout.dims)
 
     # ---- the walk ----------------------------------------------------------------------------------
@@ -363,14 +375,16 @@ class _RowsFirst:
             else:
                 layout = None
             if layout is None:
-                strided = node.target in _NEEDS_STRIDES
+                if node.target is aten.as_strided.default:
+                    self.abandon = True  # reads the original storage layout: no rebuilt value equals it
+                strided = _strides_matter(node)
                 for a in inside:  # an op the rewrite does not know: the value it read before
                     if (a, strided) not in self.rebuilt:
                         self.rebuilt[a, strided] = self.rebuild(self.frame[a], contiguous=strided)
                     node.replace_input_with(a, self.rebuilt[a, strided])
                 return
             if self.is_rows_first(layout):
-                strided = any(u.target in _NEEDS_STRIDES for u in node.users)
+                strided = any(_strides_matter(u) for u in node.users)
                 node.replace_all_uses_with(self.rebuild(layout, contiguous=strided))
                 self.exits += 1
             else:
@@ -385,6 +399,22 @@ class _RowsFirst:
                 self.graph.erase_node(node)
 
 
+def _aliases(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    returns = list(getattr(schema, "returns", None) or [])
+    return bool(returns) and returns[0].alias_info is not None
+
+
+def _strides_matter(node: Node, depth: int = 6) -> bool:
+    """Whether ``node`` (a reader of a rebuilt value) or a view of its output through views reads strides
+    (``view`` needs them compatible): the rebuilt value is then made contiguous, as the original may be."""
+    if node.op != "call_function":
+        return False
+    if node.target in _NEEDS_STRIDES:
+        return True
+    return depth > 0 and _aliases(node) and any(_strides_matter(u, depth - 1) for u in node.users)
+
+
 def _is_size_arith(node: Node) -> bool:
     return node.target in (aten.sym_size.int, operator.mul, operator.add, operator.floordiv, math.prod)
 
@@ -393,13 +423,16 @@ def rows_first(program: Program, rows: Any) -> int:
     """Rewrite ``program.graph`` in place so no value moves its ``rows`` (a size) off dim 0.
 
     Returns the number of regions rewritten. A graph whose regions all end in ops the rewrite does not
-    know (nothing comes back rows first) is left unchanged: rebuilding the original values there would
-    only add copies.
+    know (nothing comes back rows first), or where a region value reaches ``as_strided``, is left
+    unchanged. Where some region does come back, regions that do not are rewritten too (their values
+    rebuilt for the unknown op: the same values, possibly one more copy).
     """
+    if not sympy.sympify(rows).free_symbols:
+        return 0  # a static row count cannot be told apart from other dims of the same size
     trial = _RowsFirst(program.shallow_copy(), rows)
     for node in list(trial.graph.nodes):
         trial.visit(node)
-    if not trial.exits:
+    if not trial.exits or trial.abandon:
         return 0
     walk = _RowsFirst(program, rows)
     for node in list(program.graph.nodes):

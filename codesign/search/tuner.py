@@ -28,7 +28,6 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from codesign.backends import get_backend
@@ -45,6 +44,12 @@ from codesign.search.objectives import (
 )
 from codesign.search.result import SearchResult, TrialRecord
 from codesign.search.space import SearchSpace, build_space
+from codesign.search.storage import (
+    claim_worker_index,
+    open_storage,
+    open_study_once,
+    optuna_module,
+)
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -68,63 +73,12 @@ WORKER_ATTR = "codesign.worker"
 CONFIG_ATTR = "codesign.config"
 REASON_ATTR = "codesign.reason"
 STALE_ATTR = "codesign.stale"
+DUPLICATE_ATTR = "codesign.duplicate_of"  # a trial whose parameters a finished trial had already run
 DEFAULT_STALE_AFTER_S = 3600.0
-HEARTBEAT_S = 30
 
 
 def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError as exc:
-        raise SearchError(
-            "search needs optuna, which is not installed",
-            fix="pip install 'codesign[search]' (or: pip install optuna)",
-        ) from exc
-    # failed trials are logged here in one line (with their reason kept in the study), not by
-    # Optuna with a traceback each
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return optuna
-
-
-def open_storage(url: str | None) -> Any:
-    """An Optuna storage from a URL (see the module docstring); ``None`` means the default."""
-    optuna = _optuna()
-    url = DEFAULT_STORAGE if url is None else url
-    if url == ":memory:":
-        return optuna.storages.InMemoryStorage()
-    if url.startswith("journal:"):
-        path = url[len("journal:") :]
-        if not path:
-            raise SearchError("journal storage needs a file path", fix="write journal:path/to/study.log")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise SearchError(
-            f"storage {url!r} is not a URL",
-            fix="use sqlite:///file.db, postgresql://user@host/db, journal:file.log or :memory:",
-        )
-    engine: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        engine = {"connect_args": {"timeout": 60}}  # several workers wait for the file lock
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=4 * HEARTBEAT_S,
-                # a trial whose worker stopped beating is failed by Optuna; run its parameters again
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-            )
-    except Exception as exc:  # SQLAlchemy raises its own errors for bad URLs and missing drivers
-        raise SearchError(
-            f"cannot open storage {url!r}: {type(exc).__name__}: {exc}",
-            fix="check the URL; PostgreSQL needs a driver (pip install psycopg2-binary)",
-        ) from exc
+    return optuna_module()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -244,6 +198,7 @@ class Tuner:
         self.stale_after_s = stale_after_s
         self._pass_classes = {c.name: c for c in self.space.pipeline}
         self._study: Any = None
+        self.worker_index = 0  # taken from the study when it is opened
 
     # ---- study -----------------------------------------------------------------------------
     def _key(self) -> _StudyKey:
@@ -256,9 +211,9 @@ class Tuner:
             self.sampler_name,
         )
 
-    def _sampler(self) -> Any:
+    def _sampler(self, index: int) -> Any:
         optuna = _optuna()
-        seed = self.seed + self.worker  # workers must not draw the same points
+        seed = self.seed + index  # workers must not draw the same points: each has its own index
         # constraints reach the samplers through trial.set_constraint (see objective)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -277,13 +232,18 @@ class Tuner:
         return self._study
 
     def _open_study(self) -> Any:
+        # opened and set up by one worker at a time: a fresh study is created and seeded once, and each
+        # worker takes its own index (its sampler's seed) from it (codesign.search.storage)
+        study = open_study_once(self.storage_url, self._create_study)
+        recover_stale_trials(study, self.stale_after_s)
+        return study
+
+    def _create_study(self, storage: Any) -> Any:
         optuna = _optuna()
-        storage = open_storage(self.storage_url)
         study = optuna.create_study(
             storage=storage,
             study_name=self.study_name,
             directions=["minimize"] * len(OBJECTIVE_NAMES),
-            sampler=self._sampler(),
             load_if_exists=True,
         )
         key = json.loads(json.dumps(dataclasses.asdict(self._key())))  # as the storage gives it back
@@ -301,17 +261,28 @@ class Tuner:
                 f"study '{self.study_name}' in {self.storage_url} was made with other {', '.join(diff)}",
                 fix="resume with the same model, target and settings, or pick a new --study-name",
             )
-        recover_stale_trials(study, self.stale_after_s)
+        self.worker_index = claim_worker_index(study)
+        study.sampler = self._sampler(self.worker_index)
         return study
 
     # ---- one trial ---------------------------------------------------------------------------
     def objective(self, trial: Any) -> tuple[float, ...]:
         optuna = _optuna()
         trial.set_user_attr(
-            WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker}
+            WORKER_ATTR,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "worker": self.worker,
+                "index": self.worker_index,
+            },
         )
         try:
-            config = self.space.configure(self.space.suggest(trial))
+            params = self.space.suggest(trial)
+            same = _finished_with_params(trial.study, trial.params, trial.number)
+            if same is not None:  # another worker (or an earlier run) already evaluated these parameters
+                return _reuse(trial, same, CONSTRAINT_NAMES)
+            config = self.space.configure(params)
             trial.set_user_attr(CONFIG_ATTR, config.to_dict())
             ev = self.evaluator.evaluate(config)
         except Hopeless as exc:
@@ -403,6 +374,26 @@ def load_result(storage: str, study_name: str) -> SearchResult:
         str(key.get("latency_source", "?")),
         key.get("settings", {}),
     )
+
+
+def _finished_with_params(study: Any, params: dict[str, Any], number: int) -> Any:
+    """A complete trial of ``study`` (other than ``number``) that ran exactly ``params``, or None."""
+    optuna = _optuna()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != number and t.params == params and DUPLICATE_ATTR not in t.user_attrs:
+            return t
+    return None
+
+
+def _reuse(trial: Any, same: Any, constraint_names: Sequence[str]) -> tuple[float, ...]:
+    """Record ``trial`` as a repeat of ``same``: its results, without evaluating the parameters again."""
+    for key in (CONFIG_ATTR, "evaluation", "constraints"):
+        if key in same.user_attrs:
+            trial.set_user_attr(key, same.user_attrs[key])
+    for name, value in zip(constraint_names, same.user_attrs.get("constraints", ()), strict=False):
+        trial.set_constraint(name, value)
+    trial.set_user_attr(DUPLICATE_ATTR, same.number)
+    return tuple(same.values)
 
 
 # ---- workers -----------------------------------------------------------------------------------

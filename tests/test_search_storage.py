@@ -1,0 +1,117 @@
+"""Search storage (codesign.search.storage): files that are not studies are refused by name, workers
+that start together on a fresh study each get their own index (their sampler seed), and no parameter
+set is evaluated twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from codesign.errors import SearchError
+from codesign.passes import DeadCodeElimination
+from codesign.search import ObjectiveSettings, Tuner
+from codesign.search.storage import open_storage
+from codesign.search.tuner import DUPLICATE_ATTR, WORKER_ATTR
+from tests.conftest import tiny_program
+
+FAST = ObjectiveSettings(calibration=(64, 64))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "url", "message"),
+    [
+        ("empty.db", b"", "sqlite:///{}", "is empty, not an SQLite database"),
+        ("notes.db", b"these are my notes\n", "sqlite:///{}", "is not an SQLite database"),
+        ("study.log", b"\x00\x01garbage\n", "journal:{}", "is not an Optuna journal"),
+    ],
+)
+def test_a_file_that_is_not_a_study_is_refused_by_name(
+    tmp_path: Path, name: str, content: bytes, url: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SearchError, match=message) as err:
+        open_storage(url.format(path))
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == content  # left as it was
+
+
+_OPENER = textwrap.dedent(
+    """
+    import sys, time
+    import optuna
+    from codesign.search.storage import claim_worker_index, open_study_once
+    url, start = sys.argv[1], float(sys.argv[2])
+    while time.time() < start:
+        time.sleep(0.001)
+
+    def create(storage):
+        study = optuna.create_study(storage=storage, study_name="race", load_if_exists=True)
+        if "seeded" not in study.user_attrs:
+            study.set_user_attr("seeded", True)
+            study.enqueue_trial({"x": 0.5})
+        return study, claim_worker_index(study)
+
+    _, index = open_study_once(url, create)
+    print(index)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_starting_together_on_a_fresh_study_each_get_an_index(
+    tmp_path: Path, repo_root: Path, kind: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'race.log'}"
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    start = time.time() + 8  # after every process has imported optuna
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, url, str(start)],
+            cwd=repo_root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-400:] for _, err in outs]
+    assert sorted(int(out) for out, _ in outs) == [0, 1, 2, 3]
+    import optuna
+
+    study = optuna.load_study(study_name="race", storage=open_storage(url))
+    assert len(study.trials) == 1  # seeded once, not once per worker
+
+
+def test_a_parameter_set_already_evaluated_is_not_evaluated_again() -> None:
+    # one pass without knobs (its switch) and the micro-batch size: a handful of points, so the sampler
+    # repeats some
+    tuner = Tuner(
+        tiny_program("din"), "h100", settings=FAST, storage=":memory:", passes=[DeadCodeElimination], seed=3
+    )
+    evaluated: list[object] = []
+    real = tuner.evaluator.evaluate
+
+    def counting(config: object) -> object:
+        evaluated.append(config)
+        return real(config)  # type: ignore[arg-type]
+
+    tuner.evaluator.evaluate = counting  # type: ignore[method-assign]
+    result = tuner.run(12)
+    repeats = [t for t in result.trials if DUPLICATE_ATTR in t.attrs]
+    distinct = {tuple(sorted(t.params.items())) for t in result.trials}
+    assert repeats, "the space is too large for the sampler to repeat itself: the test says nothing"
+    assert len(evaluated) == len(distinct) == len(result.trials) - len(repeats)
+    first = {t.number: t for t in result.trials}
+    for t in repeats:
+        original = first[t.attrs[DUPLICATE_ATTR]]
+        assert t.params == original.params and t.values == original.values
+    assert all(t.attrs[WORKER_ATTR]["index"] == 0 for t in result.trials)
