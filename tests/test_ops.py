@@ -32,7 +32,7 @@ def test_reference_matches_the_unfused_computation() -> None:
         ("gelu", torch.nn.functional.gelu),
         ("tanh", torch.tanh),
     ):
-        for bias in (b, None):  # the CPU kernel folds the bias into the gathered rows
+        for bias in (b, None):
             want = fn(x @ w.T + (0 if bias is None else bias) + row[idx])
             torch.testing.assert_close(torch.ops.codesign.broadcast_linear(x, w, bias, row, idx, act), want)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):

@@ -78,18 +78,13 @@ def _broadcast_linear_cpu(
     row_index: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """The reference's sums in one buffer: gather (row + bias) per candidate, accumulate the GEMM into it
-    (``addmm_``), activate in place. Two passes over [N, out] fewer than linear + gather + add + act."""
-    if (
-        x.dim() != 2
-        or x.dtype != weight.dtype
-        or row.dtype != x.dtype
-        or activation not in (*_IN_PLACE, "none")
-    ):
+    """The reference's sums in the same order (bit-equal to it and to the aten decomposition Inductor
+    gets), with the row added and the activation applied in place on the GEMM's output: no buffer for
+    the sum or the activation."""
+    if activation not in (*_IN_PLACE, "none"):
         return broadcast_linear_reference(x, weight, bias, row, row_index, activation)
-    per_request = row if bias is None else row + bias
-    out = per_request.index_select(0, row_index)
-    out.addmm_(x, weight.t())
+    out = torch.nn.functional.linear(x, weight, bias)
+    out += row.index_select(0, row_index)
     return out if activation == "none" else _IN_PLACE[activation](out)
 
 
