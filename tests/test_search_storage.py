@@ -44,11 +44,12 @@ def test_a_file_that_is_not_a_study_is_refused_by_name(
 
 _OPENER = textwrap.dedent(
     """
-    import sys, time
+    import pathlib, sys, time
     import optuna
     from codesign.search.storage import claim_worker_index, open_study_once
-    url, start = sys.argv[1], float(sys.argv[2])
-    while time.time() < start:
+    url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+    ready.touch()  # imported: wait for the others, then all open the study at once
+    while not go.exists():
         time.sleep(0.001)
 
     def create(storage):
@@ -64,24 +65,30 @@ _OPENER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+# the journal's own file locking makes four openers wait seconds for each other: make test-slow
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("journal", marks=pytest.mark.slow)])
 def test_workers_starting_together_on_a_fresh_study_each_get_an_index(
     tmp_path: Path, repo_root: Path, kind: str
 ) -> None:
     url = f"sqlite:///{tmp_path / 'race.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'race.log'}"
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    start = time.time() + 8  # after every process has imported optuna
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(4)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _OPENER, url, str(start)],
+            [sys.executable, "-c", _OPENER, url, str(r), str(go)],
             cwd=repo_root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(4)
+        for r in ready
     ]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-400:] for _, err in outs]
     assert sorted(int(out) for out, _ in outs) == [0, 1, 2, 3]
