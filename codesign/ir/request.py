@@ -379,7 +379,7 @@ class RequestBatch:
         # each row against the row before it, except where a request starts: the same answer as against
         # the request's first row (the first row that differs from its predecessor is the first that
         # differs from the request's first row), without gathering a copy of every input
-        continues = first_row[1:] != torch.arange(1, first_row.numel(), device=first_row.device)
+        continues: torch.Tensor | None = None  # rows that are not a request's first, built when needed
         bounds = self.offsets.tolist()
         spans = [(a, b) for a, b in itertools.pairwise(bounds) if b - a > 1]
         for label, t in pieces:
@@ -390,6 +390,8 @@ class RequestBatch:
                 torch.equal(t[a + 1 : b], t[a : b - 1]) for a, b in spans
             ):
                 continue
+            if continues is None:
+                continues = first_row[1:] != torch.arange(1, first_row.numel(), device=first_row.device)
             changed = (t[1:] != t[:-1]).reshape(t.shape[0] - 1, -1).any(1) & continues
             if changed.any():
                 row = int(changed.nonzero()[0]) + 1

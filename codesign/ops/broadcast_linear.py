@@ -46,7 +46,7 @@ def broadcast_linear_reference(
     row_index: torch.Tensor,
     activation: str = "none",
 ) -> torch.Tensor:
-    """Reference semantics in plain torch (also the CPU implementation)."""
+    """Reference semantics in plain torch, functional (graphs trace it: the aten form Inductor gets)."""
     out = torch.nn.functional.linear(x, weight, bias)
     return activate(out + row.index_select(0, row_index), activation)
 
@@ -78,9 +78,9 @@ def _broadcast_linear_cpu(
     row_index: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """The reference's sums in the same order (bit-equal to it and to the aten decomposition Inductor
-    gets), with the row added and the activation applied in place on the GEMM's output: no buffer for
-    the sum or the activation."""
+    """The CPU kernel: the reference's sums in the same order (bit-equal to it), with the row added and
+    the activation applied in place on the GEMM's output (no buffer for the sum or the activation; the
+    reference stays functional, as traced graphs need)."""
     if activation not in (*_IN_PLACE, "none"):
         return broadcast_linear_reference(x, weight, bias, row, row_index, activation)
     out = torch.nn.functional.linear(x, weight, bias)
