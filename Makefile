@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 # TorchRec (KeyedJaggedTensor inputs are tested) and what it imports, pinned in constraints.txt
 TORCHREC := torchrec fbgemm-gpu-cpu tensordict pyvers cloudpickle pyre-extensions typing-inspect
 
-.PHONY: setup demo test test-slow lint docs bench clean browser
+.PHONY: setup demo test test-slow lint docs bench clean browser postgres
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,bench,report,docs,gpu]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,search,serve,bench,report,docs,gpu]'
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt $(TORCHREC)
 	touch $(STAMP)
 
@@ -52,7 +52,16 @@ test: lint docs browser
 	@$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15; \
 	rc=$$?; echo "make test: $$(( $$(date +%s) - $(MAKE_START) )) s wall (lint + docs + pytest), exit $$rc"; exit $$rc
 
-test-slow: $(STAMP)
+# Debian's postgresql server for tests/test_search_postgres.py (it starts a private cluster), when missing.
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql for the search storage test"; \
+		apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }; \
+	else echo "tests/test_search_postgres.py skips: install postgresql (apt-get install postgresql)"; fi
+
+test-slow: $(STAMP) postgres
 	@$(BIN)/python -m pytest -q -m "slow" --durations=15; \
 	rc=$$?; echo "make test-slow: $$(( $$(date +%s) - $(MAKE_START) )) s wall, exit $$rc"; exit $$rc
 

@@ -14,6 +14,12 @@ persistent connections.
    s, the same arrival schedule against the fixed-``full`` server and the load-aware one. Latency is
    counted from each request's scheduled arrival, so a queue that builds up shows.
 
+4. burst: ``--burst`` requests of 128 candidates from ``--burst-clients`` clients started together
+   against the fixed-``full`` server, once over persistent connections and once with a new
+   connection per request: p50/p99, errors and connection resets, against the bound
+   3 x the single-request latency + the queueing the bundle's latency curve predicts (the last of
+   the clients' requests waits for the batches of all the others).
+
 Both machines of this project are noisy and the load generator shares the CPU with the server:
 quote medians and the side-by-side ratios, not absolute figures.
 
@@ -156,6 +162,103 @@ def open_loop(
     return records, time.perf_counter() - start
 
 
+RESETS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected)
+
+
+def burst(server: ServerProcess, body: bytes, clients: int, total: int, keep_alive: bool) -> dict[str, Any]:
+    """``total`` requests from ``clients`` threads released together; latency per request."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    resets = 0
+    lock = threading.Lock()
+    go = threading.Event()
+    share = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+
+    def client(count: int) -> None:
+        nonlocal resets
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+        go.wait()
+        for _ in range(count):
+            if not keep_alive:
+                conn.close()
+                conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+            t0 = time.perf_counter()
+            try:
+                status, _ = post(conn, body)
+            except RESETS:
+                with lock:
+                    resets += 1
+                conn.close()
+                conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+                continue
+            with lock:
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                statuses[status] = statuses.get(status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in share]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    go.set()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    return {
+        "requests": total,
+        "clients": clients,
+        "keep_alive": keep_alive,
+        "seconds": seconds,
+        "qps": ok / seconds,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "errors": total - ok - resets,
+        "resets": resets,
+        "p50_ms": pct(latencies, 0.5),
+        "p99_ms": pct(latencies, 0.99),
+    }
+
+
+def single_latency_ms(server: ServerProcess, body: bytes, calls: int = 30) -> float:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        post(conn, body)
+        times.append((time.perf_counter() - t0) * 1e3)
+    conn.close()
+    return pct(times, 0.5)
+
+
+def burst_phase(args: argparse.Namespace, bundle: Any, body: bytes, candidates: int) -> dict[str, Any]:
+    server = ServerProcess(args.bundle, "fixed:full", args.budget_ms)
+    try:
+        single = single_latency_ms(server, body)
+        per_batch = 16  # codesign serve's default --max-batch-requests
+        batch_s = bundle.profiles["full"].latency(candidates * per_batch, per_batch)
+        queueing_ms = -(-args.burst_clients // per_batch) * batch_s * 1e3
+        bound = 3 * single + queueing_ms
+        out: dict[str, Any] = {
+            "single_ms": single,
+            "queueing_predicted_ms": queueing_ms,
+            "p99_bound_ms": bound,
+        }
+        for keep_alive in (True, False):
+            key = "keep_alive" if keep_alive else "new_connection"
+            out[key] = burst(server, body, args.burst_clients, args.burst, keep_alive)
+            r = out[key]
+            r["p99_within_bound"] = r["p99_ms"] <= bound
+            print(
+                f"\n== burst, {key}: {r['requests']} requests x {candidates} candidates from {r['clients']} clients: "
+                f"{r['qps']:.1f} QPS, errors {r['errors']}, resets {r['resets']}, p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms (bound 3 x {single:.1f} + {queueing_ms:.1f} = {bound:.1f} ms: "
+                f"{'within' if r['p99_within_bound'] else 'OVER'})"
+            )
+        return out
+    finally:
+        server.stop()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -210,6 +313,11 @@ def main() -> int:
     parser.add_argument("--overload-duration", type=float, default=20.0)
     parser.add_argument("--budget-ms", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--burst", type=int, default=500, help="requests in the burst phase")
+    parser.add_argument("--burst-clients", type=int, default=32)
+    parser.add_argument(
+        "--phases", default="steady,overload,burst", help="comma-separated: steady, overload, burst"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-host.json"))
     args = parser.parse_args()
 
@@ -233,6 +341,22 @@ def main() -> int:
         "profiles": {n: p.to_dict() for n, p in bundle.profiles.items()},
     }
 
+    phases = set(args.phases.split(","))
+    if "burst" in phases:
+        n = 128
+        body = schema.encode(workload.make_batch([n], seed=7), context={"budget_ms": 10_000})
+        result["burst"] = burst_phase(args, bundle, json.dumps(body).encode(), n)
+    if "steady" in phases:
+        steady(args, bodies, result)
+    if "overload" in phases:
+        overload(args, bodies, result, rng)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def steady(args: argparse.Namespace, bodies: list[tuple[int, bytes]], result: dict[str, Any]) -> None:
     server = ServerProcess(args.bundle, "load-aware", args.budget_ms)
     try:
         records, seconds = closed_loop(server, bodies, args.clients, args.duration)
@@ -247,6 +371,10 @@ def main() -> int:
     finally:
         server.stop()
 
+
+def overload(
+    args: argparse.Namespace, bodies: list[tuple[int, bytes]], result: dict[str, Any], rng: random.Random
+) -> None:
     server = ServerProcess(args.bundle, "fixed:full", args.budget_ms)
     try:
         records, seconds = closed_loop(server, bodies, 8, args.capacity_duration)
@@ -286,10 +414,6 @@ def main() -> int:
         f"load-aware p99 {'within' if aware['p99_ms'] <= args.budget_ms else 'OVER'} the {args.budget_ms:g} ms budget, "
         f"fixed-full p99 {'within' if fixed['p99_ms'] <= args.budget_ms else 'over'} it"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ __all__ = [
     "CaptureError",
     "CodesignError",
     "ConfigError",
+    "DeadlineError",
     "InputNameError",
     "InputShapeError",
     "InputTypeError",
     "InputValueError",
     "ModelRefError",
     "NumericsError",
+    "OverloadError",
     "PassError",
     "ReportError",
     "RequestError",
+    "RequestTooLargeError",
     "RoutingError",
     "SearchError",
     "ShardingError",
@@ -104,8 +107,27 @@ class InputValueError(RequestError):
     """An input's values cannot be scored: ids outside their table, bad offsets, user rows that differ."""
 
 
+class RequestTooLargeError(RequestError):
+    """A request is over a size limit of the server (body, candidates, ids in a bag times candidates)."""
+
+
 class RoutingError(CodesignError):
     """A router policy is invalid, or no variant can serve a request."""
+
+
+class OverloadError(RoutingError):
+    """The server's queues are full (or it is shutting down): the request was not admitted.
+
+    ``retry_after_s`` is when the work queued now is predicted to have drained (HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float, fix: str | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineError(CodesignError):
+    """A request's budget (``context.budget_ms``) ran out before it was scored; it was shed unscored."""
 
 
 class ReportError(CodesignError):

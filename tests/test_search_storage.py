@@ -122,3 +122,28 @@ def test_a_parameter_set_already_evaluated_is_not_evaluated_again() -> None:
         original = first[t.attrs[DUPLICATE_ATTR]]
         assert t.params == original.params and t.values == original.values
     assert all(t.attrs[WORKER_ATTR]["index"] == 0 for t in result.trials)
+
+
+def test_a_trial_waits_for_an_earlier_trial_running_the_same_parameters() -> None:
+    import threading
+
+    import optuna
+
+    from codesign.search.tuner import _twin
+
+    study = optuna.create_study(directions=["minimize"])
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # running, as on another worker
+    params = dict(first.params)
+    second = study.ask()
+    assert _twin(study, params, second.number + 1, wait_s=0.0) is None  # running, and no wait allowed
+
+    def finish_later() -> None:
+        time.sleep(0.3)
+        study.tell(first, 0.25)
+
+    threading.Thread(target=finish_later).start()
+    t0 = time.monotonic()
+    twin = _twin(study, params, second.number + 1, wait_s=30.0)
+    assert twin is not None and twin.number == first.number and twin.values == [0.25]
+    assert time.monotonic() - t0 >= 0.25  # it waited for the running trial, not evaluated the params itself
+    assert _twin(study, {"x": -1.0}, second.number + 1, wait_s=30.0) is None  # nothing else runs these

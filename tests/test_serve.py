@@ -263,7 +263,9 @@ def test_schema_and_metrics_endpoints(server: Server, bundle_dir: Path) -> None:
 
 def test_variant_that_raises_is_taken_out_and_traffic_falls_back(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    runtime = Runtime(bundle, policy=RulesPolicy((), default="full"))
+    # no half-open probe within the test (test_serving_reliability covers recovery)
+    batching = BatchingConfig(probe_interval_s=600.0, probe_max_interval_s=600.0)
+    runtime = Runtime(bundle, policy=RulesPolicy((), default="full"), batching=batching)
     calls = {"n": 0}
 
     def broken(**inputs: Any) -> Any:  # fault injection: the device fails after the variant warmed up
@@ -285,7 +287,12 @@ def test_variant_that_raises_is_taken_out_and_traffic_falls_back(bundle_dir: Pat
         # 'full' ran twice, then never again: the batch, and the health probe on its reference batch
         assert status == 200 and reply["variant"] == next_best and calls["n"] == 2
         status, health = request(srv, "GET", "/healthz")
-        assert status == 200 and "illegal memory access" in health["variants"]["full"]
+        # the state, not the exception text (that went to the log)
+        assert (
+            status == 200
+            and health["variants"]["full"] == "down: failed a batch and then its reference batch"
+        )
+        assert "illegal" not in json.dumps(health)
         _, text = request(srv, "GET", "/metrics")
         assert 'codesign_variant_up{variant="full"} 0' in text
         assert 'codesign_variant_failures_total{stage="run",variant="full"} 1' in text

@@ -40,6 +40,7 @@ class AotiConfig(Config):
 
 class AotiBackend(Backend[AotiConfig]):
     name = "aoti"
+    native_artifacts = True  # the package's shared library runs its constructors when it is opened
     config_class = AotiConfig
 
     def lower(self, program: Program, target: Target, workdir: Path) -> Lowered:

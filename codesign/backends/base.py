@@ -46,6 +46,8 @@ class Backend(Tunable[C], abc.ABC):
     config_class: ClassVar[type[Config]] = BackendConfig
     # which targets the backend can ever lower for: hardware kinds and, if set, vendors
     device_kinds: ClassVar[tuple[str, ...]] = ("cpu", "gpu")
+    # its bundle artifacts are native code (a shared library, an engine): loaded only from trusted bundles
+    native_artifacts: ClassVar[bool] = False
     vendors: ClassVar[tuple[str, ...] | None] = None
 
     def supports(self, target: Target) -> bool:

@@ -57,6 +57,7 @@ def import_torch_tensorrt() -> ModuleType:
 
 class TensorRTBackend(Backend[TensorRTConfig]):
     name = "tensorrt"
+    native_artifacts = True  # a serialized engine (and any plugin library it names)
     config_class = TensorRTConfig
     device_kinds = ("gpu",)
     vendors = ("NVIDIA",)

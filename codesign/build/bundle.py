@@ -21,14 +21,16 @@ its own interpreter (what ``Variant.save`` runs before it returns) and prints on
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import re
 import sys
 import time
 import traceback
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from codesign.build.bundle_write import (
     compare_reference,
     file_sha256,
 )
+from codesign.build.signing import SIGNATURE, Trust, check_native_trust
 from codesign.build.variant import Variant
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
@@ -72,10 +75,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{d} is not a codesign bundle: it has no {MANIFEST}",
             fix="point at the folder written by variant.save() / codesign compile --out",
         )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON (truncated or edited?): {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = exc if not isinstance(exc, RecursionError) else "nested too deep"
+        raise BundleError(f"{path} is not valid JSON (truncated or edited?): {detail}") from exc
     if isinstance(manifest, dict) and manifest.get("format") == MULTI_FORMAT:
         raise BundleError(
             f"{d} is a multi-variant bundle (variants {[v.get('name') for v in manifest.get('variants', [])]})",
@@ -103,7 +109,7 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError("manifest 'files' is not a mapping")
-    present = {p.name for p in d.iterdir()} - {MANIFEST}
+    present = {p.name for p in d.iterdir()} - {MANIFEST, SIGNATURE}
     extra = present - files.keys()
     if extra:
         raise BundleError(
@@ -139,12 +145,46 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
-def _check_program_archive(path: Path) -> None:
-    """Refuse a program archive that would make torch unpickle anything, or that calls unknown ops."""
+MAX_MANIFEST_BYTES = 64 << 20
+# What torch.export.save writes into program.pt2 (under its one top folder), and nothing else: a name
+# torch would unpickle or that this list does not know is refused before torch reads the archive.
+_PROGRAM_ENTRY = re.compile(
+    r"[A-Za-z0-9_.-]+/("
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
+    r"models/[A-Za-z0-9_.-]+\.json|"
+    r"data/(weights|constants)/[A-Za-z0-9_]+|"
+    r"data/(weights|constants)/[A-Za-z0-9_.-]+_config\.json|"
+    r"data/sample_inputs/[A-Za-z0-9_.-]+\.pt"
+    r")"
+)
+
+
+def _check_stored_entries(path: Path) -> zipfile.ZipFile:
+    """Open a torch zip archive whose entries are all stored uncompressed and fit in the file: no entry
+    can inflate past what is on disk (a 1 GB entry deflated to a few KB is refused before it is read)."""
     try:
         z = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise BundleError(f"{path.name} is not a torch.export archive") from exc
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{path.name} is not a torch archive: {exc}") from exc
+    total = 0
+    for info in z.infolist():
+        total += info.file_size
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            z.close()
+            raise BundleError(
+                f"{path.name}: entry {info.filename} is compressed ({info.compress_size} -> {info.file_size} "
+                "bytes); torch writes archives uncompressed, so this one was made by something else",
+                fix="recompile the bundle; never edit bundle files by hand",
+            )
+    if total > path.stat().st_size:
+        z.close()
+        raise BundleError(f"{path.name}: its entries claim {total} bytes, more than the file holds")
+    return z
+
+
+def _check_program_archive(path: Path) -> None:
+    """Refuse a program archive that would make torch unpickle anything, or that calls unknown ops."""
+    z = _check_stored_entries(path)
     with z:
         for name in z.namelist():
             base = name.rsplit("/", 1)[-1]
@@ -158,6 +198,11 @@ def _check_program_archive(path: Path) -> None:
                 raise BundleError(
                     f"{path.name} holds a pickled object ({name}); codesign bundles carry tensors only"
                 )
+            if not _PROGRAM_ENTRY.fullmatch(name) or ".." in name.split("/"):
+                raise BundleError(
+                    f"{path.name} holds an entry torch.export does not write: {name!r}",
+                    fix="recompile the bundle; never edit bundle files by hand",
+                )
             if name.endswith("_config.json"):
                 config = json.loads(z.read(name)).get("config", {})
                 if any(isinstance(v, dict) and v.get("use_pickle") for v in config.values()):
@@ -169,6 +214,19 @@ def _check_program_archive(path: Path) -> None:
                     raise BundleError(f"{path.name}: sample inputs are not plain tensors ({exc})") from exc
             if "/models/" in name and name.endswith(".json"):
                 _check_operators(path.name, json.loads(z.read(name)))
+
+
+@contextlib.contextmanager
+def _malformed(d: Path) -> Iterator[None]:
+    """A manifest record of the wrong shape (a list for an object, a number for a name, nesting too
+    deep) is a BundleError naming the manifest, not a raw error from deep inside the loader."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, RecursionError) as exc:
+        raise BundleError(
+            f"{d / MANIFEST} is malformed (truncated or hand-edited): {type(exc).__name__}: {str(exc)[:200]}",
+            fix="recompile the bundle; never edit bundle files by hand",
+        ) from exc
 
 
 def _check_operators(archive: str, model: Any) -> None:
@@ -207,8 +265,18 @@ def _resolves(target: str) -> bool:
     return True
 
 
-def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
+def load(
+    directory: str | Path,
+    *,
+    check_reference: bool = True,
+    trusted_keys: Sequence[str | Path] = (),
+    allow_unsigned_native: bool = False,
+) -> Variant:
     """Verify and load a bundle: checksums, versions, allow-listed configs; build the runner; score.
+
+    A bundle with native code (AOTInductor, TensorRT) loads only when a key in ``trusted_keys`` (PEM
+    public keys; also ``$CODESIGN_TRUSTED_KEYS``) signed it, this process wrote it, or
+    ``allow_unsigned_native`` accepts the risk (``codesign.build.signing``).
 
     With ``check_reference`` (the default) the loaded variant scores the stored reference batch and
     must match the stored reference outputs within the manifest's tolerance (BundleError otherwise):
@@ -226,14 +294,17 @@ def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
     from codesign.sharding.types import Plan
 
     d = Path(directory)
-    manifest = read_manifest(d)
-    files = _verify_files(d, manifest)
-    versions = manifest["versions"]
-    backend_rec = manifest["backend"]
-    if backend_rec.get("name") not in backend_names():
-        raise BundleError(
-            f"bundle backend {backend_rec.get('name')!r} is unknown", fix=f"known: {backend_names()}"
-        )
+    with _malformed(d):
+        manifest = read_manifest(d)
+        files = _verify_files(d, manifest)
+        versions = manifest["versions"]
+        backend_rec = manifest["backend"]
+        if not isinstance(versions, dict) or not isinstance(backend_rec, dict):
+            raise BundleError(f"{d / MANIFEST}: 'versions' and 'backend' must be objects")
+        if backend_rec.get("name") not in backend_names():
+            raise BundleError(
+                f"bundle backend {backend_rec.get('name')!r} is unknown", fix=f"known: {backend_names()}"
+            )
     built_with = str(versions.get("torch", "?"))
     if built_with != torch.__version__:
         if backend_rec["name"] in ABI_BOUND_BACKENDS:
@@ -243,20 +314,34 @@ def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
                 fix=f"install torch=={built_with} or recompile the bundle",
             )
         log.warning("bundle built with torch %s, loading with %s", built_with, torch.__version__)
+    # before anything is unpacked or opened: native code only from a bundle someone trusted vouches for
+    others = {n: p for n, p in files.items() if n not in (PROGRAM, REFERENCE, PLAN)}
+    check_native_trust(
+        d,
+        others,
+        Trust.of(trusted_keys, allow_unsigned_native),
+        backend_class(backend_rec["name"]).native_artifacts,
+    )
     if PROGRAM not in files or REFERENCE not in files:
         raise BundleError(f"bundle lacks {PROGRAM} or {REFERENCE}")
     try:
-        backend = backend_class(backend_rec["name"])(config_from_dict(backend_rec["config"]))
-        spec = config_from_dict(manifest["spec"])
-        target = Target.from_dict(manifest["target"])
+        with _malformed(d):
+            backend = backend_class(backend_rec["name"])(config_from_dict(backend_rec["config"]))
+            spec = config_from_dict(manifest["spec"])
+            target = Target.from_dict(manifest["target"])
+    except BundleError:
+        raise
     except CodesignError as exc:
         raise BundleError(f"bundle manifest has an invalid record: {exc.message}") from exc
     if not isinstance(spec, RequestSpec):
         raise BundleError("bundle spec is not a RequestSpec record")
     _check_program_archive(files[PROGRAM])
+    _check_stored_entries(files[REFERENCE])
     exported = torch.export.load(str(files[PROGRAM]))
     try:
         ref = torch.load(files[REFERENCE], weights_only=True)
+        if not isinstance(ref, dict) or not isinstance(manifest["inputs"], dict):
+            raise TypeError("the reference record or the manifest's 'inputs' is not an object")
         treespec = pytree.treespec_loads(manifest["inputs"]["treespec"])
         leaves = [ref["inputs"][p] for p in manifest["inputs"]["paths"]]
         inputs = pytree.tree_unflatten(leaves, treespec)
@@ -269,33 +354,51 @@ def load(directory: str | Path, *, check_reference: bool = True) -> Variant:
         except CodesignError as exc:
             raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
     artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
-    example = call_inputs(
-        RequestBatch(inputs=inputs, offsets=ref["offsets"]), bool(manifest.get("takes_request_offsets"))
-    )
+    reference = RequestBatch(inputs=inputs, offsets=ref["offsets"])
+    with _malformed(d):  # every manifest record read before the backend opens anything
+        fields = _variant_records(manifest, reference)
+        tolerance = manifest.get("tolerance")
+        _tolerance(tolerance, Tolerance(rtol=0.0, atol=0.0))  # its shape, checked whether or not it is used
+    example = call_inputs(reference, fields["takes_request_offsets"])
     runner = backend.load(exported, artifacts, example)
     variant = Variant(
-        name=str(manifest["name"]),
         spec=spec,
         target=target,
         backend=backend,
         runner=runner,
         exported=exported,
         artifacts=artifacts,
-        passes=list(manifest["passes"]),
-        reference_inputs=RequestBatch(inputs=inputs, offsets=ref["offsets"]),
+        reference_inputs=reference,
         reference_outputs=list(ref["outputs"]),
-        cost=dict(manifest.get("cost") or {}),
-        report=manifest.get("compile_report"),
         program=None,
-        cache_key=str(manifest.get("cache_key", "")),
-        takes_request_offsets=bool(manifest.get("takes_request_offsets", False)),
-        micro_batch=_micro_batch(manifest.get("micro_batch")),
         plan=plan,
-        id_bounds=_id_bounds(manifest.get("id_bounds")),
+        **fields,
     )
     if check_reference:
-        check_reference_outputs(variant, _tolerance(manifest.get("tolerance"), variant.tolerance), d)
+        check_reference_outputs(variant, _tolerance(tolerance, variant.tolerance), d)
     return variant
+
+
+def _variant_records(manifest: dict[str, Any], reference: RequestBatch) -> dict[str, Any]:
+    """The Variant fields the manifest holds, each of the type it must be."""
+    passes, cost, report = manifest["passes"], manifest.get("cost") or {}, manifest.get("compile_report")
+    takes = manifest.get("takes_request_offsets", False)
+    if not isinstance(passes, list):
+        raise TypeError(f"'passes' must be a list of pass records, got {type(passes).__name__}")
+    if not isinstance(cost, dict) or not (report is None or isinstance(report, dict)):
+        raise TypeError("'cost' and 'compile_report' must be objects")
+    if not isinstance(takes, bool) or not isinstance(manifest.get("name"), str):
+        raise TypeError("'takes_request_offsets' must be true/false and 'name' a string")
+    return {
+        "name": manifest["name"],
+        "passes": list(passes),
+        "cost": dict(cost),
+        "report": report,
+        "cache_key": str(manifest.get("cache_key", "")),
+        "takes_request_offsets": takes,
+        "micro_batch": _micro_batch(manifest.get("micro_batch")),
+        "id_bounds": _checked_id_bounds(_id_bounds(manifest.get("id_bounds")), reference),
+    }
 
 
 def check_reference_outputs(variant: Variant, tolerance: Tolerance, directory: Path) -> float:
@@ -355,23 +458,58 @@ def _id_bounds(value: Any) -> dict[str, dict[str, int]]:
     return {str(k): {str(c): int(r) for c, r in per.items()} for k, per in value.items()}
 
 
+def _checked_id_bounds(
+    bounds: dict[str, dict[str, int]], reference: RequestBatch
+) -> dict[str, dict[str, int]]:
+    """Bounds that name real inputs and columns, and that the stored reference ids satisfy: a bound
+    that does not would fail (or refuse) every request at serving time, so the bundle is refused now."""
+    leaves = reference.leaves()
+    for path, per in bounds.items():
+        t = leaves.get(path)
+        if not isinstance(t, torch.Tensor):
+            raise BundleError(f"bundle manifest id_bounds names '{path}', which is not a tensor input")
+        for column, rows in per.items():
+            if column == "*":
+                ids = t.reshape(-1)
+            elif column.isdigit() and t.dim() == 2 and int(column) < t.shape[1]:
+                ids = t[:, int(column)]
+            else:
+                raise BundleError(
+                    f"bundle manifest id_bounds['{path}'] names column {column!r}, which input '{path}' of "
+                    f"shape {list(t.shape)} does not have",
+                    fix="recompile the bundle; never edit its manifest by hand",
+                )
+            if ids.numel() and not bool(((ids >= 0) & (ids < rows)).all()):
+                raise BundleError(
+                    f"bundle manifest id_bounds['{path}'][{column!r}] = {rows} rows, but the reference batch "
+                    f"holds ids outside 0..{rows - 1}",
+                    fix="recompile the bundle; never edit its manifest by hand",
+                )
+    return bounds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m codesign.build.bundle DIR...``: load each bundle and check its reference outputs.
 
     Prints one line per bundle, ``CHECK_MARKER`` + JSON (``dir``, ``ok``, ``max_abs_error``,
     ``seconds`` or ``error``, ``fix``); exits 1 if any bundle fails. ``Variant.save`` runs it in a
-    fresh interpreter; it imports only what loading needs.
+    fresh interpreter; it imports only what loading needs. ``--allow-unsigned-native`` first: the
+    caller wrote the bundles (``Variant.save`` checking what it just wrote) and vouches for them.
     """
     dirs = list(sys.argv[1:] if argv is None else argv)
+    allow_native = bool(dirs) and dirs[0] == "--allow-unsigned-native"
+    dirs = dirs[1:] if allow_native else dirs
     if not dirs:
-        print("usage: python -m codesign.build.bundle BUNDLE_DIR...", file=sys.stderr)
+        print(
+            "usage: python -m codesign.build.bundle [--allow-unsigned-native] BUNDLE_DIR...", file=sys.stderr
+        )
         return 2
     failed = 0
     for d in dirs:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"dir": d}
         try:
-            variant = load(d, check_reference=False)
+            variant = load(d, check_reference=False, allow_unsigned_native=allow_native)
             manifest = read_manifest(d)
             tol = _tolerance(manifest.get("tolerance"), variant.tolerance)
             rec.update(ok=True, max_abs_error=check_reference_outputs(variant, tol, Path(d)))

@@ -19,12 +19,14 @@ from codesign.cli import (
     calibrate,
     compile,
     fp8,
+    keygen,
     plan,
     profile,
     report,
     run,
     search,
     serve,
+    sign,
     targets,
 )
 from codesign.cli.flags import HelpFormatter
@@ -43,6 +45,8 @@ COMMANDS: tuple[ModuleType, ...] = (
     search,
     bundle,
     serve,
+    sign,
+    keygen,
     report,
     targets,
     calibrate,
@@ -50,7 +54,7 @@ COMMANDS: tuple[ModuleType, ...] = (
 
 DESCRIPTION = """\
 Compiler-style model-hardware co-design for ranking models: profile, compile, fp8, plan, run,
-search, bundle, serve, report, targets, calibrate. `codesign COMMAND --help` shows a command's flags.
+search, bundle, serve, sign, keygen, report, targets, calibrate. `codesign COMMAND --help` shows a command's flags.
 
 A model reference is path/to/file.py:factory (a function returning a codesign.Workload) or the
 name of an example (dlrm, dcnv2, din, multitask, useq).

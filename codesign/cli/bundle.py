@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from codesign.cli.flags import add_json_flag, add_model_flags, add_verify_flag, command_parser, positive_int
 from codesign.cli.output import show, steps
 from codesign.cli.policy import add_policy_flags, bundle_renderables, policy_from_args
+from codesign.cli.sign import add_trust_flags
 
 if TYPE_CHECKING:
     from codesign.build.variant import Variant
@@ -37,6 +38,7 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         )
         p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per latency-curve point")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+        add_trust_flags(p)
         add_verify_flag(p)
         p.add_argument("--no-progress", action="store_true", help="draw no progress on stderr")
         add_policy_flags(p, "load-aware")
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
                 name, sep, path = item.partition("=")
                 if not sep or not name or not path:
                     raise CodesignError(f"--variant takes NAME=BUNDLE_DIR, got {item!r}")
-                variants[name] = load(path)
+                variants[name] = load(
+                    path, trusted_keys=args.trusted_key, allow_unsigned_native=args.allow_unsigned_native
+                )
             step("profiling the variants")
             bundle = Bundle.build(
                 variants,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from codesign.cli.flags import add_json_flag, command_parser, non_negative_int, positive_int
 from codesign.cli.output import fmt_s, show, table
+from codesign.cli.sign import add_trust_flags
 
 if TYPE_CHECKING:
     from codesign.cli.flags import Subparsers
@@ -35,6 +36,7 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         p.add_argument("--requests", type=positive_int, default=4, help="requests per batch")
         p.add_argument("--candidates", type=positive_int, default=16, help="candidates per request")
         p.add_argument("--batches", type=positive_int, default=3, help="batches to score")
+        add_trust_flags(p)
         p.add_argument(
             "--repeats", type=positive_int, default=5, help="timed calls per batch (the median is shown)"
         )
@@ -54,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from codesign.serving.deployment import load_bundle
     from codesign.serving.router import RequestFeatures
 
-    bundle = load_bundle(args.bundle, strict=True)
+    bundle = load_bundle(
+        args.bundle,
+        strict=True,
+        trusted_keys=args.trusted_key,
+        allow_unsigned_native=args.allow_unsigned_native,
+    )
     router = bundle.router()
     decision = router.decide(RequestFeatures(candidates=args.candidates))
     best = next(n for n in router.by_quality if n in bundle.variants)

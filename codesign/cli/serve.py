@@ -1,4 +1,4 @@
-"""``codesign serve``: serve a bundle over HTTP (/v1/score, /v1/schema, /healthz, /metrics)."""
+"""``codesign serve``: serve a bundle over HTTP (/v1/score, the Open Inference Protocol /v2, health, metrics)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codesign.cli.flags import command_parser, non_negative_float, port, positive_int
+from codesign.cli.flags import command_parser, non_negative_float, port, positive_float, positive_int
 from codesign.cli.output import out
 from codesign.cli.policy import add_policy_flags, bundle_renderables, policy_from_args
+from codesign.cli.sign import add_trust_flags
+from codesign.errors import ConfigError
 
 if TYPE_CHECKING:
     from codesign.cli.flags import Subparsers
 
 NAME = "serve"
-HELP = "serve a bundle over HTTP: /v1/score, /v1/schema, /healthz, /metrics"
+HELP = "serve a bundle over HTTP: /v1/score, /v2 (KServe / Triton clients), /healthz, /metrics"
 
 
 def register(sub: Subparsers, *, arguments: bool) -> None:
@@ -27,7 +29,10 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
             "--max-batch-requests", type=positive_int, default=16, help="requests per batch at most"
         )
         p.add_argument(
-            "--max-batch-candidates", type=positive_int, default=8192, help="candidates per batch at most"
+            "--max-batch-candidates",
+            type=positive_int,
+            default=8192,
+            help="candidates per batch at most (larger requests are scored in slices of this size)",
         )
         p.add_argument(
             "--max-delay-ms",
@@ -35,21 +40,79 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
             default=1.0,
             help="how long a batch waits for more requests",
         )
+        p.add_argument(
+            "--max-queued-requests",
+            type=positive_int,
+            default=512,
+            help="requests waiting per variant before new ones get 429 + Retry-After",
+        )
+        p.add_argument(
+            "--max-connections", type=positive_int, default=1024, help="connections beyond this get 503"
+        )
+        p.add_argument(
+            "--drain-timeout",
+            type=positive_float,
+            default=30.0,
+            help="seconds SIGTERM/SIGINT wait for admitted requests to be answered",
+        )
+        p.add_argument(
+            "--auth-token-file",
+            type=Path,
+            help="file of bearer tokens, one per line: every endpoint but health probes needs one",
+        )
+        p.add_argument(
+            "--rate-limit",
+            type=non_negative_float,
+            default=0.0,
+            help="requests per second per client (0: off)",
+        )
+        p.add_argument("--rate-burst", type=positive_int, help="burst per client (default: twice the rate)")
+        p.add_argument("--model-name", default="codesign", help="the model's name on /v2/models/NAME")
         p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+        add_trust_flags(p)
         add_policy_flags(p, None)
     p.set_defaults(handler=run)
+
+
+def read_tokens(path: Path) -> tuple[str, ...]:
+    """Bearer tokens from a file: one per line, blank lines and '#' comments skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --auth-token-file {path}: {exc}") from exc
+    tokens = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith("#"))
+    if not tokens:
+        raise ConfigError(f"--auth-token-file {path} holds no token", fix="one token per line")
+    return tokens
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from codesign.serving.deployment import load_bundle
-    from codesign.serving.http import Server
+    from codesign.serving.http import Server, ServerConfig
     from codesign.serving.runtime import BatchingConfig, Runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle = load_bundle(args.bundle)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_connections=args.max_connections,
+        drain_timeout_s=args.drain_timeout,
+        auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
+        rate_limit_rps=args.rate_limit,
+        rate_limit_burst=args.rate_burst or 0,
+        model_name=args.model_name,
+    )
+    if args.allow_unsigned_native:
+        out().print(
+            "[yellow]--allow-unsigned-native: native code in this bundle is loaded without a signature; "
+            "anyone who could write the bundle can run code in this server[/]"
+        )
+    bundle = load_bundle(
+        args.bundle, trusted_keys=args.trusted_key, allow_unsigned_native=args.allow_unsigned_native
+    )
     console = out()
     for r in bundle_renderables(bundle)[0]:
         console.print(r)
@@ -57,18 +120,16 @@ def run(args: argparse.Namespace) -> int:
         max_requests=args.max_batch_requests,
         max_candidates=args.max_batch_candidates,
         max_delay_ms=args.max_delay_ms,
+        max_queued_requests=args.max_queued_requests,
     )
-    server = Server(Runtime(bundle, policy=policy_from_args(args), batching=batching), args.host, args.port)
+    runtime = Runtime(bundle, policy=policy_from_args(args), batching=batching)
+    server = Server(runtime, config=config)
     console.print(
-        f"serving {args.bundle} at [bold]{server.url}[/] (POST /v1/score, GET /v1/schema /healthz /metrics); "
-        "Ctrl-C stops",
+        f"serving {args.bundle} at [bold]{server.url}[/] (POST /v1/score, /v2/models/{config.model_name}/infer; "
+        f"GET /openapi.json /healthz /metrics); ready: {runtime.ready}; SIGTERM or Ctrl-C drains and stops",
         highlight=False,
         soft_wrap=True,  # one line, so that the address is never split
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        console.print("stopping")
-    finally:
-        server.runtime.close()
+    server.serve_forever()
+    console.print(f"stopped; {runtime.inflight} requests unanswered")
     return 0

@@ -133,17 +133,32 @@ def open_storage(url: str) -> Any:
         check_storage_file(url)
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}  # several workers wait for the file lock
+    # a trial whose worker stopped beating is failed by Optuna; run its parameters again
+    retry = (
+        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        or optuna.storages.RetryFailedTrialCallback
+    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=4 * HEARTBEAT_S,
-                # a trial whose worker stopped beating is failed by Optuna; run its parameters again
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-            )
+        for attempt in range(_CREATE_TRIES):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine,
+                        heartbeat_interval=HEARTBEAT_S,
+                        grace_period=4 * HEARTBEAT_S,
+                        heartbeat_stale_trial_callback=retry(max_retry=1),
+                    )
+            except Exception as exc:
+                # workers opening a fresh server database together race on creating Optuna's schema
+                # (a duplicate type or table): the loser retries and finds the schema made
+                concurrent = type(exc).__name__ in ("IntegrityError", "ProgrammingError")
+                if not concurrent or storage_file(url) is not None or attempt == _CREATE_TRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
     except Exception as exc:  # SQLAlchemy raises its own errors for bad URLs, files and missing drivers
         file = storage_file(url)
         where = f" (file {file})" if file is not None else ""
@@ -176,8 +191,55 @@ def open_study_once(url: str, create: Callable[[Any], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
-def claim_worker_index(study: Any) -> int:
-    """The next worker index of ``study`` (0 for its first worker); call it under the study's lock."""
+def claim_worker_index(study: Any, url: str = "") -> int:
+    """The next worker index of ``study`` (0 for its first worker).
+
+    File and in-memory storages: call it under the study's lock (a read and a write of a study
+    attribute). Server storages (PostgreSQL, MySQL): one ``UPDATE ... RETURNING`` on a counter row of
+    codesign's own table in the same database, which the server serializes, so workers on several
+    machines starting together each get their own index.
+    """
+    if "://" in url and storage_file(url) is None:
+        return _claim_on_server(study)
     index = int(study.user_attrs.get(WORKERS_ATTR, 0))
     study.set_user_attr(WORKERS_ATTR, index + 1)
     return index
+
+
+def _claim_on_server(study: Any) -> int:
+    import sqlalchemy as sa
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    engine = getattr(backend, "engine", None)
+    if engine is None:
+        raise SearchError(f"storage {type(backend).__name__} has no database engine to count workers in")
+    meta = sa.MetaData()
+    counters = sa.Table(
+        "codesign_worker_counters",
+        meta,
+        sa.Column("study", sa.String(512), primary_key=True),
+        sa.Column("started", sa.Integer, nullable=False),
+    )
+    for attempt in range(_CREATE_TRIES):  # two workers may create the table at the same moment
+        try:
+            meta.create_all(engine, checkfirst=True)
+            break
+        except sa.exc.SQLAlchemyError:
+            if attempt == _CREATE_TRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    name = study.study_name
+    with engine.begin() as conn:
+        try:
+            with conn.begin_nested():
+                conn.execute(counters.insert().values(study=name, started=0))
+        except sa.exc.IntegrityError:
+            pass  # another worker made the row: count on it
+        started = conn.execute(
+            counters.update()
+            .where(counters.c.study == name)
+            .values(started=counters.c.started + 1)
+            .returning(counters.c.started)
+        ).scalar_one()
+    return int(started) - 1

@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -261,7 +262,7 @@ class Tuner:
                 f"study '{self.study_name}' in {self.storage_url} was made with other {', '.join(diff)}",
                 fix="resume with the same model, target and settings, or pick a new --study-name",
             )
-        self.worker_index = claim_worker_index(study)
+        self.worker_index = claim_worker_index(study, self.storage_url)
         study.sampler = self._sampler(self.worker_index)
         return study
 
@@ -279,7 +280,7 @@ class Tuner:
         )
         try:
             params = self.space.suggest(trial)
-            same = _finished_with_params(trial.study, trial.params, trial.number)
+            same = _twin(trial.study, trial.params, trial.number)
             if same is not None:  # another worker (or an earlier run) already evaluated these parameters
                 return _reuse(trial, same, CONSTRAINT_NAMES)
             config = self.space.configure(params)
@@ -383,6 +384,30 @@ def _finished_with_params(study: Any, params: dict[str, Any], number: int) -> An
         if t.number != number and t.params == params and DUPLICATE_ATTR not in t.user_attrs:
             return t
     return None
+
+
+TWIN_WAIT_S = 900.0  # the longest a trial waits for an earlier trial running the same parameters
+
+
+def _twin(study: Any, params: dict[str, Any], number: int, wait_s: float = TWIN_WAIT_S) -> Any:
+    """A finished trial that ran ``params``; if an earlier trial is running them now (another worker
+    drew the same parameters at the same moment), wait for it rather than evaluate them twice. None
+    when there is none, or the earlier one fails (its worker died: Optuna's heartbeat fails it)."""
+    optuna = _optuna()
+    running = optuna.trial.TrialState.RUNNING
+    deadline = time.monotonic() + wait_s
+    while True:
+        same = _finished_with_params(study, params, number)
+        if same is not None:
+            return same
+        earlier = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(running,))
+            if t.number < number and t.params == params and DUPLICATE_ATTR not in t.user_attrs
+        ]
+        if not earlier or time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 def _reuse(trial: Any, same: Any, constraint_names: Sequence[str]) -> tuple[float, ...]:

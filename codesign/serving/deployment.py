@@ -47,6 +47,7 @@ from codesign.build.profiling import (
     profile_variant,
     variant_memory_bytes,
 )
+from codesign.build.signing import Trust, remember_written, verify_signature, written_here
 from codesign.build.variant import Variant, compile
 from codesign.config import config_from_dict
 from codesign.errors import BundleError, CodesignError
@@ -290,25 +291,37 @@ class Bundle:
             if self.search is not None:
                 manifest["search"] = self.search
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            remember_written(staging / MANIFEST)
         self.path = d
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, *, strict: bool = False) -> Bundle:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        strict: bool = False,
+        trusted_keys: Sequence[str | Path] = (),
+        allow_unsigned_native: bool = False,
+    ) -> Bundle:
         """Load a multi-variant bundle (or wrap a single-variant one), verifying every file.
 
         A variant that fails to load is recorded in ``failed`` (and logged) while the others
-        load; ``strict=True`` raises instead. If no variant loads, BundleError lists why.
+        load; ``strict=True`` raises instead. If no variant loads, BundleError lists why. Native
+        code loads as ``codesign.load`` allows; a signature on the top manifest (``codesign sign``)
+        vouches for every variant, since it holds their manifests' sha256.
         """
         d = Path(directory)
         if not (d / MANIFEST).is_file():
             read_manifest(d)  # raises the specific "not a bundle" error
+        if (d / MANIFEST).stat().st_size > 64 << 20:
+            raise BundleError(f"{d / MANIFEST} is over 64 MiB: not a bundle manifest")
         try:
             manifest = json.loads((d / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{d / MANIFEST} is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BundleError(f"{d / MANIFEST} is not valid JSON: {type(exc).__name__}") from exc
         if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT:
-            return cls._single(d)
+            return cls._single(d, trusted_keys, allow_unsigned_native)
         if not isinstance(manifest, dict) or manifest.get("format") != MULTI_FORMAT:
             read_manifest(d)  # foreign format: same message as for single bundles
         version = manifest.get("schema_version")
@@ -319,10 +332,17 @@ class Bundle:
         try:
             entries = list(manifest["variants"])
             router_rec = manifest["router"]
+            if not isinstance(router_rec, dict) or not all(isinstance(e, dict) for e in entries):
+                raise TypeError("'router' and each 'variants' entry must be objects")
         except (KeyError, TypeError) as exc:
-            raise BundleError(f"{d / MANIFEST} lacks {exc} (truncated or hand-edited)") from exc
+            raise BundleError(
+                f"{d / MANIFEST} lacks {exc} or is malformed (truncated or hand-edited)"
+            ) from exc
+        trust = Trust.of(trusted_keys, allow_unsigned_native)
+        signed = verify_signature(d, trust.trusted_keys) is not None
+        native_ok = allow_unsigned_native or signed or written_here(d / MANIFEST)
         policy, features = _read_router(d, router_rec)
-        variants, profiles, failed = _load_variants(d, entries, strict)
+        variants, profiles, failed = _load_variants(d, entries, strict, trust.trusted_keys, native_ok)
         if not variants:
             raise BundleError(
                 f"no variant of {d} loads: " + "; ".join(f"{n}: {w}" for n, w in failed.items()),
@@ -336,9 +356,9 @@ class Bundle:
         return bundle
 
     @classmethod
-    def _single(cls, d: Path) -> Bundle:
+    def _single(cls, d: Path, trusted_keys: Sequence[str | Path], allow_unsigned_native: bool) -> Bundle:
         """A single-variant bundle as a one-variant Bundle, profiled from its manifest's cost estimates."""
-        variant = load(d)
+        variant = load(d, trusted_keys=trusted_keys, allow_unsigned_native=allow_unsigned_native)
         try:
             curve = curve_from_estimates(variant)
         except CodesignError:
@@ -369,7 +389,7 @@ def _read_router(d: Path, record: Mapping[str, Any]) -> tuple[Policy, FeatureCon
 
 
 def _load_variants(
-    d: Path, entries: Sequence[Any], strict: bool
+    d: Path, entries: Sequence[Any], strict: bool, trusted_keys: Sequence[Path], native_ok: bool
 ) -> tuple[dict[str, Variant], dict[str, VariantProfile], dict[str, str]]:
     """(variants that load, every listed profile, why each other variant failed)."""
     variants: dict[str, Variant] = {}
@@ -391,7 +411,7 @@ def _load_variants(
                 raise BundleError(
                     f"variant '{name}': its manifest is missing or does not match the bundle's record"
                 )
-            variants[name] = load(sub)
+            variants[name] = load(sub, trusted_keys=trusted_keys, allow_unsigned_native=native_ok)
         except Exception as exc:  # one broken variant must not take the others down
             if strict:
                 raise
@@ -480,6 +500,14 @@ def search_record(result: SearchResult, choices: Sequence[VariantChoice]) -> dic
     }
 
 
-def load_bundle(directory: str | Path, *, strict: bool = False) -> Bundle:
+def load_bundle(
+    directory: str | Path,
+    *,
+    strict: bool = False,
+    trusted_keys: Sequence[str | Path] = (),
+    allow_unsigned_native: bool = False,
+) -> Bundle:
     """Load a bundle for serving: multi-variant, or a single variant wrapped as one (see ``Bundle.load``)."""
-    return Bundle.load(directory, strict=strict)
+    return Bundle.load(
+        directory, strict=strict, trusted_keys=trusted_keys, allow_unsigned_native=allow_unsigned_native
+    )

@@ -1,181 +1,560 @@
-"""HTTP front of the serving runtime: a ``Runtime`` behind HTTP/JSON (stdlib ``http.server``).
+"""HTTP front of the serving runtime: a ``Runtime`` behind uvicorn (h11) and Starlette.
 
-One thread per connection; the runtime does the routing and batching (``codesign.serving.runtime``)::
+Endpoints::
 
-    POST /v1/score   {"user": {...}, "candidates": {...}, "context": {...}} -> scores + variant + why
-    GET  /v1/schema  the request format of this bundle
-    GET  /healthz    200 while a variant is in rotation, else 503
-    GET  /metrics    Prometheus text: requests, latency per variant, routing, errors, queues
+    POST /v1/score             {"user": {...}, "candidates": {...}, "context": {...}} -> scores + variant + why
+    POST /v1/score/batch       {"requests": [...]} -> one result (with its own status) per request
+    GET  /v1/schema            the request format of this bundle
+    GET  /openapi.json         OpenAPI 3.1, with this bundle's request body
+    GET  /healthz              readiness and each variant's state (503 when not ready)
+    GET  /metrics              Prometheus text: requests, latency per variant, routing, errors, queues
+    GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready]
+    POST /v2/models/{name}/infer   the Open Inference Protocol (codesign.serving.kserve)
 
-It binds to 127.0.0.1 unless told otherwise and has no authentication: put it behind your
-serving mesh before exposing it.
+HTTP parsing, keep-alive, backlog, connection limits and TCP_NODELAY (asyncio sets it on every
+connection) come from uvicorn and h11; on top of them a connection must send its request headers
+within ``header_timeout_s`` and its body within ``body_timeout_s`` (slow clients cannot hold
+connections open), and bodies are read with a size cap before any decoding. ``Guard``
+(``codesign.serving.guard``) adds bearer-token auth, rate limits and the access log. SIGTERM and
+SIGINT stop accepting, turn readiness false, answer every admitted request within
+``drain_timeout_s``, and return normally (``codesign serve`` exits 0).
+
+It binds to 127.0.0.1 unless told otherwise; without ``auth_tokens`` anyone who can reach it may
+score: put it behind your serving mesh or give it tokens before exposing it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+import math
+import signal
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from codesign.errors import CodesignError, ConfigError, RequestError, RoutingError
+from codesign.errors import (
+    ConfigError,
+    DeadlineError,
+    OverloadError,
+    RequestError,
+    RequestTooLargeError,
+    RoutingError,
+)
 from codesign.serving.deployment import Bundle, load_bundle
+from codesign.serving.guard import Guard, RateLimiter, json_body, log_once
+from codesign.serving.kserve import HEADER_LENGTH, OutputInfo, encode_infer, model_metadata, parse_infer
+from codesign.serving.openapi import openapi_document
 from codesign.serving.router import Policy
-from codesign.serving.runtime import BatchingConfig, Runtime
+from codesign.serving.runtime import BatchingConfig, Runtime, Ticket
+from codesign.version import __version__
 
-__all__ = ["MAX_BODY_BYTES", "Server", "serve"]
+__all__ = ["MAX_BODY_BYTES", "Server", "ServerConfig", "make_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
+MAX_BATCH_REQUESTS = 256
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    runtime: Runtime
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How the HTTP front listens, limits and protects.
+
+    ``max_connections``: beyond it uvicorn answers 503 at once. ``rate_limit_rps`` (0: off) and
+    ``rate_limit_burst`` bound each client (its token, else its address). ``auth_tokens``: bearer
+    tokens any of which is accepted (empty: no auth; health probes never need one).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backlog: int = 2048
+    max_connections: int = 1024
+    keep_alive_s: int = 5
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_batch_requests: int = MAX_BATCH_REQUESTS
+    drain_timeout_s: float = 30.0
+    auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0  # 0: twice the rate (at least 1)
+    model_name: str = "codesign"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        positive = {
+            "backlog": self.backlog,
+            "max_connections": self.max_connections,
+            "keep_alive_s": self.keep_alive_s,
+            "header_timeout_s": self.header_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
+            "max_body_bytes": self.max_body_bytes,
+            "max_batch_requests": self.max_batch_requests,
+            "drain_timeout_s": self.drain_timeout_s,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.rate_limit_rps < 0 or self.rate_limit_burst < 0:
+            raise ConfigError("rate_limit_rps and rate_limit_burst must be >= 0")
+        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
+            raise ConfigError("auth tokens must be non-empty and hold no whitespace")
+        if not self.model_name or "/" in self.model_name:
+            raise ConfigError(f"model_name must be a non-empty name without '/', got {self.model_name!r}")
+
+    def limiter(self) -> RateLimiter | None:
+        if self.rate_limit_rps <= 0:
+            return None
+        burst = self.rate_limit_burst or max(1, math.ceil(2 * self.rate_limit_rps))
+        return RateLimiter(self.rate_limit_rps, burst)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _HTTPServer
+class _HTTPError(Exception):
+    def __init__(
+        self, status: int, message: str, fix: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.fix, self.headers = status, message, fix, headers or {}
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, **({"fix": self.fix} if self.fix else {})}
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode())
+def _status_of(exc: BaseException, runtime: Runtime) -> _HTTPError:
+    """The HTTP answer to an error of the runtime; exception text of unexpected errors stays in the log."""
+    if isinstance(exc, _HTTPError):
+        return exc
+    if isinstance(exc, RequestTooLargeError):
+        return _HTTPError(413, exc.message, exc.fix)
+    if isinstance(exc, RequestError):
+        return _HTTPError(400, exc.message, exc.fix)
+    if isinstance(exc, OverloadError):
+        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return _HTTPError(503 if runtime.draining or not runtime.ready else 429, exc.message, exc.fix, retry)
+    if isinstance(exc, RoutingError):
+        return _HTTPError(503, exc.message, exc.fix, {"Retry-After": "1"})
+    if isinstance(exc, DeadlineError):
+        return _HTTPError(504, exc.message, exc.fix)
+    if isinstance(exc, TimeoutError):
+        return _HTTPError(
+            504, f"request not scored within the server's {runtime.batching.timeout_s} s timeout"
+        )
+    event = log_once("request failed", exc)
+    return _HTTPError(500, "internal error", f"the server log has the details under event {event}")
 
-    def _error(self, status: int, message: str, fix: str | None = None) -> None:
-        self._json(status, {"error": message, **({"fix": fix} if fix else {})})
 
-    def do_GET(self) -> None:
-        rt = self.server.runtime
-        path = self.path.split("?", 1)[0]
-        if path == "/healthz":
-            health = rt.health()
-            self._json(200 if health["status"] == "ok" else 503, health)
-        elif path == "/metrics":
-            self._send(200, rt.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/v1/schema":
-            self._json(200, rt.schema.describe())
-        else:
-            self._error(
-                404,
-                f"no such endpoint: GET {path}",
-                "endpoints: POST /v1/score, GET /v1/schema, /healthz, /metrics",
+def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
+    """The ASGI application (Starlette routes inside ``Guard``) serving ``runtime``."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    cfg = config or ServerConfig()
+    outputs = OutputInfo.from_reference(_reference_outputs(runtime))
+    model = cfg.model_name
+
+    def respond(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
+        return Response(json_body(obj), status, headers, media_type="application/json")
+
+    def failed(exc: BaseException) -> Response:
+        err = _status_of(exc, runtime)
+        return respond(err.status, err.body(), err.headers)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise _HTTPError(
+                413, f"request body of {declared} bytes is over the {cfg.max_body_bytes} byte limit"
             )
+        chunks, size = [], 0
 
-    def do_POST(self) -> None:
-        rt = self.server.runtime
-        path = self.path.split("?", 1)[0]
-        if path != "/v1/score":
-            self._drain()
-            self._error(404, f"no such endpoint: POST {path}", "score with POST /v1/score")
-            return
+        async def collect() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise _HTTPError(413, f"request body is over the {cfg.max_body_bytes} byte limit")
+                chunks.append(chunk)
+
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            rt.metrics.inc("codesign_errors_total", kind="bad_request")
-            self.close_connection = True
-            self._error(411, "the request needs a Content-Length header")
-            return
-        if length > MAX_BODY_BYTES or length < 0:
-            rt.metrics.inc("codesign_errors_total", kind="bad_request")
-            self.close_connection = True
-            self._error(413, f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit")
-            return
+            await asyncio.wait_for(collect(), cfg.body_timeout_s)
+        except TimeoutError:
+            raise _HTTPError(408, f"request body not received within {cfg.body_timeout_s} s") from None
+        return b"".join(chunks)
+
+    async def decode(raw: bytes) -> Any:
+        def parse() -> Any:
+            try:
+                return json.loads(raw)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                detail = str(exc) if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                raise _HTTPError(
+                    400,
+                    f"request body is not valid JSON: {detail}",
+                    'send {"user": {...}, "candidates": {...}}',
+                ) from None
+
+        return await asyncio.to_thread(parse)
+
+    async def run(body: Any, received: float) -> Ticket:
+        """Admit one request and wait for its answer without holding a thread."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        ticket = await asyncio.to_thread(runtime.admit, body, received, wake)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), runtime.batching.timeout_s)
+        except TimeoutError:
+            runtime.abandon(ticket)
+            raise
+        return ticket
+
+    async def score(request: Request) -> Response:
         received = time.perf_counter()
-        raw = self.rfile.read(length)
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            rt.metrics.inc("codesign_errors_total", kind="bad_request")
-            self._error(
-                400, f"request body is not valid JSON: {exc}", 'send {"user": {...}, "candidates": {...}}'
-            )
-            return
-        try:
-            self._json(200, rt.score_json(body, received))
-        except RequestError as exc:
-            self._error(400, exc.message, exc.fix)
-        except RoutingError as exc:
-            self._error(503, exc.message, exc.fix)
-        except TimeoutError as exc:
-            self._error(504, str(exc))
-        except CodesignError as exc:
-            log.error("request failed: %s", exc.message)
-            self._error(500, exc.message, exc.fix)
-        except Exception as exc:  # the server keeps serving; the error is logged with its traceback
-            log.exception("unexpected error while scoring")
-            rt.metrics.inc("codesign_errors_total", kind="internal")
-            self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+            body = await decode(await read_body(request))
+            ticket = await run(body, received)
+            return respond(200, runtime.answer(ticket))
+        except Exception as exc:
+            return failed(exc)
 
-    def _drain(self) -> None:
+    async def score_batch(request: Request) -> Response:
+        received = time.perf_counter()
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if 0 < length <= MAX_BODY_BYTES:
-            self.rfile.read(length)
+            body = await decode(await read_body(request))
+            if (
+                not isinstance(body, dict)
+                or set(body) != {"requests"}
+                or not isinstance(body["requests"], list)
+            ):
+                raise _HTTPError(
+                    400, 'a batch is {"requests": [request, ...]}', "each request as POST /v1/score takes"
+                )
+            items = body["requests"]
+            if not 1 <= len(items) <= cfg.max_batch_requests:
+                raise _HTTPError(
+                    413 if items else 400,
+                    f"a batch holds 1 to {cfg.max_batch_requests} requests, got {len(items)}",
+                    "split the batch",
+                )
+        except Exception as exc:
+            return failed(exc)
+
+        async def one(item: Any) -> dict[str, Any]:
+            try:
+                return {"status": 200, **runtime.answer(await run(item, received))}
+            except Exception as exc:
+                err = _status_of(exc, runtime)
+                return {"status": err.status, **err.body()}
+
+        results = await asyncio.gather(*(one(item) for item in items))
+        return respond(200, {"results": results})
+
+    async def infer(request: Request) -> Response:
+        received = time.perf_counter()
+        name = request.path_params["name"]
+        if name != model:
+            return respond(404, {"error": f"unknown model '{name}'", "fix": f"this server serves '{model}'"})
+        try:
+            raw = await read_body(request)
+            parsed = await asyncio.to_thread(
+                parse_infer, raw, request.headers.get(HEADER_LENGTH), runtime.schema, outputs
+            )
+            ticket = await run(parsed.body, received)
+            reply = runtime.answer(ticket)
+            assert ticket.job.tensors is not None
+            params = {k: reply[k] for k in ("variant", "latency_ms", "batch_requests")}
+            data, header = encode_infer(parsed, ticket.job.tensors, outputs, model=model, parameters=params)
+        except Exception as exc:
+            return failed(exc)
+        if header is None:
+            return Response(data, 200, media_type="application/json")
+        return Response(
+            data, 200, {"Inference-Header-Content-Length": str(header)}, "application/octet-stream"
+        )
+
+    def health(request: Request) -> Response:
+        h = runtime.health()
+        return respond(200 if runtime.ready else 503, h)
+
+    def live(request: Request) -> Response:
+        return respond(200, {"live": True})
+
+    def ready(request: Request) -> Response:
+        return respond(200 if runtime.ready else 503, {"ready": runtime.ready})
+
+    def model_ready(request: Request) -> Response:
+        if request.path_params["name"] != model:
+            return respond(404, {"error": f"unknown model '{request.path_params['name']}'"})
+        return respond(200 if runtime.ready else 503, {"name": model, "ready": runtime.ready})
+
+    def metadata(request: Request) -> Response:
+        if request.path_params["name"] != model:
+            return respond(
+                404, {"error": f"unknown model '{request.path_params['name']}'", "fix": f"models: {model}"}
+            )
+        return respond(200, model_metadata(runtime.schema, model, outputs, "codesign"))
+
+    def server_metadata(request: Request) -> Response:
+        return respond(
+            200, {"name": "codesign", "version": __version__, "extensions": ["binary_tensor_data"]}
+        )
+
+    def metrics(request: Request) -> Response:
+        return Response(runtime.metrics.render(), 200, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def described(request: Request) -> Response:
+        return respond(200, runtime.schema.describe())
+
+    def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(runtime.schema, model))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return respond(
+            404,
+            {
+                "error": f"no such endpoint: {request.method} {request.url.path}",
+                "fix": "GET /openapi.json lists the endpoints",
+            },
+        )
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return respond(405, {"error": f"{request.method} is not allowed on {request.url.path}"})
+
+    routes = [
+        Route("/v1/score", score, methods=["POST"]),
+        Route("/v1/score/batch", score_batch, methods=["POST"]),
+        Route("/v1/schema", described, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/models/{name}", metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    return Guard(app, tokens=cfg.auth_tokens, limiter=cfg.limiter())
+
+
+def _reference_outputs(runtime: Runtime) -> list[Any]:
+    from codesign.numerics import output_tensors
+
+    first = next(iter(runtime.bundle.variants.values()))
+    return output_tensors(first.reference_outputs)
+
+
+def _protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's headers (from connection or keep-alive)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _timed_cycle: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._timed_cycle and not self.transport.is_closing():
+                log.info(
+                    "closing a connection from %s: no complete request headers in %s s",
+                    self.client,
+                    header_timeout_s,
+                )
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._timed_cycle:  # a request's headers arrived
+                self._disarm()
+                self._timed_cycle = self.cycle
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 class Server:
-    """The runtime behind HTTP on ``host:port`` (port 0 picks a free one); a context manager.
+    """The runtime behind HTTP on ``config.host:config.port`` (port 0 picks a free one); a context manager.
+
+    ``start()`` serves from a background thread (tests, notebooks); ``serve_forever()`` serves in
+    the calling (main) thread and handles SIGTERM/SIGINT as a graceful drain.
 
     >>> with Server(Runtime(bundle), port=0) as srv: requests.post(srv.url + "/v1/score", json=body)
     """
 
-    def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int = 8000) -> None:
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning(
-                "binding to %s: the server has no authentication; expose it only behind a trusted proxy", host
-            )
+    def __init__(
+        self,
+        runtime: Runtime,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        config: ServerConfig | None = None,
+    ) -> None:
         try:
-            self._http = _HTTPServer((host, port), _Handler)
-        except OSError as exc:
+            import uvicorn
+        except ImportError as exc:  # pragma: no cover - the serve extra is part of the default set-up
             raise ConfigError(
-                f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port"
+                "serving over HTTP needs uvicorn and starlette", fix="pip install 'codesign[serve]'"
             ) from exc
-        self._http.runtime = runtime
+        cfg = config or ServerConfig()
+        cfg = dataclasses.replace(
+            cfg, host=host if host is not None else cfg.host, port=port if port is not None else cfg.port
+        )
+        if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_tokens:
+            log.warning("binding to %s without auth tokens: anyone who reaches it may score", cfg.host)
+        self.config = cfg
         self.runtime = runtime
+        self._sock = _bind(cfg.host, cfg.port)
+        uv_config = uvicorn.Config(
+            make_app(runtime, cfg),
+            http=_protocol(cfg.header_timeout_s),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            backlog=cfg.backlog,
+            limit_concurrency=cfg.max_connections,
+            timeout_keep_alive=cfg.keep_alive_s,
+            timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s),
+        )
+        self._uv = _draining_server(uv_config, runtime)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._http.server_address[:2]
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{name if ':' not in name else f'[{name}]'}:{port}"
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
     def start(self) -> Server:
-        self._thread = threading.Thread(target=self._http.serve_forever, name="codesign-http", daemon=True)
+        """Serve from a daemon thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(
+            target=self._uv.run, kwargs={"sockets": [self._sock]}, name="codesign-http", daemon=True
+        )
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uv.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._uv.started:
+            raise ConfigError(f"the HTTP server did not start on {self.url}")
         return self
 
     def serve_forever(self) -> None:
-        self._http.serve_forever()
+        """Serve in this thread until SIGTERM/SIGINT; then drain and stop the runtime."""
+        try:
+            self._uv.run(sockets=[self._sock])
+        finally:
+            self._finish()
 
     def shutdown(self) -> None:
+        """Stop accepting, answer what was admitted (within the drain timeout), stop the runtime."""
+        self.runtime.draining = True
+        self._uv.should_exit = True
         if self._thread is not None:
-            self._http.shutdown()
-            self._thread.join(timeout=10)
-        self._http.server_close()
+            self._thread.join(timeout=self.config.drain_timeout_s + 10)
+        self._finish()
+
+    def _finish(self) -> None:
+        drained = self.runtime.drain(self.config.drain_timeout_s)
+        if not drained:
+            log.error(
+                "%d requests were still in flight after the %s s drain timeout",
+                self.runtime.inflight,
+                self.config.drain_timeout_s,
+            )
         self.runtime.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
     def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _draining_server(config: Any, runtime: Runtime) -> Any:
+    """uvicorn's server, turning readiness false at the first signal and not re-raising the signal
+    after its graceful shutdown (uvicorn does, which would end a drained server with SIGTERM's status
+    instead of 0)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not runtime.draining:
+                log.warning(
+                    "signal %s: draining (readiness false; admitted requests are answered)",
+                    signal.Signals(sig).name,
+                )
+            runtime.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in original.items():
+                    signal.signal(s, handler)
+
+    return DrainingServer(config)
 
 
 def serve(
@@ -185,7 +564,8 @@ def serve(
     port: int = 8000,
     policy: Policy | None = None,
     batching: BatchingConfig | None = None,
+    config: ServerConfig | None = None,
 ) -> Server:
     """Load ``bundle`` (a path or a Bundle) and return a started Server; call ``shutdown()`` to stop."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return Server(Runtime(b, policy=policy, batching=batching), host, port).start()
+    return Server(Runtime(b, policy=policy, batching=batching), host, port, config=config).start()

@@ -276,6 +276,13 @@ class LoadTracker:
             r[0] += requests
             r[1] += candidates
 
+    def forget(self, name: str, requests: int, candidates: int) -> None:
+        """Queued work that leaves without running (re-routed, shed, cancelled)."""
+        with self._lock:
+            q = self.queued[name]
+            q[0] -= requests
+            q[1] -= candidates
+
     def finish(self, name: str, requests: int, candidates: int) -> None:
         with self._lock:
             r = self.running[name]

@@ -1,32 +1,49 @@
-"""Serving runtime: parse -> route -> batch per variant -> score, in process.
+"""Serving runtime: parse -> admit -> route -> batch per variant -> score, in process.
 
 ``Runtime`` checks a JSON request against the bundle's wire format (``codesign.serving.wire``),
-asks the router for a variant, and queues the request on that variant's worker. The worker
-batches concurrent requests for its variant into one multi-request batch (request offsets kept,
-so request-centric variants do user work once per request) up to ``BatchingConfig`` bounds,
-scores it, and splits the scores back per request. A variant that raises is taken out of
-rotation, and its requests (queued or in the failed batch) are re-routed.
+asks the router for a variant, and admits the request to that variant's queue while the queue is
+within its bounds (else ``OverloadError``: HTTP 429 with ``Retry-After``). Each variant's worker
+batches what is queued into multi-request batches (request offsets kept, so request-centric
+variants do user work once per request) and splits requests larger than a batch into slices, so
+that a small request never waits behind a huge one for more than about one slice: batches take
+the smallest requests first, and every other batch starts with the oldest request, so large ones
+progress too. A request whose ``context.budget_ms`` has run out before it is scored is shed
+unscored (``DeadlineError``).
 
-The HTTP front (``codesign.serving.http``) puts a Runtime behind HTTP/JSON. This module imports
-no passes, no capture and no compiler: a loaded bundle pays for its backend when it loads.
+Health is measured, not assumed: at start every variant scores its stored reference batch and must
+match the stored outputs within the bundle's tolerance, or it stays out of rotation. A variant that
+fails a batch scores its reference batch again: if that fails, it leaves rotation and its requests
+are re-routed; a down variant is probed again (half-open) after ``probe_interval_s``, doubling to
+``probe_max_interval_s``, and returns to rotation when its reference batch scores right again.
+
+The HTTP front (``codesign.serving.http``) puts a Runtime behind HTTP. This module imports no
+passes, no capture and no compiler: a loaded bundle pays for its backend when it loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from codesign.config import Config, register_config
-from codesign.errors import CodesignError, ConfigError, RequestError, RoutingError
-from codesign.ir.request import RequestBatch, RequestSpec, bag_offsets, concat_batches
+from codesign.errors import (
+    CodesignError,
+    ConfigError,
+    DeadlineError,
+    OverloadError,
+    RequestError,
+    RoutingError,
+)
+from codesign.ir.request import RequestBatch, RequestSpec, bag_offsets, concat_batches, split_candidates
 from codesign.numerics import output_tensors
 from codesign.serving.metrics import Metrics
 from codesign.serving.router import Decision, LoadTracker, Policy, RequestFeatures, Router
@@ -36,28 +53,43 @@ if TYPE_CHECKING:
     from codesign.build.variant import Variant
     from codesign.serving.deployment import Bundle
 
-__all__ = ["BatchingConfig", "Runtime"]
+__all__ = ["BatchingConfig", "Runtime", "Ticket"]
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+# Why a variant is out of rotation, as health and error bodies say it: the details (exception text,
+# paths) go to the log only.
+LOAD_FAILED = "failed to load"
+REFERENCE_FAILED = "does not score its reference batch within tolerance"
+RUN_FAILED = "failed a batch and then its reference batch"
+
 
 @register_config
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig(Config):
-    """Dynamic batching bounds per variant.
+    """Dynamic batching, admission and health-probe settings per variant.
 
-    A worker takes the first queued request, then waits up to ``max_delay_ms`` for more, up to
-    ``max_requests`` requests and ``max_candidates`` candidate rows per batch. ``max_delay_ms=0``
-    batches only what is already queued (no added latency when idle).
+    A worker takes what is queued, waits up to ``max_delay_ms`` for more, and scores up to
+    ``max_requests`` requests and ``max_candidates`` candidate rows per batch (a larger request is
+    scored in slices of ``max_candidates`` rows). ``max_delay_ms=0`` batches only what is already
+    queued. A variant admits at most ``max_queued_requests`` waiting requests and
+    ``max_queued_candidates`` waiting rows; beyond that requests are refused with a retry time.
+    ``shed_late``: a request whose ``context.budget_ms`` has passed before it is scored is answered
+    with a deadline error instead of being scored late.
     """
 
     max_requests: int = 16
     max_candidates: int = 8192
     max_delay_ms: float = 1.0
     timeout_s: float = 30.0  # a request not answered by then gets 504
-    warmup_calls: int = 2  # reference-request calls per variant before serving
+    warmup_calls: int = 2  # reference-request calls per variant before serving (the first is checked)
+    max_queued_requests: int = 512
+    max_queued_candidates: int = 1 << 20
+    shed_late: bool = True
+    probe_interval_s: float = 1.0
+    probe_max_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_requests < 1 or self.max_candidates < 1:
@@ -68,26 +100,83 @@ class BatchingConfig(Config):
             raise ConfigError(
                 f"max_delay_ms must be in [0, 1000) and timeout_s > 0, got {self.max_delay_ms}, {self.timeout_s}"
             )
+        if self.warmup_calls < 1:
+            raise ConfigError(f"warmup_calls must be >= 1 (the reference check), got {self.warmup_calls}")
+        if self.max_queued_requests < 1 or self.max_queued_candidates < 1:
+            raise ConfigError(
+                f"queue bounds must be >= 1, got {self.max_queued_requests} requests, "
+                f"{self.max_queued_candidates} rows"
+            )
+        if not 0 < self.probe_interval_s <= self.probe_max_interval_s:
+            raise ConfigError(
+                f"need 0 < probe_interval_s <= probe_max_interval_s, got {self.probe_interval_s}, "
+                f"{self.probe_max_interval_s}"
+            )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Job:
+    """One admitted request: its batch, where it is routed, and what has been scored of it."""
+
     batch: RequestBatch
     features: RequestFeatures
     decision: Decision
     arrived: float
+    deadline: float | None
+    on_done: Callable[[], None] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     scores: list[Any] | None = None
+    tensors: list[torch.Tensor] | None = None  # the model's outputs for this request's candidates
     error: CodesignError | None = None
     batch_requests: int = 0
+    cancelled: bool = False
+    pieces: list[RequestBatch] | None = None  # slices on the current variant, cut when first scheduled
+    outputs: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)  # per scored slice
+    rows_waiting: int = 0  # rows not yet started on the current variant (LoadTracker bookkeeping)
+    left_queue: bool = False  # its last slice has started (LoadTracker counts it running, not queued)
 
     @property
     def candidates(self) -> int:
         return self.batch.num_candidates
 
+    @property
+    def rows_left(self) -> int:
+        if self.pieces is None:
+            return self.candidates
+        return sum(p.num_candidates for p in self.pieces[len(self.outputs) :])
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception as exc:  # the waiter is gone (its event loop closed): nothing to wake
+                log.debug("could not wake a request's waiter: %s", exc)
+
+    def reset(self) -> None:
+        self.pieces, self.outputs, self.left_queue = None, [], False
+
+
+@dataclasses.dataclass(frozen=True)
+class Ticket:
+    """An admitted request: ``wait()`` (or ``on_done`` given to ``admit``) tells when it is answered."""
+
+    job: _Job
+    context: Mapping[str, Any]
+
+    def wait(self, timeout: float) -> bool:
+        return self.job.done.wait(timeout)
+
+
+class _Probe:
+    """Queue item: score the reference batch on the variant's own worker (a half-open probe)."""
+
+
+_PROBE = _Probe()
+
 
 class Runtime:
-    """Routes, batches and scores requests for one bundle; safe to call from many threads.
+    """Admits, routes, batches and scores requests for one bundle; safe to call from many threads.
 
     >>> rt = Runtime(codesign.load_bundle("out/bundle")); rt.score_json(body)["scores"]
     """
@@ -104,40 +193,73 @@ class Runtime:
         self.router: Router = bundle.router(self.load)
         self.schema = bundle.schema()
         self.metrics = _declare_metrics(self)
+        self.draining = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._probes: dict[str, tuple[float, float]] = {}  # variant -> (next probe time, interval)
+        self._probing: set[str] = set()
         for name, why in bundle.failed.items():
             self.metrics.inc("codesign_variant_failures_total", variant=name, stage="load")
             log.error("variant '%s' is out of rotation: %s", name, why)
+            self.router.mark_down(name, LOAD_FAILED)
         for name, variant in bundle.variants.items():
             self._warm_up(name, variant)
-        self._queues: dict[str, queue.Queue[_Job | None]] = {n: queue.Queue() for n in bundle.variants}
+        self._queues: dict[str, queue.Queue[_Job | _Probe | None]] = {
+            n: queue.Queue() for n in bundle.variants
+        }
+        self._turn = {n: itertools.count() for n in bundle.variants}
         self._threads = [
             threading.Thread(target=self._worker, args=(n,), name=f"codesign-{n}", daemon=True)
             for n in bundle.variants
         ]
-        self._closed = False
+        self._threads.append(threading.Thread(target=self._prober, name="codesign-probe", daemon=True))
         for t in self._threads:
             t.start()
 
     def _warm_up(self, name: str, variant: Variant) -> None:
-        """Score the reference requests twice: first calls pay one-off costs that would skew the
-        load-aware latency ratio, and a variant that cannot score them leaves rotation now."""
+        """Score the reference requests (the first call compared with the stored reference outputs):
+        a variant that cannot reproduce them never enters rotation, and the calls after it pay the
+        one-off costs that would skew the load-aware latency ratio."""
         try:
-            for _ in range(self.batching.warmup_calls):
+            ok, max_abs = variant.check_reference()
+            for _ in range(self.batching.warmup_calls - 1):
                 variant.score(variant.reference_inputs)
         except Exception as exc:
-            why = f"failed its warm-up call: {type(exc).__name__}: {exc}"
-            log.error("variant '%s' %s; out of rotation", name, why)
-            self.router.mark_down(name, why)
-            self.metrics.inc("codesign_variant_failures_total", variant=name, stage="warmup")
+            log.error(
+                "variant '%s' failed its warm-up call (%s: %s); out of rotation",
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            ok, max_abs = False, math.inf
+        if not ok:
+            log.error(
+                "variant '%s' scores its reference batch with max abs error %.3g, over its tolerance; out of "
+                "rotation until a probe passes",
+                name,
+                max_abs,
+            )
+            self._take_down(name, REFERENCE_FAILED, stage="warmup")
 
     # ---- requests ------------------------------------------------------------------------------
-    def score_json(self, body: Any, received: float | None = None) -> dict[str, Any]:
-        """Score one JSON request; raises RequestError (bad input), RoutingError (no variant) or TimeoutError.
+    def admit(
+        self, body: Any, received: float | None = None, on_done: Callable[[], None] | None = None
+    ) -> Ticket:
+        """Check, route and queue one JSON request; ``on_done`` is called (from a worker) once answered.
 
-        ``received``: ``time.perf_counter()`` when the request arrived (before its body was read
-        and decoded); that time counts against the request's budget and its reported latency.
+        Raises RequestError (bad input), RoutingError (no variant), OverloadError (queue full or
+        shutting down). ``received``: ``time.perf_counter()`` when the request arrived; that time
+        counts against the request's budget and its reported latency.
         """
         t0 = received if received is not None else time.perf_counter()
+        if self._closed:  # while draining, requests already received are still admitted and answered
+            self.metrics.inc("codesign_errors_total", kind="closed")
+            raise OverloadError(
+                "the server is shutting down", retry_after_s=1.0, fix="send the request to another replica"
+            )
         try:
             batch, context = self.schema.parse(body)
             features = self._features(batch, context, t0)
@@ -154,19 +276,26 @@ class Runtime:
         except RoutingError:
             self.metrics.inc("codesign_errors_total", kind="no_variant")
             raise
-        job = _Job(batch, features, decision, t0)
+        budget = features.budget_ms if self.batching.shed_late and "budget_ms" in context else None
+        deadline = t0 + budget / 1e3 if budget is not None else None
+        job = _Job(batch, features, decision, t0, deadline, on_done)
+        self._check_room(decision.variant, job.candidates)
+        with self._inflight_lock:
+            self._inflight += 1
         self._submit(job)
-        if not job.done.wait(self.batching.timeout_s):
-            self.metrics.inc("codesign_errors_total", kind="timeout")
-            raise TimeoutError(f"request not scored within {self.batching.timeout_s} s")
+        return Ticket(job, context)
+
+    def answer(self, ticket: Ticket) -> dict[str, Any]:
+        """The JSON reply of an answered ticket; raises the error it failed with."""
+        job, context = ticket.job, ticket.context
         variant = job.decision.variant
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - job.arrived
         if job.error is not None:
             self.metrics.inc("codesign_requests_total", variant=variant, status="error")
             raise job.error
         self.metrics.inc("codesign_requests_total", variant=variant, status="ok")
         self.metrics.observe("codesign_request_latency_seconds", seconds, variant=variant)
-        budget = features.budget_ms
+        budget = job.features.budget_ms
         if budget is not None and seconds * 1e3 > budget:
             self.metrics.inc("codesign_deadline_misses_total", variant=variant)
         out: dict[str, Any] = {
@@ -180,13 +309,26 @@ class Runtime:
             out["request_id"] = context["request_id"]
         return out
 
+    def abandon(self, ticket: Ticket) -> None:
+        """The caller stopped waiting (timeout, client gone): the worker drops the request unscored."""
+        ticket.job.cancelled = True
+        self.metrics.inc("codesign_errors_total", kind="timeout")
+
+    def score_json(self, body: Any, received: float | None = None) -> dict[str, Any]:
+        """Score one JSON request and wait for it; raises as ``admit`` and ``answer``, or TimeoutError."""
+        ticket = self.admit(body, received)
+        if not ticket.wait(self.batching.timeout_s):
+            self.abandon(ticket)
+            raise TimeoutError(f"request not scored within {self.batching.timeout_s} s")
+        return self.answer(ticket)
+
     def _features(self, batch: RequestBatch, context: Mapping[str, Any], t0: float) -> RequestFeatures:
         def number(key: str, integral: bool = False) -> Any:
             v = context.get(key)
             if v is None:
                 return None
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise RequestError(f"context.{key} must be a non-negative number, got {v!r}")
+                raise RequestError(f"context.{key} must be a non-negative number, got {_short(v)}")
             if integral and not float(v).is_integer():
                 raise RequestError(f"context.{key} must be an integer, got {v!r}")
             return int(v) if integral else float(v)
@@ -196,7 +338,7 @@ class Runtime:
             raise RequestError(f"context.budget_ms must be > 0, got {budget}")
         tier = context.get("tier")
         if tier is not None and not isinstance(tier, str):
-            raise RequestError(f"context.tier must be a string, got {tier!r}")
+            raise RequestError(f"context.tier must be a string, got {_short(tier)}")
         history = number("history_length", integral=True)
         if history is None and self.router.features.history_input:
             history = _history_length(
@@ -214,6 +356,28 @@ class Runtime:
             elapsed_ms=(time.perf_counter() - t0) * 1e3,
         )
 
+    def _check_room(self, name: str, candidates: int) -> None:
+        """Refuse a request its variant's queue has no room for, with the predicted drain time."""
+        snap = self.load.snapshot()[name]
+        reqs, rows = int(snap["queued_requests"]), int(snap["queued_candidates"])
+        b = self.batching
+        if reqs < b.max_queued_requests and rows + candidates <= b.max_queued_candidates:
+            return
+        if rows == 0:  # one request alone over the row bound: it can never be admitted
+            self.metrics.inc("codesign_errors_total", kind="too_large")
+            raise RequestError(
+                f"the request's {candidates} candidates are over this server's queue bound of "
+                f"{b.max_queued_candidates} rows",
+                fix="split the candidates over several requests",
+            )
+        drain_s = self.router.profiles[name].latency(rows, max(reqs, 1))
+        self.metrics.inc("codesign_errors_total", kind="overloaded")
+        raise OverloadError(
+            f"variant '{name}' has {reqs} requests ({rows} candidates) queued, at its bound",
+            retry_after_s=max(drain_s, 0.001),
+            fix="retry after the Retry-After delay, or add replicas",
+        )
+
     def _submit(self, job: _Job) -> None:
         name = job.decision.variant
         self.metrics.inc(
@@ -222,128 +386,269 @@ class Runtime:
             variant=name,
             kind=job.decision.kind,
         )
+        job.reset()
+        job.rows_waiting = job.candidates
         self.load.enqueue(name, job.candidates)
         self._queues[name].put(job)
+
+    def _finish(self, job: _Job) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+        job.finish()
 
     # ---- workers -------------------------------------------------------------------------------
     def _worker(self, name: str) -> None:
         q = self._queues[name]
         variant = self.bundle.variants[name]
-        carry: _Job | None = None
+        pending: list[_Job] = []
+        stopping = False
         while True:
-            first = carry if carry is not None else q.get()
-            carry = None
-            if first is None:
-                return
-            jobs, rows = [first], first.candidates
+            if not pending:
+                if stopping:
+                    return
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, _Probe):
+                    self._probe(name, variant)
+                    continue
+                pending.append(item)
             deadline = time.perf_counter() + self.batching.max_delay_ms / 1e3
-            while len(jobs) < self.batching.max_requests:
-                wait = deadline - time.perf_counter()
+            while not stopping:
+                # everything already queued joins at once (a small request must be seen while a huge one
+                # is scored slice by slice); only the wait for more depends on the batch being full
+                wait = 0.0 if self._full(pending) else deadline - time.perf_counter()
                 try:
-                    nxt = q.get(timeout=wait) if wait > 0 else q.get_nowait()
+                    item = q.get(timeout=wait) if wait > 0 else q.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    q.put(None)
-                    break
-                if rows + nxt.candidates > self.batching.max_candidates:
-                    carry = nxt
-                    break
-                jobs.append(nxt)
-                rows += nxt.candidates
-            self.load.start(name, len(jobs), rows)
-            try:
-                if name in self.router.down:
-                    self._reroute(name, jobs)
+                if item is None:
+                    stopping = True
+                elif isinstance(item, _Probe):
+                    self._probe(name, variant)
                 else:
-                    self._run(name, variant, jobs, rows)
-            finally:
-                self.load.finish(name, len(jobs), rows)
+                    pending.append(item)
+            pending = self._drop_finished(name, pending)
+            if not pending:
+                continue
+            if name in self.router.down:
+                self._reroute(name, pending)
+                pending = []
+                continue
+            chosen = self._plan(name, variant, pending)
+            self._run(name, variant, chosen)
+            pending = [j for j in pending if not j.done.is_set() and j.decision.variant == name]
 
-    def _run(self, name: str, variant: Variant, jobs: list[_Job], rows: int) -> None:
+    def _full(self, pending: list[_Job]) -> bool:
+        b = self.batching
+        return len(pending) >= b.max_requests or sum(j.rows_left for j in pending) >= b.max_candidates
+
+    def _drop_finished(self, name: str, pending: list[_Job]) -> list[_Job]:
+        """Drop requests whose caller left, and shed those whose budget has passed."""
+        now = time.perf_counter()
+        keep = []
+        for job in pending:
+            if job.cancelled:
+                self._forget(name, job)
+                self._finish(job)
+            elif job.deadline is not None and now > job.deadline:
+                self._forget(name, job)
+                self.metrics.inc("codesign_errors_total", kind="deadline")
+                waited = (now - job.arrived) * 1e3
+                job.error = DeadlineError(
+                    f"the request's budget of {job.features.budget_ms:g} ms ran out before it was scored "
+                    f"({waited:.1f} ms since it arrived); it was shed unscored",
+                    fix="send a larger context.budget_ms, fewer candidates, or retry on a less loaded replica",
+                )
+                self._finish(job)
+            else:
+                keep.append(job)
+        return keep
+
+    def _forget(self, name: str, job: _Job) -> None:
+        self.load.forget(name, 0 if job.left_queue else 1, job.rows_waiting)
+        job.rows_waiting, job.left_queue = 0, True
+
+    def _plan(self, name: str, variant: Variant, pending: list[_Job]) -> list[tuple[_Job, int]]:
+        """(request, slice index) pairs of the next batch: smallest remaining first; on every other
+        batch the oldest request goes first, so a large request cannot starve behind small ones."""
+        b = self.batching
+        for job in pending:
+            if job.pieces is None:
+                job.pieces = split_candidates(job.batch, variant.spec, b.max_candidates)
+        order = sorted(pending, key=lambda j: (j.rows_left, j.arrived))
+        if next(self._turn[name]) % 2:
+            oldest = min(pending, key=lambda j: j.arrived)
+            order.remove(oldest)
+            order.insert(0, oldest)
+        chosen: list[tuple[_Job, int]] = []
+        rows = 0
+        for job in order:
+            assert job.pieces is not None
+            index = len(job.outputs)
+            size = job.pieces[index].num_candidates
+            if chosen and (rows + size > b.max_candidates or len(chosen) >= b.max_requests):
+                continue
+            chosen.append((job, index))
+            rows += size
+        return chosen
+
+    def _run(self, name: str, variant: Variant, chosen: list[tuple[_Job, int]]) -> None:
+        rows = sum(_piece(j, i).num_candidates for j, i in chosen)
+        leaving = sum(1 for j, i in chosen if i == len(j.pieces or ()) - 1)
+        for job, i in chosen:
+            job.rows_waiting -= _piece(job, i).num_candidates
+            job.left_queue = job.left_queue or i == len(job.pieces or ()) - 1
+        self.load.start(name, leaving, rows)
         t0 = time.perf_counter()
         try:
-            outputs = _score(variant, jobs, rows)
-        except Exception as exc:
-            self._isolate(name, variant, jobs, exc)
-            return
-        seconds = time.perf_counter() - t0
-        self.load.observe(name, self.router.profiles[name].latency(rows, len(jobs)), seconds)
-        self.metrics.observe("codesign_batch_requests", len(jobs), variant=name)
-        _deliver(jobs, outputs)
+            try:
+                outputs = _score(variant, [_piece(j, i) for j, i in chosen], rows)
+            except Exception as exc:
+                self._isolate(name, variant, chosen, exc)
+                return
+            seconds = time.perf_counter() - t0
+            self.load.observe(name, self.router.profiles[name].latency(rows, len(chosen)), seconds)
+            self.metrics.observe("codesign_batch_requests", len(chosen), variant=name)
+            self._deliver(chosen, outputs)
+        finally:
+            self.load.finish(name, leaving, rows)
 
-    def _isolate(self, name: str, variant: Variant, jobs: list[_Job], exc: Exception) -> None:
+    def _deliver(self, chosen: list[tuple[_Job, int]], outputs: list[torch.Tensor]) -> None:
+        start = 0
+        for job, i in chosen:
+            stop = start + _piece(job, i).num_candidates
+            job.outputs.append([o[start:stop] for o in outputs])
+            job.batch_requests = max(job.batch_requests, len(chosen))
+            start = stop
+            if len(job.outputs) == len(job.pieces or ()):
+                parts = job.outputs
+                joined = [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+                job.tensors = joined
+                job.scores = scores_per_candidate(joined, 0, job.candidates)
+                self._finish(job)
+
+    def _isolate(self, name: str, variant: Variant, chosen: list[tuple[_Job, int]], exc: Exception) -> None:
         """A batch failed: is it the variant or a request? The variant scores its reference batch again
         (the health probe): if that fails too, the variant leaves rotation and its requests go elsewhere;
-        if not, each request is scored alone and only the one(s) the model cannot score get an error,
+        if not, each slice is scored alone and only the request(s) the model cannot score get an error,
         so one bad request never takes a variant (or the server) down."""
-        try:
-            healthy, _ = variant.check_reference()
-        except Exception:
-            healthy = False
+        healthy = self._reference_ok(name, variant)
         if not healthy:
-            why = f"{type(exc).__name__}: {exc}"
             log.error(
-                "variant '%s' failed on a batch of %d requests and on its reference batch; out of "
-                "rotation: %s",
+                "variant '%s' failed on a batch of %d requests (%s: %s) and on its reference batch; out of "
+                "rotation until a probe passes",
                 name,
-                len(jobs),
-                why,
+                len(chosen),
+                type(exc).__name__,
+                _short(str(exc), 300),
             )
-            self.router.mark_down(name, why)
-            self.metrics.inc("codesign_variant_failures_total", variant=name, stage="run")
-            self._reroute(name, jobs)
+            self._take_down(name, RUN_FAILED, stage="run")
+            self._reroute(name, [j for j, _ in chosen])
             return
-        for job in jobs:
+        for job, i in chosen:
             try:
                 # a one-request batch already failed alone: no need to run it again
-                outputs = _score(variant, [job], job.candidates) if len(jobs) > 1 else None
-                if outputs is None:
+                if len(chosen) == 1:
                     raise exc
+                outputs = _score(variant, [_piece(job, i)], _piece(job, i).num_candidates)
             except Exception as one:
                 log.warning(
                     "variant '%s' cannot score a request (%d candidates): %s: %s",
                     name,
                     job.candidates,
                     type(one).__name__,
-                    one,
+                    _short(str(one), 300),
                 )
                 self.metrics.inc("codesign_errors_total", kind="unscorable")
+                self._forget(name, job)
                 job.error = RequestError(
-                    f"variant '{name}' could not score this request: {type(one).__name__}: {str(one)[:300]}",
+                    f"variant '{name}' could not score this request ({type(one).__name__})",
                     fix="check the request's values against the schema (GET /v1/schema): ids within each "
                     "table's rows, lengths and offsets consistent; the variant stays in rotation",
                 )
-                job.done.set()
+                self._finish(job)
                 continue
-            _deliver([job], outputs)
+            self._deliver([(job, i)], outputs)
 
     def _reroute(self, failed: str, jobs: list[_Job]) -> None:
         for job in jobs:
+            self._forget(failed, job)
             try:
                 job.decision = self.router.fallback(failed, job.features)
-            except RoutingError as exc:
+            except RoutingError:
                 self.metrics.inc("codesign_errors_total", kind="no_variant")
-                job.error = exc
-                job.done.set()
+                job.error = RoutingError(
+                    f"variant '{failed}' is out of rotation and no other variant is up",
+                    fix="check the server's readiness (GET /v2/health/ready) and log",
+                )
+                self._finish(job)
                 continue
             self._submit(job)
 
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the workers (requests already queued are scored first)."""
-        if self._closed:
-            return
-        self._closed = True
-        for q in self._queues.values():
-            q.put(None)
-        for t in self._threads:
-            t.join(timeout=10)
+    # ---- health --------------------------------------------------------------------------------
+    def _reference_ok(self, name: str, variant: Variant) -> bool:
+        try:
+            ok, max_abs = variant.check_reference()
+        except Exception as exc:
+            log.warning(
+                "variant '%s': reference batch raised %s: %s", name, type(exc).__name__, _short(str(exc))
+            )
+            return False
+        if not ok:
+            log.warning("variant '%s': reference batch off by %.3g (over tolerance)", name, max_abs)
+        return bool(ok)
+
+    def _take_down(self, name: str, why: str, stage: str) -> None:
+        self.router.mark_down(name, why)
+        self.metrics.inc("codesign_variant_failures_total", variant=name, stage=stage)
+        if name in self.bundle.variants:
+            with self._probe_lock:
+                interval = self.batching.probe_interval_s
+                self._probes[name] = (time.monotonic() + interval, interval)
+
+    def _probe(self, name: str, variant: Variant) -> None:
+        """Half-open probe on the variant's own worker: back in rotation if the reference batch scores right."""
+        ok = self._reference_ok(name, variant)
+        with self._probe_lock:
+            self._probing.discard(name)
+            if ok:
+                self._probes.pop(name, None)
+            else:
+                _, interval = self._probes.get(name, (0.0, self.batching.probe_interval_s))
+                interval = min(2 * interval, self.batching.probe_max_interval_s)
+                self._probes[name] = (time.monotonic() + interval, interval)
+        self.metrics.inc("codesign_variant_probes_total", variant=name, result="pass" if ok else "fail")
+        if ok:
+            log.warning("variant '%s' scores its reference batch again; back in rotation", name)
+            self.router.mark_up(name)
+
+    def _prober(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._probe_lock:
+                due = [n for n, (t, _) in self._probes.items() if t <= now and n not in self._probing]
+                self._probing.update(due)
+                upcoming = [t for n, (t, _) in self._probes.items() if n not in self._probing]
+            for name in due:
+                self._queues[name].put(_PROBE)
+            self._stop.wait(min([*(t - now for t in upcoming), 0.5]) if upcoming else 0.5)
+
+    @property
+    def ready(self) -> bool:
+        """True while the server takes requests: not draining and at least one variant in rotation."""
+        return not self.draining and not self._closed and bool(self.router.available)
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered."""
+        return self._inflight
 
     def health(self) -> dict[str, Any]:
-        up = self.router.available
+        """Readiness and each variant's state, with no exception text or paths (those are logged)."""
+        status = "draining" if self.draining else ("ok" if self.ready else "unavailable")
         return {
-            "status": "ok" if up else "unavailable",
+            "status": status,
             "variants": {
                 n: ("up" if n not in self.router.down else f"down: {self.router.down[n]}")
                 for n in self.router.profiles
@@ -351,26 +656,42 @@ class Runtime:
             "policy": self.router.policy_name,
         }
 
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def drain(self, timeout_s: float) -> bool:
+        """Turn readiness false and wait up to ``timeout_s`` for the requests admitted to be answered
+        (the HTTP front stops accepting connections first; what it already received is still admitted)."""
+        self.draining = True
+        end = time.monotonic() + timeout_s
+        while self._inflight > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        return self._inflight == 0
 
-def _score(variant: Variant, jobs: list[_Job], rows: int) -> list[torch.Tensor]:
-    """The output tensors of the jobs scored as one batch; raises if any has not one row per candidate."""
-    batch = concat_batches([j.batch for j in jobs], variant.spec)
+    def close(self) -> None:
+        """Stop the workers (requests already queued are scored first) and the prober; joins them."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for q in self._queues.values():
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def _piece(job: _Job, index: int) -> RequestBatch:
+    assert job.pieces is not None
+    return job.pieces[index]
+
+
+def _score(variant: Variant, pieces: list[RequestBatch], rows: int) -> list[torch.Tensor]:
+    """The output tensors of the slices scored as one batch; raises if any has not one row per candidate."""
+    batch = concat_batches(pieces, variant.spec)
     with torch.no_grad():
         outputs = output_tensors(variant.score(batch, check=False))  # parse checked each request
     bad = [tuple(o.shape) for o in outputs if o.dim() == 0 or o.shape[0] != rows]
     if bad:
         raise RuntimeError(f"outputs {bad} do not have one row per candidate ({rows})")
     return outputs
-
-
-def _deliver(jobs: list[_Job], outputs: list[torch.Tensor]) -> None:
-    start = 0
-    for job in jobs:
-        stop = start + job.candidates
-        job.scores = scores_per_candidate(outputs, start, stop)
-        job.batch_requests = len(jobs)
-        start = stop
-        job.done.set()
 
 
 def _history_length(batch: RequestBatch, path: str, padding_id: int, spec: RequestSpec) -> int:
@@ -383,6 +704,11 @@ def _history_length(batch: RequestBatch, path: str, padding_id: int, spec: Reque
         end = int(off[1]) if off.numel() > 1 else t.numel()
         return end - int(off[0])
     return int((t[0] != padding_id).sum())
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) < limit else text[: limit - 3] + "..."
 
 
 def _declare_metrics(rt: Runtime) -> Metrics:
@@ -398,8 +724,9 @@ def _declare_metrics(rt: Runtime) -> Metrics:
     m.declare(
         "codesign_variant_failures_total",
         "counter",
-        "Variant failures (load or run) that took it out of rotation.",
+        "Variant failures (load, warm-up or run) that took it out of rotation.",
     )
+    m.declare("codesign_variant_probes_total", "counter", "Half-open probes of variants out of rotation.")
     m.declare("codesign_deadline_misses_total", "counter", "Requests answered after their context.budget_ms.")
     m.declare(
         "codesign_batch_requests", "histogram", "Requests per executed batch, by variant.", BATCH_BUCKETS
@@ -414,4 +741,10 @@ def _declare_metrics(rt: Runtime) -> Metrics:
         "Requests waiting per variant.",
         lambda: {(("variant", n),): float(s["queued_requests"]) for n, s in rt.load.snapshot().items()},
     )
+    m.gauge_function(
+        "codesign_inflight_requests",
+        "Requests admitted and not yet answered.",
+        lambda: {(): float(rt.inflight)},
+    )
+    m.gauge_function("codesign_ready", "1 while the server takes requests.", lambda: {(): float(rt.ready)})
     return m

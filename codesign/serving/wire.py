@@ -25,13 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from codesign.errors import RequestError
+from codesign.errors import RequestError, RequestTooLargeError
 from codesign.ir.request import RequestBatch, RequestSpec, _replace_leaves, bag_segments, offsets_from_counts
 from codesign.ir.schema import InputSchema
 
 __all__ = ["CONTEXT_KEYS", "MAX_CANDIDATES", "RequestSchema", "WireField", "scores_per_candidate"]
 
 MAX_CANDIDATES = 100_000  # per request; larger requests are refused (they would stall a batch)
+# Elements the server builds from user inputs for one request: a user row or bag goes to the model
+# once per candidate row, so 10k ids x 10k candidates would be 800 MB. Checked before any allocation.
+MAX_USER_ELEMENTS = 1 << 25
 CONTEXT_KEYS = ("budget_ms", "tier", "value", "history_length", "variant", "request_id")
 
 
@@ -71,6 +74,7 @@ class RequestSchema:
     fields: tuple[WireField, ...]
     inputs: InputSchema  # the batch checks the Python API makes too: one implementation
     max_candidates: int = MAX_CANDIDATES
+    max_user_elements: int = MAX_USER_ELEMENTS
 
     @property
     def id_bounds(self) -> Mapping[str, Mapping[str, int]]:
@@ -134,6 +138,7 @@ class RequestSchema:
             "candidates": [f.describe() for f in self.fields if f.section == "candidates"],
             "context": list(CONTEXT_KEYS),
             "max_candidates": self.max_candidates,
+            "max_user_elements": self.max_user_elements,
         }
 
     # ---- JSON -> batch -------------------------------------------------------------------
@@ -175,6 +180,7 @@ class RequestSchema:
                 f"'context' has unknown keys {sorted(bad_ctx)}", fix=f"context keys: {list(CONTEXT_KEYS)}"
             )
         n = self._candidate_count(cands)
+        self._check_user_size(user, n)
         leaves = self.template.leaves()
         new: dict[str, Any] = {}
         split: dict[str, torch.Tensor] = {}
@@ -220,6 +226,9 @@ class RequestSchema:
             if f.section != "candidates":
                 continue
             value = cands[f.key]
+            if isinstance(value, np.ndarray) and value.ndim >= 1:  # from the v2 protocol's tensors
+                counts[f.key] = value.shape[0]
+                continue
             if not isinstance(value, list):
                 raise RequestError(
                     f"candidates['{f.key}'] must be a list with one entry per candidate, got {type(value).__name__}"
@@ -235,11 +244,30 @@ class RequestSchema:
         if n < 1:
             raise RequestError("the request has no candidates", fix="send at least one candidate")
         if n > self.max_candidates:
-            raise RequestError(
+            raise RequestTooLargeError(
                 f"the request has {n} candidates; this server takes at most {self.max_candidates} per request",
                 fix="split the candidates over several requests",
             )
         return n
+
+    def _check_user_size(self, user: Mapping[str, Any], n: int) -> None:
+        """Refuse a request whose user inputs, repeated for each of its ``n`` candidate rows, would be
+        over ``max_user_elements``: before anything is allocated."""
+        total, largest = 0, ("", 0)
+        for f in self.fields:
+            if f.section != "user" or f.per_request:
+                continue
+            value = user[f.key]
+            size = len(value) if f.jagged and isinstance(value, list) else math.prod(f.row_shape)
+            total += size * n
+            largest = max(largest, (f.key, size), key=lambda kv: kv[1])
+        if total > self.max_user_elements:
+            raise RequestTooLargeError(
+                f"the user inputs of this request come to {total} values once repeated for its {n} "
+                f"candidates (the model reads them on every candidate row; largest: user['{largest[0]}'] with "
+                f"{largest[1]}), over this server's limit of {self.max_user_elements}",
+                fix="send fewer candidates per request (split them over several) or shorter user bags",
+            )
 
     def _where(self, path: str, column: str) -> str:
         for f in self.fields:
@@ -290,6 +318,13 @@ def _tensor(f: WireField, value: Any, n: int | None) -> torch.Tensor:
             f"{where} is not a rectangular array of {kind} ({exc})".replace("\n", " "),
             fix=f"send {_shape_words(want)} of {kind}",
         ) from exc
+    if f.integral and arr.dtype.kind in "fuO":  # ids beyond int64 make numpy fall back to these
+        huge = _huge_int(value)
+        if huge is not None:
+            raise RequestError(
+                f"{where} holds id {_short(huge)}, outside the 64-bit integer range",
+                fix="ids must lie in their embedding table's rows",
+            )
     if arr.dtype.kind not in "iuf" or (arr.size == 0 and arr.shape != want):
         if arr.dtype.kind == "O":
             raise RequestError(
@@ -307,6 +342,18 @@ def _tensor(f: WireField, value: Any, n: int | None) -> torch.Tensor:
     if arr.dtype.kind == "u" or (arr.dtype.kind == "i" and arr.dtype.itemsize > 8):
         arr = arr.astype(np.int64)
     return torch.from_numpy(arr).to(f.dtype)
+
+
+def _huge_int(value: Any) -> int | None:
+    """The first Python int in a nested list outside int64, if any."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, int) and not -(2**63) <= v < 2**63:
+            return v
+    return None
 
 
 def _bags(f: WireField, bags: Any) -> tuple[torch.Tensor, torch.Tensor]:
