@@ -278,9 +278,13 @@ def summarize(records: list[Record], seconds: float, budget_ms: float) -> dict[s
             "p50_ms": pct(v, 0.5),
             "p99_ms": pct(v, 0.99),
         }
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
     return {
         "requests": len(records),
         "errors": len(records) - len(ok),
+        "statuses": dict(sorted(statuses.items())),  # 504: shed unscored, its budget passed while queued
         "qps": len(ok) / seconds,
         "p50_ms": pct(lat, 0.5),
         "p99_ms": pct(lat, 0.99),
@@ -291,7 +295,7 @@ def summarize(records: list[Record], seconds: float, budget_ms: float) -> dict[s
 
 def print_phase(title: str, s: dict[str, Any], budget_ms: float) -> None:
     print(
-        f"\n== {title}: {s['requests']} requests, {s['qps']:.1f} QPS, errors {s['errors']}, "
+        f"\n== {title}: {s['requests']} requests, {s['qps']:.1f} QPS, not 200: {s['errors']} {s['statuses']}, "
         f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (budget {budget_ms:g} ms), "
         f"over budget {100 * s['over_budget']:.1f} %"
     )

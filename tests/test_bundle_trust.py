@@ -213,3 +213,27 @@ def test_every_malformed_manifest_is_a_bundle_error(variant: codesign.Variant, t
     for key in ("files", "spec", "backend", "inputs", "target", "id_bounds", "tolerance"):
         assert outcomes[f"{key}=None"] == "refused" or key in ("id_bounds", "tolerance"), key
         assert outcomes[f"{key}=1"] == "refused", key
+
+
+def test_a_file_swapped_after_its_check_never_reaches_the_loader(
+    variant: codesign.Variant, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import codesign.build.bundle as reader
+
+    d = variant.save(tmp_path / "b", verify="none")
+    evil = tmp_path / "evil.pt2"
+    evil.write_bytes((d / "program.pt2").read_bytes())
+    _rewrite_archive(evil, {"program/data/weights/model.pt": (b"\x80\x04N.", zipfile.ZIP_STORED)})
+    real = reader._check_program_archive
+
+    def check_then_swap(path: Path) -> None:
+        real(path)
+        (d / "program.pt2").write_bytes(evil.read_bytes())  # the attacker wins the race in the bundle folder
+
+    monkeypatch.setattr(reader, "_check_program_archive", check_then_swap)
+    loaded = codesign.load(d)  # loads what was checked: the private copy
+    assert loaded.check_reference()[0]
+    with pytest.raises(BundleError, match="legacy pickled weights"):  # the swapped file, checked on its own
+        monkeypatch.setattr(reader, "_check_program_archive", real)
+        reseal(d)
+        codesign.load(d)

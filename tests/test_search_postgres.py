@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_search_storage import _OPENER  # the same four openers, on a server
+
 
 def _pg_bin(name: str) -> str | None:
     found = shutil.which(name)
@@ -72,25 +74,6 @@ def postgres_url() -> Iterator[str]:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
-
-_OPENER = textwrap.dedent(
-    """
-    import pathlib, sys, time
-    import optuna
-    from codesign.search.storage import claim_worker_index, open_study_once
-    url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
-    ready.touch()  # imported: wait for the others, then all open the study at once
-    while not go.exists():
-        time.sleep(0.001)
-
-    def create(storage):
-        study = optuna.create_study(storage=storage, study_name="race", load_if_exists=True)
-        return study, claim_worker_index(study, url)
-
-    _, index = open_study_once(url, create)
-    print(index)
-    """
-)
 
 _WORKER = textwrap.dedent(
     """
@@ -145,6 +128,12 @@ def test_openers_starting_together_on_a_fresh_postgresql_study_each_get_an_index
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in outs]
     assert sorted(int(out) for out, _ in outs) == [0, 1, 2, 3]
+    import optuna
+
+    from codesign.search.storage import open_storage
+
+    study = optuna.load_study(study_name="race", storage=open_storage(postgres_url))
+    assert len(study.trials) == 1  # seeded once, not once per worker
 
 
 @pytest.mark.slow  # five search processes, one killed: make test-slow

@@ -57,7 +57,7 @@ _OPENER = textwrap.dedent(
         if "seeded" not in study.user_attrs:
             study.set_user_attr("seeded", True)
             study.enqueue_trial({"x": 0.5})
-        return study, claim_worker_index(study)
+        return study, claim_worker_index(study, url)
 
     _, index = open_study_once(url, create)
     print(index)

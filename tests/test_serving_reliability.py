@@ -282,6 +282,38 @@ def test_slow_and_oversized_requests_are_cut_off(variant: codesign.Variant) -> N
                 s.close()
 
 
+def test_pipelined_requests_outlive_the_header_timeout(variant: codesign.Variant) -> None:
+    bundle = make_bundle(variant)
+    bundle.variants["full"].runner = slow_runner(variant, 0.0, floor_s=0.4)
+    body, _ = body_for(bundle, 3, seed=14)
+    data = json.dumps(body).encode()
+    one = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+    with serving(bundle, header_timeout_s=0.3) as (srv, _):
+        # two requests in one send: the second's headers are here, and it is scored for 0.4 s > 0.3 s
+        got = raw(srv, one + one + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200") == 3, got[:400]
+
+
+def test_hostile_infer_bodies_get_400s(variant: codesign.Variant) -> None:
+    bundle = make_bundle(variant)
+    good = {"name": "cand_item", "datatype": "INT64", "shape": [2], "data": [1, 2]}
+    with serving(bundle) as (srv, _):
+        for label, req in (
+            ("input parameters not an object", {"inputs": [{**good, "parameters": [1]}]}),
+            ("datatype not a string", {"inputs": [{**good, "datatype": ["FP32"]}]}),
+            ("outputs not a list", {"inputs": [good], "outputs": 5}),
+            ("output name not a string", {"inputs": [good], "outputs": [{"name": []}]}),
+            (
+                "output parameters not an object",
+                {"inputs": [good], "outputs": [{"name": "scores", "parameters": 3}]},
+            ),
+            ("binary size a bool", {"inputs": [{**good, "parameters": {"binary_data_size": True}}]}),
+            ("request parameters not an object", {"inputs": [good], "parameters": "fast"}),
+        ):
+            status, _, reply = call(srv, "POST", "/v2/models/codesign/infer", req)
+            assert status == 400, (label, status, reply)
+
+
 def test_user_inputs_too_large_once_repeated_are_refused_before_allocation(variant: codesign.Variant) -> None:
     bundle = make_bundle(variant)
     body, _ = body_for(bundle, 50, seed=5)

@@ -21,14 +21,20 @@ its own interpreter (what ``Variant.save`` runs before it returns) and prints on
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import io
 import json
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import traceback
+import weakref
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,7 +55,6 @@ from codesign.build.bundle_write import (
     REFERENCE,
     SCHEMA_VERSION,
     compare_reference,
-    file_sha256,
 )
 from codesign.build.signing import SIGNATURE, Trust, check_native_trust
 from codesign.build.variant import Variant
@@ -66,7 +71,11 @@ log = logging.getLogger(__name__)
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Parse and check a bundle's manifest (format, schema version, required keys)."""
-    d = Path(directory)
+    return _read_manifest(Path(directory))[0]
+
+
+def _read_manifest(d: Path) -> tuple[dict[str, Any], bytes]:
+    """The checked manifest and the bytes it was parsed from (read once: what is verified is what is used)."""
     if not d.is_dir():
         raise BundleError(f"bundle folder {d} does not exist")
     path = d / MANIFEST
@@ -75,10 +84,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{d} is not a codesign bundle: it has no {MANIFEST}",
             fix="point at the folder written by variant.save() / codesign compile --out",
         )
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symbolic link; a bundle holds its own files")
+    with path.open("rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is over the {MAX_MANIFEST_BYTES} byte limit")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         detail = exc if not isinstance(exc, RecursionError) else "nested too deep"
         raise BundleError(f"{path} is not valid JSON (truncated or edited?): {detail}") from exc
@@ -102,13 +115,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     missing = {"versions", "target", "backend", "passes", "spec", "inputs", "files", "name"} - manifest.keys()
     if missing:
         raise BundleError(f"{path} lacks required keys {sorted(missing)} (truncated or hand-edited)")
-    return manifest
+    return manifest, raw
 
 
-def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+def _private_copy(d: Path, manifest: dict[str, Any], raw_manifest: bytes) -> tuple[Path, dict[str, Path]]:
+    """Copy the bundle's files into a private folder, hashing each as it is copied, and return the copy.
+
+    Everything after this reads the copy: a file swapped in the bundle folder after its check (an
+    archive, a shared library, the manifest) cannot reach the loader. The copy lives as long as the
+    process (or the variant, see ``load``).
+    """
     files = manifest["files"]
-    if not isinstance(files, dict):
-        raise BundleError("manifest 'files' is not a mapping")
+    if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+        raise BundleError("manifest 'files' is not a mapping of name -> {sha256, bytes}")
     present = {p.name for p in d.iterdir()} - {MANIFEST, SIGNATURE}
     extra = present - files.keys()
     if extra:
@@ -116,9 +135,17 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
             f"bundle {d} holds files the manifest does not list: {sorted(extra)}",
             fix="a bundle is sealed at write time; remove the extra files or recompile",
         )
+    copy = Path(tempfile.mkdtemp(prefix="codesign-bundle-"))  # mode 0700: this user's alone
+    atexit.register(shutil.rmtree, copy, True)
+    (copy / MANIFEST).write_bytes(raw_manifest)
+    signature = d / SIGNATURE
+    if signature.exists():
+        if signature.is_symlink() or not signature.is_file() or signature.stat().st_size > 1 << 16:
+            raise BundleError(f"{signature} is not a signature file (a link, a folder or over 64 KiB)")
+        (copy / SIGNATURE).write_bytes(signature.read_bytes())
     out: dict[str, Path] = {}
     for name, meta in files.items():
-        if "/" in name or "\\" in name or name.startswith("."):
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not name:
             raise BundleError(f"manifest lists an unsafe file name {name!r}")
         p = d / name
         if (
@@ -130,19 +157,28 @@ def _verify_files(d: Path, manifest: dict[str, Any]) -> dict[str, Path]:
             )
         if not p.is_file():
             raise BundleError(f"bundle {d} is missing {name}", fix="copy the whole bundle folder")
-        size = p.stat().st_size
+        h, size = hashlib.sha256(), 0
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise BundleError(f"bundle {d}: cannot open {name}: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as src, (copy / name).open("wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
         if size != meta.get("bytes"):
             raise BundleError(
                 f"{name} is {size} bytes but the manifest says {meta.get('bytes')}: "
                 "the file is truncated or was replaced"
             )
-        if file_sha256(p) != meta.get("sha256"):
+        if h.hexdigest() != meta.get("sha256"):
             raise BundleError(
                 f"{name} does not match its sha256 in the manifest: the bundle was tampered with",
                 fix="recompile the bundle from the model; never edit bundle files by hand",
             )
-        out[name] = p
-    return out
+        out[name] = copy / name
+    return copy, out
 
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -271,12 +307,15 @@ def load(
     check_reference: bool = True,
     trusted_keys: Sequence[str | Path] = (),
     allow_unsigned_native: bool = False,
+    manifest_sha256: str | None = None,
 ) -> Variant:
     """Verify and load a bundle: checksums, versions, allow-listed configs; build the runner; score.
 
     A bundle with native code (AOTInductor, TensorRT) loads only when a key in ``trusted_keys`` (PEM
     public keys; also ``$CODESIGN_TRUSTED_KEYS``) signed it, this process wrote it, or
-    ``allow_unsigned_native`` accepts the risk (``codesign.build.signing``).
+    ``allow_unsigned_native`` accepts the risk (``codesign.build.signing``). ``manifest_sha256``: the
+    manifest must be exactly this (a multi-variant bundle pins each variant's manifest). The files
+    are checked and loaded from a private copy, so none can be swapped between its check and its use.
 
     With ``check_reference`` (the default) the loaded variant scores the stored reference batch and
     must match the stored reference outputs within the manifest's tolerance (BundleError otherwise):
@@ -295,8 +334,10 @@ def load(
 
     d = Path(directory)
     with _malformed(d):
-        manifest = read_manifest(d)
-        files = _verify_files(d, manifest)
+        manifest, raw_manifest = _read_manifest(d)
+        if manifest_sha256 is not None and hashlib.sha256(raw_manifest).hexdigest() != manifest_sha256:
+            raise BundleError(f"{d / MANIFEST} does not match the sha256 its bundle records for it")
+        copy, files = _private_copy(d, manifest, raw_manifest)
         versions = manifest["versions"]
         backend_rec = manifest["backend"]
         if not isinstance(versions, dict) or not isinstance(backend_rec, dict):
@@ -317,10 +358,12 @@ def load(
     # before anything is unpacked or opened: native code only from a bundle someone trusted vouches for
     others = {n: p for n, p in files.items() if n not in (PROGRAM, REFERENCE, PLAN)}
     check_native_trust(
-        d,
+        copy,
         others,
         Trust.of(trusted_keys, allow_unsigned_native),
         backend_class(backend_rec["name"]).native_artifacts,
+        manifest_sha=hashlib.sha256(raw_manifest).hexdigest(),
+        shown=d,
     )
     if PROGRAM not in files or REFERENCE not in files:
         raise BundleError(f"bundle lacks {PROGRAM} or {REFERENCE}")
@@ -376,6 +419,7 @@ def load(
     )
     if check_reference:
         check_reference_outputs(variant, _tolerance(tolerance, variant.tolerance), d)
+    weakref.finalize(variant, shutil.rmtree, copy, True)  # the private copy goes with the variant
     return variant
 
 

@@ -96,9 +96,11 @@ def remember_written(manifest: Path) -> None:
         _written.add(file_sha256(manifest))
 
 
-def written_here(manifest: Path) -> bool:
+def written_here(manifest: Path | str) -> bool:
+    """Whether this process wrote the manifest (a path, or the sha256 of the bytes the caller read)."""
+    digest = manifest if isinstance(manifest, str) else file_sha256(manifest)
     with _written_lock:
-        return file_sha256(manifest) in _written
+        return digest in _written
 
 
 def key_id(public_raw: bytes) -> str:
@@ -167,14 +169,24 @@ def sign_bundle(directory: str | Path, private_key: str | Path) -> str:
     return str(record["key_id"])
 
 
-def verify_signature(directory: Path, trusted_keys: Sequence[Path]) -> str | None:
+def verify_signature(
+    directory: Path,
+    trusted_keys: Sequence[Path],
+    *,
+    manifest_sha: str | None = None,
+    shown: Path | None = None,
+) -> str | None:
     """The key id that signed the bundle's manifest, None if it is unsigned; BundleError if the
-    signature is malformed, does not match the manifest, or is by a key not trusted here."""
+    signature is malformed, does not match the manifest, or is by a key not trusted here.
+
+    ``manifest_sha``: the sha256 of the manifest bytes the caller parsed (else the file is hashed);
+    ``shown``: the folder named in errors (``directory`` may be a private copy of it)."""
+    name = shown or directory
     path = directory / SIGNATURE
     if not path.exists():
         return None
     if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:
-        raise BundleError(f"{path} is not a signature file (a link, a folder or over 64 KiB)")
+        raise BundleError(f"{name / SIGNATURE} is not a signature file (a link, a folder or over 64 KiB)")
     try:
         record = json.loads(path.read_text())
         ok = (
@@ -185,13 +197,13 @@ def verify_signature(directory: Path, trusted_keys: Sequence[Path]) -> str | Non
         )
         signature = base64.b64decode(record["signature"], validate=True) if ok else b""
     except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as exc:
-        raise BundleError(f"{path} is malformed: {type(exc).__name__}") from exc
+        raise BundleError(f"{name / SIGNATURE} is malformed: {type(exc).__name__}") from exc
     if not ok:
-        raise BundleError(f"{path} is not a codesign Ed25519 signature record")
-    digest = file_sha256(directory / "manifest.json")
+        raise BundleError(f"{name / SIGNATURE} is not a codesign Ed25519 signature record")
+    digest = manifest_sha or file_sha256(directory / "manifest.json")
     if record["manifest_sha256"] != digest:
         raise BundleError(
-            f"{path} signs another manifest: the bundle changed after it was signed",
+            f"{name / SIGNATURE} signs another manifest: the bundle changed after it was signed",
             fix="rebuild the bundle and sign it again (codesign sign)",
         )
     serialization, _ = _crypto()
@@ -202,7 +214,7 @@ def verify_signature(directory: Path, trusted_keys: Sequence[Path]) -> str | Non
     key = keys.get(record["key_id"])
     if key is None:
         raise BundleError(
-            f"{directory} is signed by key {record['key_id']}, which is not among the trusted keys "
+            f"{name} is signed by key {record['key_id']}, which is not among the trusted keys "
             f"({sorted(keys) or 'none given'})",
             fix="pass the signer's public key with --trusted-key (or trusted_keys=)",
         )
@@ -211,7 +223,9 @@ def verify_signature(directory: Path, trusted_keys: Sequence[Path]) -> str | Non
     try:
         key.verify(signature, _CONTEXT + digest.encode())
     except InvalidSignature:
-        raise BundleError(f"{path}: the signature does not verify with key {record['key_id']}") from None
+        raise BundleError(
+            f"{name / SIGNATURE}: the signature does not verify with key {record['key_id']}"
+        ) from None
     return str(record["key_id"])
 
 
@@ -245,26 +259,30 @@ def _is_native(path: Path) -> bool:
 
 
 def check_native_trust(
-    directory: Path, files: Mapping[str, Path], trust: Trust, native_backend: bool
+    directory: Path,
+    files: Mapping[str, Path],
+    trust: Trust,
+    native_backend: bool,
+    *,
+    manifest_sha: str | None = None,
+    shown: Path | None = None,
 ) -> None:
     """Refuse native code from a bundle that is not signed by a trusted key (nor written here, nor allowed).
 
     ``files``: the backend's artifacts and any other file torch does not read as data (the program
     and reference archives are checked entry by entry against what torch writes, and are not sniffed:
-    their tensors' raw bytes are arbitrary)."""
-    signer = verify_signature(directory, trust.trusted_keys)  # a bad signature is refused in any case
+    their tensors' raw bytes are arbitrary). ``manifest_sha`` and ``shown`` as in ``verify_signature``.
+    """
+    digest = manifest_sha or file_sha256(directory / "manifest.json")
+    # a bad signature is refused in any case
+    signer = verify_signature(directory, trust.trusted_keys, manifest_sha=digest, shown=shown)
     native = has_native_code(files)
     if native_backend and not native:
         native = ["(the backend's artifacts)"]
-    if (
-        not native
-        or signer is not None
-        or trust.allow_unsigned_native
-        or written_here(directory / "manifest.json")
-    ):
+    if not native or signer is not None or trust.allow_unsigned_native or written_here(digest):
         return
     raise BundleError(
-        f"{directory} carries native code ({', '.join(native[:3])}) and no signature by a trusted key: opening a "
+        f"{shown or directory} carries native code ({', '.join(native[:3])}) and no signature by a trusted key: opening a "
         "shared library runs its code, so a resealed bundle could run anything",
         fix="sign the bundle (codesign keygen; codesign sign BUNDLE --key KEY) and load it with --trusted-key PUB "
         "(trusted_keys=), or pass --allow-unsigned-native (allow_unsigned_native=True) if you accept that risk",

@@ -195,9 +195,9 @@ def claim_worker_index(study: Any, url: str = "") -> int:
     """The next worker index of ``study`` (0 for its first worker).
 
     File and in-memory storages: call it under the study's lock (a read and a write of a study
-    attribute). Server storages (PostgreSQL, MySQL): one ``UPDATE ... RETURNING`` on a counter row of
-    codesign's own table in the same database, which the server serializes, so workers on several
-    machines starting together each get their own index.
+    attribute). Server storages (PostgreSQL, MySQL): a counter row of codesign's own table in the same
+    database, read ``FOR UPDATE`` and incremented in one transaction, which the server serializes, so
+    workers on several machines starting together each get their own index.
     """
     if "://" in url and storage_file(url) is None:
         return _claim_on_server(study)
@@ -236,10 +236,9 @@ def _claim_on_server(study: Any) -> int:
                 conn.execute(counters.insert().values(study=name, started=0))
         except sa.exc.IntegrityError:
             pass  # another worker made the row: count on it
+        # the row lock (SELECT ... FOR UPDATE, then UPDATE, in one transaction) serializes the workers
         started = conn.execute(
-            counters.update()
-            .where(counters.c.study == name)
-            .values(started=counters.c.started + 1)
-            .returning(counters.c.started)
+            sa.select(counters.c.started).where(counters.c.study == name).with_for_update()
         ).scalar_one()
-    return int(started) - 1
+        conn.execute(counters.update().where(counters.c.study == name).values(started=started + 1))
+    return int(started)

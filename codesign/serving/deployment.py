@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -314,10 +315,12 @@ class Bundle:
         d = Path(directory)
         if not (d / MANIFEST).is_file():
             read_manifest(d)  # raises the specific "not a bundle" error
-        if (d / MANIFEST).stat().st_size > 64 << 20:
+        with (d / MANIFEST).open("rb") as f:
+            raw = f.read((64 << 20) + 1)  # read once: what is verified below is what is used
+        if len(raw) > 64 << 20:
             raise BundleError(f"{d / MANIFEST} is over 64 MiB: not a bundle manifest")
         try:
-            manifest = json.loads((d / MANIFEST).read_text())
+            manifest = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BundleError(f"{d / MANIFEST} is not valid JSON: {type(exc).__name__}") from exc
         if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT:
@@ -339,8 +342,9 @@ class Bundle:
                 f"{d / MANIFEST} lacks {exc} or is malformed (truncated or hand-edited)"
             ) from exc
         trust = Trust.of(trusted_keys, allow_unsigned_native)
-        signed = verify_signature(d, trust.trusted_keys) is not None
-        native_ok = allow_unsigned_native or signed or written_here(d / MANIFEST)
+        digest = hashlib.sha256(raw).hexdigest()
+        signed = verify_signature(d, trust.trusted_keys, manifest_sha=digest) is not None
+        native_ok = allow_unsigned_native or signed or written_here(digest)
         policy, features = _read_router(d, router_rec)
         variants, profiles, failed = _load_variants(d, entries, strict, trust.trusted_keys, native_ok)
         if not variants:
@@ -370,17 +374,18 @@ class Bundle:
 def _read_router(d: Path, record: Mapping[str, Any]) -> tuple[Policy, FeatureConfig]:
     """The policy and feature settings of ``router.json``, after its sha256 matches the manifest."""
     router_path = d / ROUTER
-    if not router_path.is_file() or file_sha256(router_path) != record.get("sha256"):
+    raw = router_path.read_bytes() if router_path.is_file() and not router_path.is_symlink() else b""
+    if not raw or hashlib.sha256(raw).hexdigest() != record.get("sha256"):
         raise BundleError(
             f"{ROUTER} is missing or does not match its sha256 in the manifest",
             fix="recompile the bundle; never edit bundle files by hand",
         )
     try:
-        router_data = json.loads(router_path.read_text())
+        router_data = json.loads(raw.decode("utf-8"))
         policy = policy_from_dict(router_data["policy"])
         features = config_from_dict(router_data.get("features") or FeatureConfig().to_dict())
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{ROUTER} is malformed: {exc!r}") from exc
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise BundleError(f"{ROUTER} is malformed: {type(exc).__name__}") from exc
     except CodesignError as exc:
         raise BundleError(f"{ROUTER} holds an invalid policy: {exc.message}") from exc
     if not isinstance(features, FeatureConfig):
@@ -407,11 +412,15 @@ def _load_variants(
             raise BundleError(f"variant '{name}' has an invalid profile in the manifest: {exc}") from exc
         sub = d / VARIANTS_DIR / name
         try:
-            if not (sub / MANIFEST).is_file() or file_sha256(sub / MANIFEST) != entry.get("manifest_sha256"):
+            pinned = entry.get("manifest_sha256")
+            if not (sub / MANIFEST).is_file() or not isinstance(pinned, str):
                 raise BundleError(
                     f"variant '{name}': its manifest is missing or does not match the bundle's record"
                 )
-            variants[name] = load(sub, trusted_keys=trusted_keys, allow_unsigned_native=native_ok)
+            # load checks the manifest bytes it reads against the pin (no second read to swap)
+            variants[name] = load(
+                sub, trusted_keys=trusted_keys, allow_unsigned_native=native_ok, manifest_sha256=pinned
+            )
         except Exception as exc:  # one broken variant must not take the others down
             if strict:
                 raise

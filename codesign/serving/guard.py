@@ -206,10 +206,12 @@ class Guard:
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not given:
             return None
-        ok = False
-        for token in self._tokens:  # every token compared: the time does not tell which matched
-            ok |= hmac.compare_digest(given.strip(), token)
-        return f"token:{hash(given)}" if ok else None
+        given = given.strip()
+        matched = -1
+        for i, token in enumerate(self._tokens):  # every token compared: the time does not tell which matched
+            if hmac.compare_digest(given, token):
+                matched = i
+        return f"token:{matched}" if matched >= 0 else None
 
 
 async def _reply(

@@ -143,7 +143,7 @@ def _status_of(exc: BaseException, runtime: Runtime) -> _HTTPError:
         return _HTTPError(503, exc.message, exc.fix, {"Retry-After": "1"})
     if isinstance(exc, DeadlineError):
         return _HTTPError(504, exc.message, exc.fix)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return _HTTPError(
             504, f"request not scored within the server's {runtime.batching.timeout_s} s timeout"
         )
@@ -187,7 +187,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
 
         try:
             await asyncio.wait_for(collect(), cfg.body_timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             raise _HTTPError(408, f"request body not received within {cfg.body_timeout_s} s") from None
         return b"".join(chunks)
 
@@ -220,7 +220,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
         ticket = await asyncio.to_thread(runtime.admit, body, received, wake)
         try:
             await asyncio.wait_for(asyncio.shield(done), runtime.batching.timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             runtime.abandon(ticket)
             raise
         return ticket
@@ -401,8 +401,12 @@ def _protocol(header_timeout_s: float) -> type:
                 self._timed_cycle = self.cycle
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+            import h11
+
+            before = self.cycle
+            super().on_response_complete()  # may start a pipelined request whose headers are here already
+            idle = self.cycle is before and self.conn.their_state is h11.IDLE
+            if idle and not self.transport.is_closing():
                 self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -412,7 +416,7 @@ def _protocol(header_timeout_s: float) -> type:
     return TimedH11Protocol
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -423,6 +427,9 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(
             f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port"
         ) from exc
+    # listening from here on: a client that connects before uvicorn's loop runs waits in the backlog
+    # instead of being refused (the CLI prints the address before it starts serving)
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -458,7 +465,7 @@ class Server:
             log.warning("binding to %s without auth tokens: anyone who reaches it may score", cfg.host)
         self.config = cfg
         self.runtime = runtime
-        self._sock = _bind(cfg.host, cfg.port)
+        self._sock = _bind(cfg.host, cfg.port, cfg.backlog)
         uv_config = uvicorn.Config(
             make_app(runtime, cfg),
             http=_protocol(cfg.header_timeout_s),

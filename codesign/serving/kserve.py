@@ -163,16 +163,22 @@ def parse_infer(
     names = {o.name for o in outputs}
     wanted: list[str] = []
     binary = set(names) if params.get("binary_data_output") is True else set()
-    for out in req.get("outputs") or []:
-        if not isinstance(out, dict) or out.get("name") not in names:
+    requested = req.get("outputs") or []
+    if not isinstance(requested, list):
+        raise RequestError("'outputs' must be a list of {\"name\": ...} objects")
+    for out in requested:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out["name"] not in names:
             raise RequestError(
                 f"requested output {out.get('name') if isinstance(out, dict) else out!r} is not an output",
                 fix=f"outputs: {sorted(names)}",
             )
         wanted.append(out["name"])
-        if (out.get("parameters") or {}).get("binary_data") is True:
+        out_params = out.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise RequestError(f"output '{out['name']}': 'parameters' must be an object")
+        if out_params.get("binary_data") is True:
             binary.add(out["name"])
-        elif out["name"] in binary and (out.get("parameters") or {}).get("binary_data") is False:
+        elif out["name"] in binary and out_params.get("binary_data") is False:
             binary.discard(out["name"])
     return InferRequest(body, rid, tuple(wanted), frozenset(binary))
 
@@ -187,7 +193,7 @@ def _tensors(inputs: list[Any], blob: bytes) -> dict[str, np.ndarray]:
         where = f"input '{name}'"
         if name in out:
             raise RequestError(f"{where} is given twice")
-        if dt not in _NUMPY:
+        if not isinstance(dt, str) or dt not in _NUMPY:
             raise RequestError(f"{where} has datatype {dt!r}", fix=f"use one of {sorted(_NUMPY)}")
         if not (
             isinstance(shape, list)
@@ -196,9 +202,17 @@ def _tensors(inputs: list[Any], blob: bytes) -> dict[str, np.ndarray]:
             raise RequestError(f"{where} needs 'shape', a list of non-negative integers, got {shape!r}")
         count = math.prod(shape)
         npdt = np.dtype(_NUMPY[dt]).newbyteorder("<")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        in_params = spec.get("parameters") or {}
+        if not isinstance(in_params, dict):
+            raise RequestError(f"{where}: 'parameters' must be an object")
+        size = in_params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size != count * npdt.itemsize or offset + size > len(blob):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size != count * npdt.itemsize
+                or offset + size > len(blob)
+            ):
                 raise RequestError(
                     f"{where}: binary_data_size {size!r} does not match its shape {shape} of {dt} "
                     f"({count * npdt.itemsize} bytes) within the {len(blob) - offset} bytes left"

@@ -436,7 +436,12 @@ class Router:
             return curve(f.candidates, 1)
         now = time.monotonic()
         wait = self._outstanding_s() if outstanding is None else outstanding
-        return (curve(f.candidates, 1) + wait) * self.load.correction(name, self.policy.stale_s, now)
+        # the variant's own call scales with its own observed ratio; the work queued ahead is every
+        # variant's, so the machine-wide ratio scales it (else under overload the shared queue term,
+        # times each variant's ratio, decides which variant looks fastest)
+        own = curve(f.candidates, 1) * self.load.correction(name, self.policy.stale_s, now)
+        machine = self.load.global_ratio if self.load.global_ratio is not None else 1.0
+        return own + wait * machine
 
     def _outstanding_s(self) -> float:
         """Predicted seconds of the work queued or running on every variant: they share one device,

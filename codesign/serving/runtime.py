@@ -41,6 +41,7 @@ from codesign.errors import (
     DeadlineError,
     OverloadError,
     RequestError,
+    RequestTooLargeError,
     RoutingError,
 )
 from codesign.ir.request import RequestBatch, RequestSpec, bag_offsets, concat_batches, split_candidates
@@ -358,18 +359,18 @@ class Runtime:
 
     def _check_room(self, name: str, candidates: int) -> None:
         """Refuse a request its variant's queue has no room for, with the predicted drain time."""
-        snap = self.load.snapshot()[name]
-        reqs, rows = int(snap["queued_requests"]), int(snap["queued_candidates"])
         b = self.batching
-        if reqs < b.max_queued_requests and rows + candidates <= b.max_queued_candidates:
-            return
-        if rows == 0:  # one request alone over the row bound: it can never be admitted
+        if candidates > b.max_queued_candidates:  # it could never be admitted, however idle the server
             self.metrics.inc("codesign_errors_total", kind="too_large")
-            raise RequestError(
+            raise RequestTooLargeError(
                 f"the request's {candidates} candidates are over this server's queue bound of "
                 f"{b.max_queued_candidates} rows",
                 fix="split the candidates over several requests",
             )
+        snap = self.load.snapshot()[name]
+        reqs, rows = int(snap["queued_requests"]), int(snap["queued_candidates"])
+        if reqs < b.max_queued_requests and rows + candidates <= b.max_queued_candidates:
+            return
         drain_s = self.router.profiles[name].latency(rows, max(reqs, 1))
         self.metrics.inc("codesign_errors_total", kind="overloaded")
         raise OverloadError(
@@ -435,8 +436,19 @@ class Runtime:
                 self._reroute(name, pending)
                 pending = []
                 continue
-            chosen = self._plan(name, variant, pending)
-            self._run(name, variant, chosen)
+            try:
+                self._run(name, variant, self._plan(name, variant, pending))
+            except Exception:  # a bug here must not end the worker and leave its requests hanging
+                log.exception(
+                    "variant '%s': internal error while batching; failing its pending requests", name
+                )
+                for job in pending:
+                    if not job.done.is_set() and job.decision.variant == name:
+                        self._forget(name, job)
+                        job.error = CodesignError(
+                            "internal error while scoring", fix="the server log has the details; retry"
+                        )
+                        self._finish(job)
             pending = [j for j in pending if not j.done.is_set() and j.decision.variant == name]
 
     def _full(self, pending: list[_Job]) -> bool:
@@ -647,12 +659,10 @@ class Runtime:
     def health(self) -> dict[str, Any]:
         """Readiness and each variant's state, with no exception text or paths (those are logged)."""
         status = "draining" if self.draining else ("ok" if self.ready else "unavailable")
+        down = self.router.down  # one snapshot: a probe may bring a variant back meanwhile
         return {
             "status": status,
-            "variants": {
-                n: ("up" if n not in self.router.down else f"down: {self.router.down[n]}")
-                for n in self.router.profiles
-            },
+            "variants": {n: ("up" if n not in down else f"down: {down[n]}") for n in self.router.profiles},
             "policy": self.router.policy_name,
         }
 
