@@ -329,13 +329,19 @@ def _reload_in_process(name: str, variant: SavedVariant, directory: Path) -> Non
 
 
 def check_in_fresh_process(
-    bundles: Mapping[str, Path], *, timeout_s: float = FRESH_PROCESS_TIMEOUT_S, saving: bool = True
+    bundles: Mapping[str, Path],
+    *,
+    timeout_s: float = FRESH_PROCESS_TIMEOUT_S,
+    saving: bool = True,
+    vouch: bool | None = None,
 ) -> None:
     """Load each bundle (variant name -> folder) in one new Python process and score its reference batch.
 
     The child runs ``python -m codesign.build.bundle DIR...``, the check ``codesign.load`` makes, and
     prints one JSON line per bundle. BundleError names the variant, what failed, the child's stderr
     tail and a fix (``saving``: the bundles are being saved, and the error says they were not).
+    ``vouch`` (default: ``saving``): this process wrote the bundles, so the child may load their native
+    code unsigned (``codesign.build.signing``).
 
     >>> check_in_fresh_process({"din": Path("out/din"), "dlrm": Path("out/dlrm")}, saving=False)
     """
@@ -347,7 +353,8 @@ def check_in_fresh_process(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     # bundles being saved were written by this process, which vouches for their native code
-    cmd = [sys.executable, "-m", CHECK_MODULE, *(["--allow-unsigned-native"] if saving else []), *names]
+    vouched = saving if vouch is None else vouch
+    cmd = [sys.executable, "-m", CHECK_MODULE, *(["--allow-unsigned-native"] if vouched else []), *names]
     unsaved = "; nothing was saved" if saving else ""
     t0 = time.perf_counter()
     try:
