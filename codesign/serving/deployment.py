@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from codesign.build.bundle import load, read_manifest
+from codesign.build.bundle import MAX_MANIFEST_BYTES, load, read_manifest
 from codesign.build.bundle_write import (
     BUNDLE_FORMAT,
     MANIFEST,
@@ -316,9 +316,9 @@ class Bundle:
         if not (d / MANIFEST).is_file():
             read_manifest(d)  # raises the specific "not a bundle" error
         with (d / MANIFEST).open("rb") as f:
-            raw = f.read((64 << 20) + 1)  # read once: what is verified below is what is used
-        if len(raw) > 64 << 20:
-            raise BundleError(f"{d / MANIFEST} is over 64 MiB: not a bundle manifest")
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # read once: what is verified below is what is used
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{d / MANIFEST} is over the {MAX_MANIFEST_BYTES} byte limit of a manifest")
         try:
             manifest = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
