@@ -482,6 +482,66 @@ def test_one_unscorable_request_does_not_take_the_variant_down(variant: codesign
         assert status == 200 and (torch.tensor(reply["scores"]) - want).abs().max() <= TOL
 
 
+def test_a_request_that_runs_out_of_device_memory_gets_413_and_the_variant_stays_up(
+    variant: codesign.Variant,
+) -> None:
+    bundle = make_bundle(variant)
+    inner = variant.runner
+
+    def small_device(*args: Any, **inputs: Any) -> Any:  # memory for 64 rows (the reference batch fits)
+        if inputs["cand_item"].shape[0] > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(*args, **inputs)
+
+    bundle.variants["full"].runner = small_device
+    big, _ = body_for(bundle, 100, seed=13)
+    body, want = body_for(bundle, 6, seed=14)
+    with serving(bundle) as (srv, _):
+        status, _, reply = call(srv, "POST", "/v1/score", big)
+        assert status == 413 and "ran out of device memory" in reply["error"], reply
+        assert "fewer candidates" in reply["fix"]
+        assert call(srv, "GET", "/v2/health/ready")[0] == 200
+        status, _, reply = call(srv, "POST", "/v1/score", body)
+        assert status == 200 and (torch.tensor(reply["scores"]) - want).abs().max() <= TOL
+
+
+def test_shutdown_waits_at_most_one_drain_timeout(variant: codesign.Variant) -> None:
+    """uvicorn's wait for open connections and the runtime's wait for admitted requests share the
+    drain timeout (they used to take one each)."""
+    bundle = make_bundle(variant)
+    gate = threading.Event()
+    inner = variant.runner
+
+    def stuck(*args: Any, **inputs: Any) -> Any:
+        if inputs["cand_item"].shape[0] == 7:
+            gate.wait(30)
+        return inner(*args, **inputs)
+
+    bundle.variants["full"].runner = stuck
+    body, _ = body_for(bundle, 7, seed=15)
+    runtime = Runtime(bundle, batching=BatchingConfig(max_delay_ms=0.0))
+    srv = Server(runtime, port=0, config=ServerConfig(drain_timeout_s=1.0)).start()
+    host, port = address(srv)
+    sender = threading.Thread(target=lambda: _post_quietly(host, port, body), daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while runtime.inflight < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime.inflight == 1
+    t0 = time.monotonic()
+    srv.shutdown()
+    took = time.monotonic() - t0
+    gate.set()
+    assert took < 1.9, f"shutdown took {took:.2f} s with a 1 s drain timeout"
+
+
+def _post_quietly(host: str, port: int, body: Any) -> None:
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("POST", "/v1/score", body=json.dumps(body))
+        conn.getresponse().read()
+
+
 def test_variant_with_wrong_weights_never_becomes_ready() -> None:
     v = codesign.compile(useq(), target="host", backend="eager")
     with torch.no_grad():

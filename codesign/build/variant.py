@@ -17,8 +17,8 @@ import torch
 from codesign.backends import get_backend
 from codesign.build.bundle_write import Verify, write_bundle
 from codesign.errors import ConfigError, NumericsError, PassError
-from codesign.ir.program import Program, run_in_pieces
-from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch
+from codesign.ir.program import REQUEST_OFFSETS, Program, call_inputs, run_in_pieces
+from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch, flatten_inputs
 from codesign.ir.schema import InputSchema, as_request_batch
 from codesign.numerics import Tolerance, compare_outputs, output_tensors
 from codesign.version import __version__
@@ -97,11 +97,35 @@ class Variant:
         >>> variant.score({"dense": x, "ids": ids}, counts=[40, 24])
         """
         structured = isinstance(batch, StructuredBatch)  # laid out flat here: its user rows repeat
-        batch = as_request_batch(batch, counts=counts, spec=self.spec, template=self.reference_inputs)
+        batch = as_request_batch(
+            batch, counts=counts, spec=self.spec, template=self.reference_inputs, compact=self.first_row_bags
+        )
         if check:
             # repeated user rows matter only where the variant reads one row per request
             self.input_schema.check(batch, repeats=self.takes_request_offsets and not structured)
-        return run_in_pieces(self, batch, self.spec, self.takes_request_offsets, self.micro_batch)
+        return run_in_pieces(
+            self, batch, self.spec, self.takes_request_offsets, self.micro_batch, self.first_row_bags
+        )
+
+    @functools.cached_property
+    def first_row_bags(self) -> frozenset[str]:
+        """Request-level id bags this variant reads only at each request's first row (a request-sharing
+        variant looks the user's bag up once per request): a server sends such a bag once per request
+        (``compact_request_bags``) instead of once per candidate. Read off the exported graph
+        (``analysis.first_rows``); empty for variants that read every row."""
+        if not self.takes_request_offsets or not self.spec.request_bags:
+            return frozenset()
+        from codesign.analysis.first_rows import first_row_bags
+
+        graph = self.exported.graph_module.graph
+        names = list(self.exported.graph_signature.user_inputs)
+        paths = [p for p, _ in flatten_inputs(call_inputs(self.reference_inputs, True))]
+        nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        if len(names) != len(paths) or not all(n in nodes for n in names):
+            return frozenset()  # not the layout this variant was exported with: read every row
+        placeholders = {p: nodes[n] for p, n in zip(paths, names, strict=True)}
+        bags = {v: self.spec.bags[v][0] for v in self.spec.request_bags}
+        return first_row_bags(graph, placeholders, bags, REQUEST_OFFSETS)
 
     @functools.cached_property
     def input_schema(self) -> InputSchema:

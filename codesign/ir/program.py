@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,9 +90,11 @@ def run_in_pieces(
     spec: RequestSpec,
     with_request_offsets: bool,
     micro_batch: int | None,
+    compact: Iterable[str] = (),
 ) -> Any:
-    """Call ``runner`` on pieces of at most ``micro_batch`` candidate rows (all at once when None)."""
-    pieces = split_candidates(batch, spec, micro_batch) if micro_batch else [batch]
+    """Call ``runner`` on pieces of at most ``micro_batch`` candidate rows (all at once when None);
+    ``compact``: request-level bags the runner reads at request-first rows only (see split_candidates)."""
+    pieces = split_candidates(batch, spec, micro_batch, compact) if micro_batch else [batch]
     return concat_outputs([runner(**call_inputs(p, with_request_offsets)) for p in pieces])
 
 

@@ -33,10 +33,12 @@ __all__ = [
     "bag_companion",
     "bag_offsets",
     "bag_segments",
+    "compact_request_bags",
     "concat_batches",
     "even_counts",
     "flatten_inputs",
     "offsets_from_counts",
+    "repeat_request_bags",
     "resample_batch",
     "split_candidates",
 ]
@@ -220,6 +222,11 @@ class RequestSpec(Config):
         out = {v: (o, "offsets") for v, o in self.jagged.items()}
         out.update({v: (n, "lengths") for v, n in self.jagged_lengths.items()})
         return out
+
+    @functools.cached_property
+    def request_bags(self) -> frozenset[str]:
+        """Jagged values inputs that are request-level: one id bag per request (a user's history)."""
+        return frozenset(p for p in self.bags if p in self.request_inputs)
 
     @property
     def form(self) -> str:
@@ -557,19 +564,26 @@ class StructuredBatch:
         counts = self.offsets[1:] - self.offsets[:-1]
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
-    def to_flat(self, spec: RequestSpec, template: RequestBatch) -> RequestBatch:
+    def to_flat(self, spec: RequestSpec, template: RequestBatch, compact: Iterable[str] = ()) -> RequestBatch:
         """Rebuild the flat model inputs (user features repeated per candidate).
 
-        ``template`` supplies the nesting of the model's inputs (any batch of the same model).
+        ``template`` supplies the nesting of the model's inputs (any batch of the same model);
+        request-level bags named in ``compact`` go on each request's first row only
+        (``compact_request_bags``), for a variant that reads them there.
         """
         idx = self.request_index
         counts = self.offsets[1:] - self.offsets[:-1]
+        compact = frozenset(compact)
         new: dict[str, Any] = {}
         for path, _t in template.leaves().items():
             if path in spec.request_inputs and path in spec.bags:
                 lengths = self.request[f"{path}#lengths"]
                 segs = _segments(self.request[path], offsets_from_counts(lengths)[:-1])
                 bags = [segs[int(r)] for r in idx]
+                if path in compact:  # empty bags after each request's first row
+                    first = torch.zeros(idx.numel(), dtype=torch.bool)
+                    first[self.offsets[:-1][counts > 0]] = True
+                    bags = [b if f else b[:0] for b, f in zip(bags, first.tolist(), strict=True)]
                 new[path] = torch.cat(bags) if bags else self.request[path][:0]
                 companion, kind = spec.bags[path]
                 new[companion] = bag_companion(bags, kind)
@@ -664,13 +678,17 @@ def _dtypes(batch: RequestBatch) -> dict[str, torch.dtype]:
     return {p: t.dtype for p, t in batch.leaves().items() if isinstance(t, torch.Tensor)}
 
 
-def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -> list[RequestBatch]:
+def split_candidates(
+    batch: RequestBatch, spec: RequestSpec, micro_batch: int, compact: Iterable[str] = ()
+) -> list[RequestBatch]:
     """Cut a batch into consecutive pieces of at most ``micro_batch`` candidate rows.
 
     A serving knob: scoring a large request in pieces bounds activation memory at the price of
     more calls (and, for request-sharing variants, of recomputing the user work per piece). A
     request cut in two appears in both pieces with its share of rows; jagged inputs are cut at
-    their per-candidate offsets and static inputs go whole to every piece.
+    their per-candidate offsets and static inputs go whole to every piece. ``compact`` names
+    request-level bags that may be laid out once per request (``compact_request_bags``): a piece
+    that starts inside a request gets that request's bag on its first row.
     """
     if micro_batch < 1:
         raise SpecError(f"micro_batch must be >= 1 candidate rows, got {micro_batch}")
@@ -678,7 +696,9 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
     if n <= micro_batch:
         return [batch]
     leaves = batch.leaves()
-    request_of = batch.request_index if spec.per_request_inputs else None
+    compact = frozenset(compact) & spec.request_bags
+    request_of = batch.request_index if spec.per_request_inputs or compact else None
+    starts = set(batch.offsets[:-1].tolist()) if compact else set()
     pieces = []
     for start in range(0, n, micro_batch):
         stop = min(n, start + micro_batch)
@@ -696,6 +716,12 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
                 off = bag_offsets(spec, leaves, path)
                 lo = int(off[start])
                 hi = int(off[stop]) if stop < n else t.numel()
+                if path in compact and start not in starts:
+                    assert request_of is not None
+                    first = int(batch.offsets[int(request_of[start])])
+                    new[path], new[companion] = _with_first_bag(t, off, first, start, stop, hi, kind)
+                    new[companion] = new[companion].to(leaves[companion].dtype)
+                    continue
                 new[path] = t[lo:hi]
                 new[companion] = off[start:stop] - lo if kind == "offsets" else leaves[companion][start:stop]
             else:
@@ -706,6 +732,67 @@ def split_candidates(batch: RequestBatch, spec: RequestSpec, micro_batch: int) -
         )
         pieces.append(piece.with_request_map(spec))
     return pieces
+
+
+def _with_first_bag(
+    values: torch.Tensor, off: torch.Tensor, first: int, start: int, stop: int, hi: int, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``start:stop`` of a jagged input with row ``start``'s bag replaced by row ``first``'s."""
+
+    def end_of(row: int) -> int:
+        return int(off[row + 1]) if row + 1 < off.numel() else values.numel()
+
+    bag = values[int(off[first]) : end_of(first)]
+    rest = values[end_of(start) : hi]
+    lengths = torch.cat([off[start + 1 : stop], torch.tensor([hi], dtype=off.dtype)]) - off[start:stop]
+    lengths[0] = bag.numel()
+    companion = offsets_from_counts(lengths)[:-1] if kind == "offsets" else lengths
+    return torch.cat([bag, rest]), companion
+
+
+def _lay_out_request_bags(
+    batch: RequestBatch, spec: RequestSpec, paths: Iterable[str], every_row: bool
+) -> RequestBatch:
+    """Each request's first-row bag of ``paths`` on every row of the request, or on its first row only."""
+    paths = [p for p in paths if p in spec.request_bags]
+    if not paths:
+        return batch
+    leaves = batch.leaves()
+    nonempty = batch.counts > 0
+    firsts, counts = batch.offsets[:-1][nonempty], batch.counts[nonempty]
+    new: dict[str, Any] = {}
+    for path in paths:
+        values, (companion, kind) = leaves[path], spec.bags[path]
+        off = bag_offsets(spec, leaves, path)
+        ends = torch.cat([off[1:], torch.tensor([values.numel()], dtype=off.dtype)])
+        start, length = off[firsts], (ends - off)[firsts]  # each request's first bag
+        if every_row:
+            start, length = start.repeat_interleave(counts), length.repeat_interleave(counts)
+            row_lengths = length
+        else:
+            row_lengths = torch.zeros(batch.num_candidates, dtype=length.dtype)
+            row_lengths[firsts] = length
+        # positions of the kept ids: each bag's start, then consecutive
+        shift = start - (torch.cumsum(length, 0) - length)
+        picks = torch.arange(int(length.sum()), dtype=off.dtype) + shift.repeat_interleave(length)
+        new[path] = values[picks]
+        new[companion] = (offsets_from_counts(row_lengths)[:-1] if kind == "offsets" else row_lengths).to(
+            leaves[companion].dtype
+        )
+    return dataclasses.replace(batch, inputs=_replace_leaves(batch.inputs, new))
+
+
+def compact_request_bags(batch: RequestBatch, spec: RequestSpec, paths: Iterable[str]) -> RequestBatch:
+    """The batch with each request-level bag of ``paths`` kept on its request's first row only (the
+    other rows get empty bags): what a variant that reads those bags only at request-first rows
+    needs (``Variant.first_row_bags``), without a copy of the user's bag per candidate."""
+    return _lay_out_request_bags(batch, spec, paths, every_row=False)
+
+
+def repeat_request_bags(batch: RequestBatch, spec: RequestSpec, paths: Iterable[str]) -> RequestBatch:
+    """The flat layout back: each request's first-row bag of ``paths`` repeated on every row of the
+    request, as a model that reads every row takes it."""
+    return _lay_out_request_bags(batch, spec, paths, every_row=True)
 
 
 def concat_batches(batches: Sequence[RequestBatch], spec: RequestSpec) -> RequestBatch:

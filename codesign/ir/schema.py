@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -345,11 +345,13 @@ def as_request_batch(
     counts: Sequence[int] | torch.Tensor | None = None,
     spec: RequestSpec,
     template: RequestBatch,
+    compact: Iterable[str] = (),
 ) -> RequestBatch:
     """A RequestBatch from what ``Variant.score`` accepts: a batch, a structured batch, or a dict of inputs.
 
     A plain dict holds the model's keyword inputs (flat rows); ``counts`` gives the candidates per
-    request (one request of every row when omitted).
+    request (one request of every row when omitted). A structured batch's user bags named in
+    ``compact`` are laid out once per request (``StructuredBatch.to_flat``).
     """
     if isinstance(inputs, RequestBatch):
         if counts is not None:
@@ -362,7 +364,7 @@ def as_request_batch(
             raise RequestError(
                 "counts= applies to a dict of inputs; a StructuredBatch carries its own offsets"
             )
-        return inputs.to_flat(spec, template)
+        return inputs.to_flat(spec, template, compact)
     if not isinstance(inputs, Mapping):
         raise RequestError(
             f"score() takes a RequestBatch, a StructuredBatch or a dict of the model's inputs, got "

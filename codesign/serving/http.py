@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
 MAX_BATCH_REQUESTS = 256
+# replies with more scores than this are encoded on a worker thread: json.dumps of 100k scores takes
+# tens of milliseconds, during which the event loop would answer no other connection
+BIG_REPLY_SCORES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,12 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
     def respond(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
         return Response(json_body(obj), status, headers, media_type="application/json")
 
+    async def respond_scored(obj: Any, scores: int) -> Response:
+        """A 200 with scores; a large one is encoded on a worker thread, not on the event loop."""
+        if scores <= BIG_REPLY_SCORES:
+            return respond(200, obj)
+        return Response(await asyncio.to_thread(json_body, obj), 200, media_type="application/json")
+
     def failed(exc: BaseException) -> Response:
         err = _status_of(exc, runtime)
         return respond(err.status, err.body(), err.headers)
@@ -230,7 +240,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
         try:
             body = await decode(await read_body(request))
             ticket = await run(body, received)
-            return respond(200, runtime.answer(ticket))
+            return await respond_scored(runtime.answer(ticket), ticket.job.candidates)
         except Exception as exc:
             return failed(exc)
 
@@ -264,7 +274,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
                 return {"status": err.status, **err.body()}
 
         results = await asyncio.gather(*(one(item) for item in items))
-        return respond(200, {"results": results})
+        return await respond_scored({"results": results}, sum(len(r.get("scores", ())) for r in results))
 
     async def infer(request: Request) -> Response:
         received = time.perf_counter()
@@ -280,7 +290,11 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
             reply = runtime.answer(ticket)
             assert ticket.job.tensors is not None
             params = {k: reply[k] for k in ("variant", "latency_ms", "batch_requests")}
-            data, header = encode_infer(parsed, ticket.job.tensors, outputs, model=model, parameters=params)
+            encode = functools.partial(
+                encode_infer, parsed, ticket.job.tensors, outputs, model=model, parameters=params
+            )
+            big = ticket.job.candidates > BIG_REPLY_SCORES
+            data, header = await asyncio.to_thread(encode) if big else encode()
         except Exception as exc:
             return failed(exc)
         if header is None:
@@ -478,8 +492,21 @@ class Server:
             timeout_keep_alive=cfg.keep_alive_s,
             timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s),
         )
-        self._uv = _draining_server(uv_config, runtime)
+        self._drain_began: float | None = None  # monotonic time of the signal or shutdown() call
+        self._uv = _draining_server(uv_config, runtime, self._begin_drain)
         self._thread: threading.Thread | None = None
+
+    def _begin_drain(self) -> None:
+        self.runtime.draining = True
+        if self._drain_began is None:
+            self._drain_began = time.monotonic()
+
+    def _drain_left_s(self) -> float:
+        """What is left of the drain timeout: uvicorn's wait for open connections and the runtime's
+        wait for admitted requests share one budget, so shutdown takes at most ``drain_timeout_s``."""
+        if self._drain_began is None:
+            return self.config.drain_timeout_s
+        return max(0.0, self.config.drain_timeout_s - (time.monotonic() - self._drain_began))
 
     @property
     def url(self) -> str:
@@ -508,21 +535,21 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop accepting, answer what was admitted (within the drain timeout), stop the runtime."""
-        self.runtime.draining = True
+        self._begin_drain()
         self._uv.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=self.config.drain_timeout_s + 10)
         self._finish()
 
     def _finish(self) -> None:
-        drained = self.runtime.drain(self.config.drain_timeout_s)
+        drained = self.runtime.drain(self._drain_left_s())
         if not drained:
             log.error(
                 "%d requests were still in flight after the %s s drain timeout",
                 self.runtime.inflight,
                 self.config.drain_timeout_s,
             )
-        self.runtime.close()
+        self.runtime.close(timeout_s=max(1.0, self._drain_left_s()) if drained else 0.0)
         with contextlib.suppress(OSError):
             self._sock.close()
 
@@ -533,7 +560,7 @@ class Server:
         self.shutdown()
 
 
-def _draining_server(config: Any, runtime: Runtime) -> Any:
+def _draining_server(config: Any, runtime: Runtime, begin_drain: Callable[[], None]) -> Any:
     """uvicorn's server, turning readiness false at the first signal and not re-raising the signal
     after its graceful shutdown (uvicorn does, which would end a drained server with SIGTERM's status
     instead of 0)."""
@@ -546,7 +573,7 @@ def _draining_server(config: Any, runtime: Runtime) -> Any:
                     "signal %s: draining (readiness false; admitted requests are answered)",
                     signal.Signals(sig).name,
                 )
-            runtime.draining = True
+            begin_drain()
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager

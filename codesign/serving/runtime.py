@@ -44,8 +44,16 @@ from codesign.errors import (
     RequestTooLargeError,
     RoutingError,
 )
-from codesign.ir.request import RequestBatch, RequestSpec, bag_offsets, concat_batches, split_candidates
-from codesign.numerics import output_tensors
+from codesign.ir.request import (
+    RequestBatch,
+    RequestSpec,
+    bag_offsets,
+    compact_request_bags,
+    concat_batches,
+    repeat_request_bags,
+    split_candidates,
+)
+from codesign.numerics import compare_outputs, output_tensors
 from codesign.serving.metrics import Metrics
 from codesign.serving.router import Decision, LoadTracker, Policy, RequestFeatures, Router
 from codesign.serving.wire import scores_per_candidate
@@ -208,6 +216,12 @@ class Runtime:
             self.router.mark_down(name, LOAD_FAILED)
         for name, variant in bundle.variants.items():
             self._warm_up(name, variant)
+        # user bags arrive once per request (parse(compact_bags=True)); each variant gets them laid out
+        # as it reads them: once per request where its graph reads request-first rows only, else repeated
+        self._user_bags = self.schema.spec.request_bags
+        self._first_row = {n: self._first_row_bags(n, v) for n, v in bundle.variants.items()}
+        once = frozenset.intersection(*self._first_row.values()) if self._first_row else frozenset()
+        self.schema = dataclasses.replace(self.schema, bags_sent_once=once)
         self._queues: dict[str, queue.Queue[_Job | _Probe | None]] = {
             n: queue.Queue() for n in bundle.variants
         }
@@ -245,6 +259,32 @@ class Runtime:
             )
             self._take_down(name, REFERENCE_FAILED, stage="warmup")
 
+    def _first_row_bags(self, name: str, variant: Variant) -> frozenset[str]:
+        """The user bags this variant gets once per request: those its graph reads at request-first rows
+        only (``Variant.first_row_bags``), confirmed by scoring its reference batch laid out that way."""
+        claimed = variant.first_row_bags & self._user_bags
+        if not claimed or name in self.router.down:
+            return frozenset()
+        try:
+            compact = compact_request_bags(variant.reference_inputs, variant.spec, claimed)
+            with torch.no_grad():
+                got = variant.score(compact, check=False)
+            ok, max_abs, _ = compare_outputs(got, variant.reference_outputs, variant.tolerance)
+        except Exception as exc:
+            ok, max_abs = False, math.inf
+            log.warning("variant '%s': scoring with user bags once per request raised %s", name, exc)
+        if not ok:
+            log.warning(
+                "variant '%s' reads user bags %s at request-first rows only by its graph, but its reference "
+                "batch laid out that way is off by %.3g: it gets them repeated on every row",
+                name,
+                sorted(claimed),
+                max_abs,
+            )
+            return frozenset()
+        log.info("variant '%s' gets user bags %s once per request", name, sorted(claimed))
+        return claimed
+
     # ---- requests ------------------------------------------------------------------------------
     def admit(
         self, body: Any, received: float | None = None, on_done: Callable[[], None] | None = None
@@ -262,7 +302,7 @@ class Runtime:
                 "the server is shutting down", retry_after_s=1.0, fix="send the request to another replica"
             )
         try:
-            batch, context = self.schema.parse(body)
+            batch, context = self.schema.parse(body, compact_bags=True)
             features = self._features(batch, context, t0)
             force = context.get("variant")
             if force is not None and (not isinstance(force, str) or force not in self.router.profiles):
@@ -487,7 +527,11 @@ class Runtime:
         b = self.batching
         for job in pending:
             if job.pieces is None:
-                job.pieces = split_candidates(job.batch, variant.spec, b.max_candidates)
+                pieces = split_candidates(job.batch, variant.spec, b.max_candidates, self._user_bags)
+                repeated = self._user_bags - self._first_row.get(name, frozenset())
+                if repeated:  # this variant reads those bags on every row
+                    pieces = [repeat_request_bags(p, variant.spec, repeated) for p in pieces]
+                job.pieces = pieces
         order = sorted(pending, key=lambda j: (j.rows_left, j.arrived))
         if next(self._turn[name]) % 2:
             oldest = min(pending, key=lambda j: j.arrived)
@@ -572,8 +616,17 @@ class Runtime:
                     type(one).__name__,
                     _short(str(one), 300),
                 )
-                self.metrics.inc("codesign_errors_total", kind="unscorable")
                 self._forget(name, job)
+                if isinstance(one, torch.OutOfMemoryError):  # the request is too large, not malformed
+                    self.metrics.inc("codesign_errors_total", kind="out_of_memory")
+                    job.error = RequestTooLargeError(
+                        f"variant '{name}' ran out of device memory scoring this request "
+                        f"({job.candidates} candidates); the variant stays in rotation",
+                        fix="send fewer candidates per request (split them over several requests)",
+                    )
+                    self._finish(job)
+                    continue
+                self.metrics.inc("codesign_errors_total", kind="unscorable")
                 job.error = RequestError(
                     f"variant '{name}' could not score this request ({type(one).__name__})",
                     fix="check the request's values against the schema (GET /v1/schema): ids within each "
@@ -676,16 +729,18 @@ class Runtime:
             time.sleep(0.01)
         return self._inflight == 0
 
-    def close(self) -> None:
-        """Stop the workers (requests already queued are scored first) and the prober; joins them."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the workers (requests already queued are scored first) and the prober; joins them,
+        waiting at most ``timeout_s`` in all (a worker stuck in a call is left behind, a daemon)."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         for q in self._queues.values():
             q.put(None)
+        end = time.monotonic() + timeout_s
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, end - time.monotonic()))
 
 
 def _piece(job: _Job, index: int) -> RequestBatch:

@@ -32,8 +32,10 @@ from codesign.ir.schema import InputSchema
 __all__ = ["CONTEXT_KEYS", "MAX_CANDIDATES", "RequestSchema", "WireField", "scores_per_candidate"]
 
 MAX_CANDIDATES = 100_000  # per request; larger requests are refused (they would stall a batch)
-# Elements the server builds from user inputs for one request: a user row or bag goes to the model
-# once per candidate row, so 10k ids x 10k candidates would be 800 MB. Checked before any allocation.
+# Elements the server builds from user inputs for one request: a user row, or a user bag that some
+# variant reads on every row, goes to the model once per candidate row, so 10k ids x 10k candidates
+# would be 800 MB. Checked before any allocation. Bags every variant reads once per request
+# (``RequestSchema.bags_sent_once``) count once.
 MAX_USER_ELEMENTS = 1 << 25
 CONTEXT_KEYS = ("budget_ms", "tier", "value", "history_length", "variant", "request_id")
 
@@ -75,6 +77,9 @@ class RequestSchema:
     inputs: InputSchema  # the batch checks the Python API makes too: one implementation
     max_candidates: int = MAX_CANDIDATES
     max_user_elements: int = MAX_USER_ELEMENTS
+    # user bags that every variant served reads at request-first rows only (Variant.first_row_bags):
+    # they reach the model once per request, so the size check counts them once
+    bags_sent_once: frozenset[str] = frozenset()
 
     @property
     def id_bounds(self) -> Mapping[str, Mapping[str, int]]:
@@ -142,9 +147,12 @@ class RequestSchema:
         }
 
     # ---- JSON -> batch -------------------------------------------------------------------
-    def parse(self, body: Any) -> tuple[RequestBatch, dict[str, Any]]:
+    def parse(self, body: Any, *, compact_bags: bool = False) -> tuple[RequestBatch, dict[str, Any]]:
         """Check one JSON request and build its flat batch (one request) and its context.
 
+        User id bags go on every candidate row, as the model takes them; with ``compact_bags`` on the
+        first row only (empty bags on the others: ``compact_request_bags``), for a server that lays
+        them out per variant and never repeats a bag for a variant that reads it once per request.
         Raises ``RequestError`` naming the field (and candidate) at fault.
         """
         if not isinstance(body, dict):
@@ -180,7 +188,7 @@ class RequestSchema:
                 f"'context' has unknown keys {sorted(bad_ctx)}", fix=f"context keys: {list(CONTEXT_KEYS)}"
             )
         n = self._candidate_count(cands)
-        self._check_user_size(user, n)
+        self._check_user_size(user, n, compact_bags)
         leaves = self.template.leaves()
         new: dict[str, Any] = {}
         split: dict[str, torch.Tensor] = {}
@@ -189,7 +197,9 @@ class RequestSchema:
             if f.jagged:
                 bags = [value] if f.section == "user" else value
                 flat, lengths = _bags(f, bags)
-                if f.section == "user":
+                if f.section == "user" and compact_bags:  # the bag on row 0, empty bags after it
+                    lengths = torch.cat([lengths, lengths.new_zeros(n - 1)])
+                elif f.section == "user":
                     flat, lengths = flat.repeat(n), lengths.repeat(n)
                 new[f.path] = flat
                 companion, kind = self.spec.bags[f.path]
@@ -212,7 +222,7 @@ class RequestSchema:
         new.update(split)
         batch = RequestBatch(_replace_leaves(self.template.inputs, new), offsets_from_counts([n]))
         batch = batch.with_request_map(self.spec, {p: leaves[p].dtype for p in self.spec.request_map_inputs})
-        self.inputs.check(batch, repeats=False, where=self._where)  # user rows were repeated above
+        self.inputs.check(batch, repeats=False, where=self._where)  # user rows were laid out above
         return batch, dict(context)
 
     def example_keys(self, section: str) -> dict[str, str]:
@@ -250,16 +260,17 @@ class RequestSchema:
             )
         return n
 
-    def _check_user_size(self, user: Mapping[str, Any], n: int) -> None:
+    def _check_user_size(self, user: Mapping[str, Any], n: int, compact_bags: bool) -> None:
         """Refuse a request whose user inputs, repeated for each of its ``n`` candidate rows, would be
-        over ``max_user_elements``: before anything is allocated."""
+        over ``max_user_elements``: before anything is allocated. A bag sent once counts once."""
         total, largest = 0, ("", 0)
         for f in self.fields:
             if f.section != "user" or f.per_request:
                 continue
             value = user[f.key]
             size = len(value) if f.jagged and isinstance(value, list) else math.prod(f.row_shape)
-            total += size * n
+            once = f.jagged and compact_bags and f.path in self.bags_sent_once
+            total += size if once else size * n
             largest = max(largest, (f.key, size), key=lambda kv: kv[1])
         if total > self.max_user_elements:
             raise RequestTooLargeError(
