@@ -311,11 +311,21 @@ class InputSchema:
             fix="give each candidate's bag size, in candidate order",
         )
 
+    @functools.cached_property
+    def _bounds_to_check(self) -> dict[str, dict[str, int]]:
+        """``id_bounds`` without the column bounds a whole-input bound already implies (a bundle whose
+        variants read columns of one input carries both; useq's serving bundle: 33 -> 1 per input)."""
+        out = {}
+        for path, per in self.id_bounds.items():
+            whole = per.get("*")
+            out[path] = {c: rows for c, rows in per.items() if c == "*" or whole is None or rows < whole}
+        return out
+
     def _check_ids(self, leaves: Mapping[str, Any], name: Where) -> None:
         """Ids against their tables' rows: every bounded input and column in one pass (one host sync);
         the first that holds an id outside its table is named."""
         parts: list[tuple[str, str, int, torch.Tensor]] = []
-        for path, per in self.id_bounds.items():
+        for path, per in self._bounds_to_check.items():
             t = leaves.get(path)
             if isinstance(t, torch.Tensor) and t.numel():
                 parts += [
