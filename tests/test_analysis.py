@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -13,7 +14,15 @@ from codesign import RequestBatch, RequestSpec, offsets_from_counts
 from codesign.analysis import Role, analyze, propagate_roles, to_networkx
 from codesign.errors import TargetError
 from codesign.hardware.costmodel import estimate, estimate_analysis
-from codesign.hardware.target import CATALOGUE, HardwareSpec, Target, calibrate_host, get_target
+from codesign.hardware.target import (
+    CATALOGUE,
+    OP_CLASSES,
+    HardwareSpec,
+    Target,
+    calibrate_host,
+    get_target,
+    op_class,
+)
 from tests.conftest import tiny_program, tiny_workload
 
 
@@ -89,7 +98,55 @@ def test_host_calibration_is_positive_and_cached() -> None:
     first = calibrate_host()
     assert first.matmul_flops_per_s["fp32"] > 1e8 and first.memory_bandwidth_bytes_per_s > 1e8
     assert 1e-8 < first.launch_overhead_s < 1e-3
+    assert set(first.op_overhead_s) == set(OP_CLASSES)  # a fixed cost fitted for every op class
+    assert all(1e-8 < s < 1e-3 for s in first.op_overhead_s.values())
+    assert set(first.op_bandwidth_bytes_per_s) == set(OP_CLASSES) - {"gemm"}
+    assert all(b > 1e8 for b in first.op_bandwidth_bytes_per_s.values())
+    # an exported program's call costs input flattening and guards before any op: fixed + per input
+    assert 0 < first.call_overhead_s < 1e-2 and 0 <= first.call_overhead_per_input_s < 1e-3
     assert calibrate_host() == first  # second call reads the cache
+
+
+def test_fitted_op_classes_price_each_kernel_by_its_class() -> None:
+    """A host with per-class figures charges a Linear the GEMM's fixed cost and a ReLU the vector ops'
+    fixed cost and bandwidth; a class without a fitted figure falls back to the generic one."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU())
+    batch = RequestBatch({"input": torch.randn(4, 64)}, offsets_from_counts([4]))
+    program = codesign.capture(model, batch, RequestSpec())
+    hw = HardwareSpec(
+        name="toy-host",
+        vendor="-",
+        kind="cpu",
+        matmul_flops_per_s={"fp32": 1e11},
+        vector_flops_per_s=1e12,
+        memory_bandwidth_bytes_per_s=1e10,
+        memory_bytes=1e9,
+        interconnect_bandwidth_bytes_per_s=1e10,
+        devices_per_host=1,
+        launch_overhead_s=3e-6,
+        source="test",
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+        op_overhead_s={"gemm": 20e-6, "vector": 1e-6},
+        op_bandwidth_bytes_per_s={"vector": 1e8},
+    )
+    ops = {o.op: o for o in estimate(program, Target(hw), candidates=1024).ops}
+    assert op_class("linear.default", "matmul") == "gemm" and op_class("relu.default", "vector") == "vector"
+    assert op_class("embedding_bag.padding_idx", "vector") == "lookup"
+    assert (
+        op_class("cat.default", "vector") == "movement" and op_class("_softmax.default", "vector") == "norm"
+    )
+    assert ops["linear.default"].launch_s == pytest.approx(20e-6)
+    assert ops["linear.default"].memory_s == pytest.approx(ops["linear.default"].bytes / 1e10)
+    assert ops["relu.default"].launch_s == pytest.approx(1e-6)
+    assert ops["relu.default"].memory_s == pytest.approx(ops["relu.default"].bytes / 1e8)
+    plain = {o.op: o for o in estimate(program, Target(dataclasses.replace(hw, op_overhead_s={})), 1024).ops}
+    assert plain["relu.default"].launch_s == pytest.approx(3e-6)
+    # the call's own cost: fixed plus one share per input tensor (this program takes one)
+    calls = dataclasses.replace(hw, call_overhead_s=50e-6, call_overhead_per_input_s=5e-6)
+    with_call = estimate(program, Target(calls), candidates=1024)
+    assert with_call.call_s == pytest.approx(55e-6)
+    assert with_call.latency_s == pytest.approx(55e-6 + sum(o.time_s for o in with_call.ops))
 
 
 def test_roofline_by_hand_on_a_round_number_target() -> None:

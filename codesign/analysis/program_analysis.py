@@ -56,6 +56,7 @@ class ProgramAnalysis:
     candidates: int
     requests: int
     param_bytes: int
+    inputs: int = 0  # tensors one call takes (flattened): each is flattened and guarded per call
 
     @property
     def total_flops(self) -> int:
@@ -120,7 +121,13 @@ def analyze(
                 kernels=cost.kernels,
             )
         )
-    return ProgramAnalysis(nodes, batch.num_candidates, batch.num_requests, _stored_param_bytes(program))
+    return ProgramAnalysis(
+        nodes,
+        batch.num_candidates,
+        batch.num_requests,
+        _stored_param_bytes(program),
+        len(program.input_paths),
+    )
 
 
 def _stored_param_bytes(program: Program) -> int:

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         "memory_bandwidth_bytes_per_s": hw.memory_bandwidth_bytes_per_s,
         "launch_overhead_s": hw.launch_overhead_s,
         "view_overhead_s": hw.view_overhead_s,
+        "op_overhead_s": dict(hw.op_overhead_s),
+        "op_bandwidth_bytes_per_s": dict(hw.op_bandwidth_bytes_per_s),
         "source": hw.source,
     }
     rows = [
@@ -48,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         ("memory bandwidth", fmt_n(hw.memory_bandwidth_bytes_per_s, "B/s")),
         ("per-op dispatch", fmt_s(hw.launch_overhead_s)),
         ("per-view dispatch", fmt_s(hw.view_overhead_s)),
+        *(
+            (f"{kind} ops", f"{fmt_s(fixed)} fixed, {fmt_n(hw.bandwidth_bytes_per_s(kind), 'B/s')}")
+            for kind, fixed in hw.op_overhead_s.items()
+        ),
     ]
     title = f"host calibration ({'measured now' if measured else 'cached'}: {path})"
     show(args, record, table(title, ("figure", "value"), rows))

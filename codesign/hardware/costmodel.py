@@ -1,7 +1,8 @@
 """Roofline latency and memory estimate of a Program on a Target.
 
 Per kernel: time = max(FLOPs / achievable rate for its dtype, bytes / achievable bandwidth)
-+ launch overhead. FLOPs, bytes, the engine (matmul, fp8 or vector) and the launches per call all
++ launch overhead. On the calibrated host the overhead and bandwidth are fitted per op class
+(``target.op_class``: gemm, lookup, movement, norm, vector); datasheet targets use one figure each. FLOPs, bytes, the engine (matmul, fp8 or vector) and the launches per call all
 come from ``codesign.analysis`` (each op's registered cost); this module only prices them: matmul
 ops at the tensor (matrix) rate of their dtype, fp8 ones at the FP8 rate, others at the vector
 rate. Views launch nothing on accelerators; where the target says views cost a dispatch (the host
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from codesign.analysis import NodeCost, ProgramAnalysis, analyze
-from codesign.hardware.target import Target, get_target, rate_dtype
+from codesign.hardware.target import Target, get_target, op_class, rate_dtype
 from codesign.ir.program import Program
 
 __all__ = [
@@ -63,10 +64,11 @@ class CostEstimate:
     param_bytes: int
     activation_bytes: int
     memory_capacity_bytes: float
+    call_s: float = 0.0  # the program call's own cost (input flattening, guards) on the host
 
     @property
     def latency_s(self) -> float:
-        return sum(o.time_s for o in self.ops)
+        return self.call_s + sum(o.time_s for o in self.ops)
 
     @property
     def compute_s(self) -> float:
@@ -130,7 +132,8 @@ def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
         rate, used = hw.matmul_rate(rate_dtype(node.dtype))
     else:
         rate, used = hw.vector_flops_per_s * hw.compute_efficiency, "vector"
-    bandwidth = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
+    kind = op_class(node.op, node.engine)  # the host's fitted fixed cost and bandwidth per op class
+    bandwidth = hw.bandwidth_bytes_per_s(kind)
     return OpEstimate(
         name=node.name,
         op=node.op,
@@ -139,7 +142,7 @@ def _op_estimate(node: NodeCost, target: Target) -> OpEstimate:
         bytes=node.bytes,
         compute_s=node.flops / rate if rate else 0.0,
         memory_s=node.bytes / bandwidth,
-        launch_s=hw.launch_overhead_s * node.kernels,
+        launch_s=hw.overhead_s(kind) * node.kernels,
         rate_dtype=used,
     )
 
@@ -149,7 +152,7 @@ def estimate_analysis(analysis: ProgramAnalysis, target: Target | str) -> CostEs
     tgt = get_target(target)
     ops = tuple(_op_estimate(n, tgt) for n in analysis.kernels)
     if tgt.hardware.view_overhead_s:
-        views = [n for n in analysis.nodes if n.is_view]
+        views = [n for n in analysis.nodes if n.is_view and n.op != "getitem"]  # getitem: Python indexing
         ops += tuple(
             OpEstimate(
                 name=n.name,
@@ -175,6 +178,7 @@ def estimate_analysis(analysis: ProgramAnalysis, target: Target | str) -> CostEs
         param_bytes=analysis.param_bytes,
         activation_bytes=activation,
         memory_capacity_bytes=tgt.hardware.memory_bytes * tgt.devices,
+        call_s=tgt.hardware.call_overhead_s + tgt.hardware.call_overhead_per_input_s * analysis.inputs,
     )
 
 

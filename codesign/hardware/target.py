@@ -8,6 +8,7 @@ planned for by the cost model; ``Target.runs_here`` says which case applies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,14 +25,17 @@ import torch.fx
 
 from codesign.analysis import FLOPS_PER_ELEMENT
 from codesign.errors import TargetError
+from codesign.hardware.timing import median_latency
 
 __all__ = [
     "CATALOGUE",
+    "OP_CLASSES",
     "HardwareSpec",
     "Target",
     "calibrate_host",
     "get_target",
     "host_calibration_path",
+    "op_class",
     "target_names",
 ]
 
@@ -68,6 +72,23 @@ class HardwareSpec:
     compute_efficiency: float = DATASHEET_COMPUTE_EFFICIENCY
     memory_efficiency: float = DATASHEET_MEMORY_EFFICIENCY
     notes: str = ""
+    # per op class (OP_CLASSES): fixed seconds per kernel and achieved bytes/s, fitted on this machine's
+    # micro-benchmarks (the host); empty for datasheet targets, which use the two figures above
+    op_overhead_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    op_bandwidth_bytes_per_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # what one call of an exported program costs before its first op (input flattening, shape guards):
+    # fixed seconds plus seconds per input tensor; measured on the host, 0 for datasheet targets
+    call_overhead_s: float = 0.0
+    call_overhead_per_input_s: float = 0.0
+
+    def overhead_s(self, op_class: str) -> float:
+        """Fixed time of one kernel of ``op_class`` (the generic launch overhead where not fitted)."""
+        return self.op_overhead_s.get(op_class, self.launch_overhead_s)
+
+    def bandwidth_bytes_per_s(self, op_class: str) -> float:
+        """Achievable bytes/s for kernels of ``op_class`` (the efficiency-scaled memory bandwidth where not fitted)."""
+        fitted = self.op_bandwidth_bytes_per_s.get(op_class)
+        return fitted if fitted else self.memory_bandwidth_bytes_per_s * self.memory_efficiency
 
     @property
     def scale_out_bandwidth_bytes_per_s(self) -> float:
@@ -91,6 +112,8 @@ class HardwareSpec:
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
         d["matmul_flops_per_s"] = dict(self.matmul_flops_per_s)
+        d["op_overhead_s"] = dict(self.op_overhead_s)
+        d["op_bandwidth_bytes_per_s"] = dict(self.op_bandwidth_bytes_per_s)
         return d
 
     @classmethod
@@ -394,6 +417,36 @@ def _host_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+_RANKING_GEMMS = ((1024, 256, 256), (4096, 64, 128), (256, 512, 512), (2048, 128, 512), (512, 1024, 256))
+
+# Op classes the host calibration fits one fixed cost and one achieved bandwidth for (the analysis'
+# op names map to them in ``op_class``): dispatch and kernel set-up differ by an order of magnitude
+# between a tiny elementwise add and an addmm or an embedding_bag, so one per-op figure underestimates
+# every program made of small ops.
+OP_CLASSES = ("gemm", "lookup", "movement", "norm", "vector")
+_LOOKUP_OPS = ("embedding", "_embedding_bag", "grouped_embedding_bag", "quantized_embedding")
+_MOVEMENT_OPS = (
+    "cat", "stack", "index_select", "index.", "gather", "clone", "_to_copy", "copy", "repeat", "bucketize",
+    "constant_pad_nd", "where", "scatter", "masked_fill", "arange", "full", "zeros", "ones", "new_",
+)  # fmt: skip
+_NORM_OPS = ("softmax", "_softmax", "log_softmax", "layer_norm", "native_layer_norm", "batch_norm", "sum", "mean",
+             "amax", "amin", "max", "min", "var", "std", "norm", "cumsum", "logsumexp")  # fmt: skip
+
+
+def op_class(op: str, engine: str) -> str:
+    """The calibration class of an analysed op (``NodeCost.op``, e.g. ``addmm.default``) and its engine."""
+    if engine in ("matmul", "fp8"):
+        return "gemm"
+    name = op.removeprefix("codesign.")
+    if name.startswith(_LOOKUP_OPS):
+        return "lookup"
+    if name.startswith(_MOVEMENT_OPS):
+        return "movement"
+    if name.startswith(_NORM_OPS):
+        return "norm"
+    return "vector"
+
+
 def _best_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -401,9 +454,6 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-_RANKING_GEMMS = ((1024, 256, 256), (4096, 64, 128), (256, 512, 512), (2048, 128, 512), (512, 1024, 256))
 
 
 def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
@@ -424,6 +474,112 @@ def _per_node_time(op: Any, args: Any, x: torch.Tensor) -> list[float]:
     return [_best_time(lambda: chain(x), 3) / 100 for _ in range(5)]
 
 
+def _node_seconds(
+    op: Any,
+    inputs: tuple[torch.Tensor, ...],
+    args: Callable[..., tuple[Any, ...]] | None = None,
+    copies: int = 20,
+) -> float:
+    """Median seconds per node of an FX graph making ``copies`` independent calls of ``op`` on ``inputs``
+    (``args`` arranges the placeholders into the op's arguments): one graph node as a program runs it
+    (dispatch, allocation, the kernel)."""
+    graph = torch.fx.Graph()
+    nodes = [graph.placeholder(f"x{i}") for i in range(len(inputs))]
+    call = args(*nodes) if args is not None else tuple(nodes)
+    graph.output([graph.call_function(op, call) for _ in range(copies)])
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    return median_latency(lambda: module(*inputs), 7) / copies
+
+
+def _fit_class(tiny: float, big: float, big_bytes: float) -> tuple[float, float]:
+    """(fixed seconds, bytes/s) from a tiny call (all fixed cost) and a large one."""
+    return tiny, big_bytes / max(big - tiny, 1e-9)
+
+
+def _measure_op_classes() -> dict[str, float]:
+    """Fixed cost and achieved bandwidth per op class. The fixed cost is the median over the ops of
+    that class as exported graphs hold them (``linear``, not ``addmm``; composite views such as
+    ``reshape``), each called on tiny inputs; the bandwidth comes from one serving-sized call of a
+    representative op. The GEMM rate comes from the ranking GEMMs, not from here."""
+    aten = torch.ops.aten
+    out: dict[str, float] = {}
+    small, big = torch.randn(2, 8), torch.randn(4096, 128)
+    big_bytes = big.numel() * big.element_size()
+    w, b = torch.randn(8, 8), torch.randn(8)
+    ids, offs, table = torch.tensor([1, 2]), torch.tensor([0, 1]), torch.randn(1000, 8)
+    tiny = {
+        "vector": [
+            _node_seconds(aten.add.Tensor, (small, small)),
+            _node_seconds(aten.mul.Tensor, (small, small)),
+            _node_seconds(aten.relu.default, (small,)),
+            _node_seconds(aten.sigmoid.default, (small,)),
+        ],
+        "movement": [
+            _node_seconds(aten.index_select.default, (small, torch.arange(2)), lambda x, i: (x, 0, i)),
+            _node_seconds(aten.cat.default, (small, small), lambda x, y: ([x, y], 1)),
+        ],
+        "norm": [
+            _node_seconds(aten._softmax.default, (small,), lambda x: (x, -1, False)),
+            _node_seconds(aten.layer_norm.default, (small, b, b), lambda x, g, h: (x, [8], g, h)),
+        ],
+        "lookup": [
+            _node_seconds(aten.embedding.default, (table, ids)),
+            _node_seconds(
+                aten.embedding_bag.padding_idx,
+                (table, ids, offs),
+                lambda t, i, o: (t, i, o, False, 0, False, None, False, None),
+            ),
+        ],
+        "gemm": [_node_seconds(aten.linear.default, (small, w, b))],
+    }
+    for kind, times in tiny.items():
+        out[f"{kind}_fixed"] = statistics.median(times)
+    # achieved bandwidth of one large call per class (bytes as the analysis counts them)
+    t1 = _node_seconds(aten.add.Tensor, (big, big), copies=8)
+    out["vector_bw"] = _fit_class(out["vector_fixed"], t1, 3 * big_bytes)[1]
+    perm = torch.randperm(big.shape[0])
+    t1 = _node_seconds(aten.index_select.default, (big, perm), lambda x, i: (x, 0, i), copies=8)
+    out["movement_bw"] = _fit_class(out["movement_fixed"], t1, 2 * big_bytes + perm.numel() * 8)[1]
+    t1 = _node_seconds(aten._softmax.default, (big,), lambda x: (x, -1, False), copies=8)
+    out["norm_bw"] = _fit_class(out["norm_fixed"], t1, 2 * big_bytes)[1]
+    table, bags, hot = torch.randn(100_000, 64), 4096, 8
+    ids, offsets = torch.randint(0, table.shape[0], (bags * hot,)), torch.arange(0, bags * hot, hot)
+    t1 = _node_seconds(aten.embedding_bag.default, (table, ids, offsets), copies=8)
+    looked_up = ids.numel() * (table.shape[1] * 4 + 8) + bags * table.shape[1] * 4
+    out["lookup_bw"] = _fit_class(out["lookup_fixed"], t1, looked_up)[1]
+    return out
+
+
+def _measure_call_overhead() -> dict[str, float]:
+    """Seconds one call of an exported program pays before and after its ops, as fixed + per input:
+    two exported one-op programs (1 and 16 inputs) timed against their op alone."""
+    from torch.export import Dim, export
+
+    class Sum(torch.nn.Module):
+        def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+            return torch.stack(xs).sum(0) if len(xs) > 1 else xs[0] + 1
+
+    times = {}
+    for count in (1, 16):
+        xs = tuple(torch.randn(4, 2) for _ in range(count))
+        rows = Dim("rows", min=1, max=1 << 20)
+        ep = export(Sum(), xs, dynamic_shapes=(tuple({0: rows} for _ in xs),))
+        module, eager = ep.module(), Sum()
+        with torch.no_grad():
+            whole = median_latency(functools.partial(module, *xs), 51)
+            ops = median_latency(functools.partial(eager, *xs), 51)
+        times[count] = max(whole - ops, 0.0)
+    per_input = max(times[16] - times[1], 0.0) / 15
+    return {"call_fixed": max(times[1] - per_input, 0.0), "call_per_input": per_input}
+
+
+def _measure_op_classes_median(rounds: int = 3) -> dict[str, float]:
+    """Each op-class figure as the median of ``rounds`` calibrations (single runs of the large calls
+    differ by up to 3x on shared hosts)."""
+    runs = [_measure_op_classes() for _ in range(rounds)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def _measure_host() -> dict[str, float]:
     with torch.no_grad():
         # median achieved rate over GEMM shapes typical of ranking towers (tall-skinny, narrow N)
@@ -436,11 +592,22 @@ def _measure_host() -> dict[str, float]:
         # per-op cost as programs pay it: one FX graph node dispatching a tiny aten op
         x = torch.randn(2, 2)
         per_op = _per_node_time(torch.ops.aten.add.Tensor, lambda n: (n, n), x)
-        per_view = _per_node_time(torch.ops.aten.view.default, lambda n: (n, [2, 2]), x)
+        # views as exported graphs hold them: most are composite (reshape, flatten, transpose ...)
+        per_view = [
+            statistics.median(_per_node_time(op, args, x))
+            for op, args in (
+                (torch.ops.aten.view.default, lambda n: (n, [2, 2])),
+                (torch.ops.aten.reshape.default, lambda n: (n, [2, 2])),
+                (torch.ops.aten.transpose.int, lambda n: (n, 0, 1)),
+                (torch.ops.aten.slice.Tensor, lambda n: (n, 0, 0, 2)),
+            )
+        ]
         # cache-resident elementwise work, counted in the analysis' FLOPs-per-element units
         vec = torch.randn(64 * 1024)
         sigmoid_flops = FLOPS_PER_ELEMENT[torch.ops.aten.sigmoid.default]
         vector = sigmoid_flops * vec.numel() / _best_time(lambda: torch.sigmoid(vec), 20)
+        classes = _measure_op_classes_median()
+        calls = _measure_call_overhead()
     return {
         "fp32": fp32,
         "bf16": bf16,
@@ -448,7 +615,17 @@ def _measure_host() -> dict[str, float]:
         "launch": statistics.median(per_op),
         "vector": vector,
         "view": statistics.median(per_view),
+        **classes,
+        **calls,
     }
+
+
+_CALIBRATION_KEYS = frozenset(
+    {"fp32", "bf16", "bandwidth", "launch", "vector", "view"}
+    | {f"{c}_fixed" for c in OP_CLASSES}
+    | {f"{c}_bw" for c in OP_CLASSES if c != "gemm"}
+    | {"call_fixed", "call_per_input"}
+)
 
 
 def host_calibration_path() -> Path:
@@ -465,7 +642,7 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             data = None
-    if data is None or not {"fp32", "bf16", "bandwidth", "launch", "vector", "view"} <= data.keys():
+    if data is None or not data.keys() >= _CALIBRATION_KEYS:
         data = _measure_host()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,6 +664,10 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
         view_overhead_s=data["view"],
         compute_efficiency=1.0,
         memory_efficiency=1.0,
+        op_overhead_s={c: data[f"{c}_fixed"] for c in OP_CLASSES},
+        op_bandwidth_bytes_per_s={c: data[f"{c}_bw"] for c in OP_CLASSES if f"{c}_bw" in data},
+        call_overhead_s=data["call_fixed"],
+        call_overhead_per_input_s=data["call_per_input"],
         source=f"measured on this host ({torch.get_num_threads()} threads, torch {torch.__version__})",
         notes="median GEMM rate over ranking-shaped GEMMs, 64 MiB copy bandwidth, per-node dispatch time of an FX graph of tiny adds",
     )
