@@ -147,16 +147,19 @@ def test_a_claim_the_reference_batch_refutes_is_not_trusted(
 ) -> None:
     plain = variants["plain"]
     bundle = Bundle.build({"plain": plain}, candidates=(8,), requests=(1,), repeats=1)
-    bundle.variants["plain"].__dict__["first_row_bags"] = frozenset(USER_BAGS)  # a wrong analysis
+    plain = bundle.variants["plain"]
+    plain.__dict__.pop("first_row_bags", None)
+    plain.__dict__["graph_first_row_bags"] = frozenset(USER_BAGS)  # a wrong analysis
     runtime = Runtime(bundle, batching=BatchingConfig(max_delay_ms=1.0))
     try:
-        assert runtime._first_row["plain"] == frozenset()
+        assert plain.first_row_bags == frozenset() and runtime._first_row["plain"] == frozenset()
         batch = workload.make_batch([12], seed=8)
         reply = runtime.score_json(bundle.schema().encode(batch))
         assert (torch.tensor(reply["scores"]) - eager(workload, batch)).abs().max() <= TOL
     finally:
         runtime.close()
-        bundle.variants["plain"].__dict__.pop("first_row_bags", None)
+        for key in ("graph_first_row_bags", "first_row_bags"):
+            plain.__dict__.pop(key, None)
 
 
 def test_bags_sent_once_count_once_against_the_size_limit(
@@ -181,6 +184,12 @@ def test_bags_sent_once_count_once_against_the_size_limit(
         repeated = dataclasses.replace(runtime.schema, bags_sent_once=frozenset())
         with pytest.raises(RequestTooLargeError, match="once repeated"):
             repeated.parse(body, compact_bags=True)
+        # a request scored in 4 slices carries the bag into each of them: counted 4 times
+        sliced = dataclasses.replace(runtime.schema, slice_rows=50)
+        with pytest.raises(RequestTooLargeError, match="once repeated"):
+            sliced.parse(body, compact_bags=True)
+        limit4 = user_dense * 200 + 4 * bags
+        assert dataclasses.replace(sliced, max_user_elements=limit4).parse(body, compact_bags=True)
     finally:
         runtime.close()
 

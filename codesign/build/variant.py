@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,13 @@ from codesign.backends import get_backend
 from codesign.build.bundle_write import Verify, write_bundle
 from codesign.errors import ConfigError, NumericsError, PassError
 from codesign.ir.program import REQUEST_OFFSETS, Program, call_inputs, run_in_pieces
-from codesign.ir.request import RequestBatch, RequestSpec, StructuredBatch, flatten_inputs
+from codesign.ir.request import (
+    RequestBatch,
+    RequestSpec,
+    StructuredBatch,
+    compact_request_bags,
+    flatten_inputs,
+)
 from codesign.ir.schema import InputSchema, as_request_batch
 from codesign.numerics import Tolerance, compare_outputs, output_tensors
 from codesign.version import __version__
@@ -31,6 +38,8 @@ if TYPE_CHECKING:
     from codesign.ir.workload import Workload
     from codesign.passes.manager import Pass
     from codesign.sharding.types import Plan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BACKEND_TOLERANCE", "COST_CANDIDATES", "Variant", "compile"]
 
@@ -108,11 +117,10 @@ class Variant:
         )
 
     @functools.cached_property
-    def first_row_bags(self) -> frozenset[str]:
-        """Request-level id bags this variant reads only at each request's first row (a request-sharing
-        variant looks the user's bag up once per request): a server sends such a bag once per request
-        (``compact_request_bags``) instead of once per candidate. Read off the exported graph
-        (``analysis.first_rows``); empty for variants that read every row."""
+    def graph_first_row_bags(self) -> frozenset[str]:
+        """Request-level id bags the exported graph reads only at each request's first row (a
+        request-sharing variant looks the user's bag up once per request), by ``analysis.first_rows``;
+        empty for variants that read every row. ``first_row_bags`` is this claim, confirmed."""
         if not self.takes_request_offsets or not self.spec.request_bags:
             return frozenset()
         from codesign.analysis.first_rows import first_row_bags
@@ -126,6 +134,35 @@ class Variant:
         placeholders = {p: nodes[n] for p, n in zip(paths, names, strict=True)}
         bags = {v: self.spec.bags[v][0] for v in self.spec.request_bags}
         return first_row_bags(graph, placeholders, bags, REQUEST_OFFSETS)
+
+    @functools.cached_property
+    def first_row_bags(self) -> frozenset[str]:
+        """The user bags this variant may take once per request (``compact_request_bags``): the graph's
+        claim (``graph_first_row_bags``), kept only if the reference batch laid out that way scores the
+        reference outputs, on a reference batch with a request of 2 or more candidates (where the two
+        layouts differ). Servers then send such a bag once per request instead of once per candidate."""
+        try:
+            claimed = self.graph_first_row_bags
+            if not claimed or not bool((self.reference_inputs.counts > 1).any()):
+                return frozenset()
+            compact = compact_request_bags(self.reference_inputs, self.spec, claimed)
+            got = run_in_pieces(self, compact, self.spec, self.takes_request_offsets, None)
+            ok, max_abs, _ = compare_outputs(got, self.reference_outputs, self.tolerance)
+        except Exception as exc:  # an analysis or scoring failure: read every row, as before
+            log.warning(
+                "variant '%s': user bags stay repeated per row (%s: %s)", self.name, type(exc).__name__, exc
+            )
+            return frozenset()
+        if not ok:
+            log.warning(
+                "variant '%s' reads user bags %s at request-first rows by its graph, but its reference batch laid "
+                "out that way is off by %.3g: they stay repeated on every row",
+                self.name,
+                sorted(claimed),
+                max_abs,
+            )
+            return frozenset()
+        return claimed
 
     @functools.cached_property
     def input_schema(self) -> InputSchema:

@@ -785,7 +785,8 @@ def _lay_out_request_bags(
 def compact_request_bags(batch: RequestBatch, spec: RequestSpec, paths: Iterable[str]) -> RequestBatch:
     """The batch with each request-level bag of ``paths`` kept on its request's first row only (the
     other rows get empty bags): what a variant that reads those bags only at request-first rows
-    needs (``Variant.first_row_bags``), without a copy of the user's bag per candidate."""
+    needs (``Variant.first_row_bags``), without a copy of the user's bag per candidate. Any other
+    variant reads the empty bags and scores wrong: lay bags out this way only for such a variant."""
     return _lay_out_request_bags(batch, spec, paths, every_row=False)
 
 

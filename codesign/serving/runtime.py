@@ -48,12 +48,11 @@ from codesign.ir.request import (
     RequestBatch,
     RequestSpec,
     bag_offsets,
-    compact_request_bags,
     concat_batches,
     repeat_request_bags,
     split_candidates,
 )
-from codesign.numerics import compare_outputs, output_tensors
+from codesign.numerics import output_tensors
 from codesign.serving.metrics import Metrics
 from codesign.serving.router import Decision, LoadTracker, Policy, RequestFeatures, Router
 from codesign.serving.wire import scores_per_candidate
@@ -221,7 +220,14 @@ class Runtime:
         self._user_bags = self.schema.spec.request_bags
         self._first_row = {n: self._first_row_bags(n, v) for n, v in bundle.variants.items()}
         once = frozenset.intersection(*self._first_row.values()) if self._first_row else frozenset()
-        self.schema = dataclasses.replace(self.schema, bags_sent_once=once)
+        # a bag sent once still goes once into every slice of a request cut for batching
+        slice_rows = min(
+            [
+                self.batching.max_candidates,
+                *(v.micro_batch for v in bundle.variants.values() if v.micro_batch),
+            ]
+        )
+        self.schema = dataclasses.replace(self.schema, bags_sent_once=once, slice_rows=slice_rows)
         self._queues: dict[str, queue.Queue[_Job | _Probe | None]] = {
             n: queue.Queue() for n in bundle.variants
         }
@@ -260,30 +266,13 @@ class Runtime:
             self._take_down(name, REFERENCE_FAILED, stage="warmup")
 
     def _first_row_bags(self, name: str, variant: Variant) -> frozenset[str]:
-        """The user bags this variant gets once per request: those its graph reads at request-first rows
-        only (``Variant.first_row_bags``), confirmed by scoring its reference batch laid out that way."""
-        claimed = variant.first_row_bags & self._user_bags
-        if not claimed or name in self.router.down:
+        """The user bags this variant gets once per request: its confirmed claim (``Variant.first_row_bags``)."""
+        if name in self.router.down:
             return frozenset()
-        try:
-            compact = compact_request_bags(variant.reference_inputs, variant.spec, claimed)
-            with torch.no_grad():
-                got = variant.score(compact, check=False)
-            ok, max_abs, _ = compare_outputs(got, variant.reference_outputs, variant.tolerance)
-        except Exception as exc:
-            ok, max_abs = False, math.inf
-            log.warning("variant '%s': scoring with user bags once per request raised %s", name, exc)
-        if not ok:
-            log.warning(
-                "variant '%s' reads user bags %s at request-first rows only by its graph, but its reference "
-                "batch laid out that way is off by %.3g: it gets them repeated on every row",
-                name,
-                sorted(claimed),
-                max_abs,
-            )
-            return frozenset()
-        log.info("variant '%s' gets user bags %s once per request", name, sorted(claimed))
-        return claimed
+        bags = variant.first_row_bags & self._user_bags
+        if bags:
+            log.info("variant '%s' gets user bags %s once per request", name, sorted(bags))
+        return bags
 
     # ---- requests ------------------------------------------------------------------------------
     def admit(
@@ -589,6 +578,10 @@ class Runtime:
         (the health probe): if that fails too, the variant leaves rotation and its requests go elsewhere;
         if not, each slice is scored alone and only the request(s) the model cannot score get an error,
         so one bad request never takes a variant (or the server) down."""
+        if isinstance(exc, torch.OutOfMemoryError):  # free what the failed call holds before the probe
+            exc.__traceback__ = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         healthy = self._reference_ok(name, variant)
         if not healthy:
             log.error(

@@ -80,6 +80,9 @@ class RequestSchema:
     # user bags that every variant served reads at request-first rows only (Variant.first_row_bags):
     # they reach the model once per request, so the size check counts them once
     bags_sent_once: frozenset[str] = frozenset()
+    slice_rows: int = (
+        MAX_CANDIDATES  # rows per slice of a request scored in pieces: a bag sent once goes to each
+    )
 
     @property
     def id_bounds(self) -> Mapping[str, Mapping[str, int]]:
@@ -270,7 +273,7 @@ class RequestSchema:
             value = user[f.key]
             size = len(value) if f.jagged and isinstance(value, list) else math.prod(f.row_shape)
             once = f.jagged and compact_bags and f.path in self.bags_sent_once
-            total += size if once else size * n
+            total += size * -(-n // self.slice_rows) if once else size * n  # once per slice, or per row
             largest = max(largest, (f.key, size), key=lambda kv: kv[1])
         if total > self.max_user_elements:
             raise RequestTooLargeError(
