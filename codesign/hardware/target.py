@@ -496,7 +496,7 @@ def _fit_class(tiny: float, big: float, big_bytes: float) -> tuple[float, float]
     return tiny, big_bytes / max(big - tiny, 1e-9)
 
 
-def _measure_op_classes() -> dict[str, float]:
+def _measure_op_classes(gemm_rate: float = 0.0) -> dict[str, float]:
     """Fixed cost and achieved bandwidth per op class. The fixed cost is the median over the ops of
     that class as exported graphs hold them (``linear``, not ``addmm``; composite views such as
     ``reshape``), each called on tiny inputs; the bandwidth comes from one serving-sized call of a
@@ -532,8 +532,14 @@ def _measure_op_classes() -> dict[str, float]:
         ],
         "gemm": [_node_seconds(aten.linear.default, (small, w, b))],
     }
+    if gemm_rate > 0:  # a small GEMM's cost beyond its FLOPs at the median rate (threading set-up, packing)
+        x, w2, b2 = torch.randn(64, 128), torch.randn(64, 128), torch.randn(64)
+        t = _node_seconds(aten.linear.default, (x, w2, b2))
+        tiny["gemm"].append(max(t - 2 * 64 * 128 * 64 / gemm_rate, tiny["gemm"][0]))
     for kind, times in tiny.items():
-        out[f"{kind}_fixed"] = statistics.median(times)
+        out[f"{kind}_fixed"] = statistics.median(times)  # a GEMM: the mean of the tiny and the small one
+    # the same ops interleaved, as a program runs them, cost several times their chained figures
+    out["program_factor"] = _program_factor(tiny)
     # achieved bandwidth of one large call per class (bytes as the analysis counts them)
     t1 = _node_seconds(aten.add.Tensor, (big, big), copies=8)
     out["vector_bw"] = _fit_class(out["vector_fixed"], t1, 3 * big_bytes)[1]
@@ -548,6 +554,39 @@ def _measure_op_classes() -> dict[str, float]:
     looked_up = ids.numel() * (table.shape[1] * 4 + 8) + bags * table.shape[1] * 4
     out["lookup_bw"] = _fit_class(out["lookup_fixed"], t1, looked_up)[1]
     return out
+
+
+def _program_factor(chained: Mapping[str, list[float]]) -> float:
+    """How much more an op's fixed cost is inside a program than in a chain of identical calls.
+
+    A chain of one op keeps the dispatcher's and allocator's paths hot; a program interleaves
+    different ops and pays cold paths on each (3-4x on the 2-core host). Measured on a graph that
+    cycles through the calibrated ops on tiny inputs, against the sum of their chained figures.
+    """
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x, w, b, ids, table = (graph.placeholder(n) for n in ("x", "w", "b", "ids", "table"))
+    rounds, h = 20, x
+    for _ in range(rounds):
+        h = graph.call_function(aten.linear.default, (h, w, b))
+        h = graph.call_function(aten.relu.default, (h,))
+        pooled = graph.call_function(aten.embedding.default, (table, ids))
+        h = graph.call_function(aten.cat.default, ([h, pooled], 0))
+        h = graph.call_function(aten.index_select.default, (h, 0, ids))
+        h = graph.call_function(aten._softmax.default, (h, -1, False))
+        h = graph.call_function(aten.layer_norm.default, (h, [8], b, b))
+        h = graph.call_function(aten.mul.Tensor, (h, h))
+        h = graph.call_function(aten.sigmoid.default, (h,))
+        h = graph.call_function(aten.add.Tensor, (h, h))
+    graph.output(h)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    args = (torch.randn(2, 8), torch.randn(8, 8), torch.randn(8), torch.tensor([0, 1]), torch.randn(10, 8))
+    per_round = median_latency(lambda: module(*args), 21) / rounds
+    # the chained figures of the same ops: linear, relu, embedding, cat, index_select, softmax,
+    # layer_norm, mul, sigmoid, add
+    v, m, n, lk = chained["vector"], chained["movement"], chained["norm"], chained["lookup"]
+    chain = chained["gemm"][0] + v[2] + lk[0] + m[1] + m[0] + n[0] + n[1] + v[1] + v[3] + v[0]
+    return max(1.0, per_round / chain)
 
 
 def _measure_call_overhead() -> dict[str, float]:
@@ -573,10 +612,10 @@ def _measure_call_overhead() -> dict[str, float]:
     return {"call_fixed": max(times[1] - per_input, 0.0), "call_per_input": per_input}
 
 
-def _measure_op_classes_median(rounds: int = 3) -> dict[str, float]:
+def _measure_op_classes_median(gemm_rate: float, rounds: int = 3) -> dict[str, float]:
     """Each op-class figure as the median of ``rounds`` calibrations (single runs of the large calls
     differ by up to 3x on shared hosts)."""
-    runs = [_measure_op_classes() for _ in range(rounds)]
+    runs = [_measure_op_classes(gemm_rate) for _ in range(rounds)]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -606,7 +645,7 @@ def _measure_host() -> dict[str, float]:
         vec = torch.randn(64 * 1024)
         sigmoid_flops = FLOPS_PER_ELEMENT[torch.ops.aten.sigmoid.default]
         vector = sigmoid_flops * vec.numel() / _best_time(lambda: torch.sigmoid(vec), 20)
-        classes = _measure_op_classes_median()
+        classes = _measure_op_classes_median(fp32)
         calls = _measure_call_overhead()
     return {
         "fp32": fp32,
@@ -624,7 +663,7 @@ _CALIBRATION_KEYS = frozenset(
     {"fp32", "bf16", "bandwidth", "launch", "vector", "view"}
     | {f"{c}_fixed" for c in OP_CLASSES}
     | {f"{c}_bw" for c in OP_CLASSES if c != "gemm"}
-    | {"call_fixed", "call_per_input"}
+    | {"call_fixed", "call_per_input", "program_factor"}
 )
 
 
@@ -661,10 +700,10 @@ def calibrate_host(force: bool = False) -> HardwareSpec:
         interconnect_bandwidth_bytes_per_s=data["bandwidth"],
         devices_per_host=1,
         launch_overhead_s=data["launch"],
-        view_overhead_s=data["view"],
+        view_overhead_s=data["view"] * data["program_factor"],
         compute_efficiency=1.0,
         memory_efficiency=1.0,
-        op_overhead_s={c: data[f"{c}_fixed"] for c in OP_CLASSES},
+        op_overhead_s={c: data[f"{c}_fixed"] * data["program_factor"] for c in OP_CLASSES},
         op_bandwidth_bytes_per_s={c: data[f"{c}_bw"] for c in OP_CLASSES if f"{c}_bw" in data},
         call_overhead_s=data["call_fixed"],
         call_overhead_per_input_s=data["call_per_input"],
