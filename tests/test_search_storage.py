@@ -46,7 +46,7 @@ _OPENER = textwrap.dedent(
     """
     import pathlib, sys, time
     import optuna
-    from codesign.search.storage import claim_worker_index, open_study_once
+    from codesign.search.storage import claim_and_seed, open_study_once
     url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
     ready.touch()  # imported: wait for the others, then all open the study at once
     while not go.exists():
@@ -54,10 +54,7 @@ _OPENER = textwrap.dedent(
 
     def create(storage):
         study = optuna.create_study(storage=storage, study_name="race", load_if_exists=True)
-        if "seeded" not in study.user_attrs:
-            study.set_user_attr("seeded", True)
-            study.enqueue_trial({"x": 0.5})
-        return study, claim_worker_index(study, url)
+        return study, claim_and_seed(study, url, lambda: study.enqueue_trial({"x": 0.5}))
 
     _, index = open_study_once(url, create)
     print(index)

@@ -25,7 +25,7 @@ from typing import Any
 
 from codesign.errors import SearchError
 
-__all__ = ["claim_worker_index", "open_storage", "storage_file", "storage_lock"]
+__all__ = ["claim_and_seed", "claim_worker_index", "open_storage", "storage_file", "storage_lock"]
 
 HEARTBEAT_S = 30
 WORKERS_ATTR = "codesign.workers_started"
@@ -203,6 +203,17 @@ def claim_worker_index(study: Any, url: str = "") -> int:
         return _claim_on_server(study)
     index = int(study.user_attrs.get(WORKERS_ATTR, 0))
     study.set_user_attr(WORKERS_ATTR, index + 1)
+    return index
+
+
+def claim_and_seed(study: Any, url: str, seed: Callable[[], None]) -> int:
+    """Claim this worker's index (``claim_worker_index``) and, for the study's first worker only, call
+    ``seed()`` (set the study's attributes, enqueue its first trials). The claim is atomic where the
+    storage allows it, so workers opening a fresh study together seed it once: reading an attribute
+    and writing it after is not (two workers on a server both found a fresh study unseeded)."""
+    index = claim_worker_index(study, url)
+    if index == 0:
+        seed()
     return index
 
 

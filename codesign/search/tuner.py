@@ -46,7 +46,7 @@ from codesign.search.objectives import (
 from codesign.search.result import SearchResult, TrialRecord
 from codesign.search.space import SearchSpace, build_space
 from codesign.search.storage import (
-    claim_worker_index,
+    claim_and_seed,
     open_storage,
     open_study_once,
     optuna_module,
@@ -248,21 +248,25 @@ class Tuner:
             load_if_exists=True,
         )
         key = json.loads(json.dumps(dataclasses.asdict(self._key())))  # as the storage gives it back
-        stored = study.user_attrs.get(STUDY_ATTR)
-        if stored is None:
+
+        def seed() -> None:  # the study's first worker only (claim_and_seed): never seeded twice
+            if stored is not None:  # a study from before worker indices were counted
+                return
             study.set_user_attr(STUDY_ATTR, key)
             # the default pipeline is the first trial: the front is never worse than what compile() gives
             study.enqueue_trial(self.space.defaults(), user_attrs={"codesign.seeded": "default pipeline"})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(OBJECTIVE_NAMES))
-        elif stored != key:
+
+        stored = study.user_attrs.get(STUDY_ATTR)
+        self.worker_index = claim_and_seed(study, self.storage_url, seed)
+        if stored is not None and stored != key:
             diff = sorted(k for k in key if stored.get(k) != key[k])
             raise SearchError(
                 f"study '{self.study_name}' in {self.storage_url} was made with other {', '.join(diff)}",
                 fix="resume with the same model, target and settings, or pick a new --study-name",
             )
-        self.worker_index = claim_worker_index(study, self.storage_url)
         study.sampler = self._sampler(self.worker_index)
         return study
 
