@@ -560,7 +560,7 @@ def _program_factor(chained: Mapping[str, list[float]]) -> float:
     """How much more an op's fixed cost is inside a program than in a chain of identical calls.
 
     A chain of one op keeps the dispatcher's and allocator's paths hot; a program interleaves
-    different ops and pays cold paths on each (3-4x on the 2-core host). Measured on a graph that
+    different ops and pays colder paths on each (1.4-1.6x on the 2-core host). Measured on a graph that
     cycles through the calibrated ops on tiny inputs, against the sum of their chained figures.
     """
     aten = torch.ops.aten
