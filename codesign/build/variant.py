@@ -106,15 +106,15 @@ class Variant:
         >>> variant.score({"dense": x, "ids": ids}, counts=[40, 24])
         """
         structured = isinstance(batch, StructuredBatch)  # laid out flat here: its user rows repeat
+        # the confirmed first-row bags (a reference run, once) only where a layout depends on them
+        compact = self.first_row_bags if structured or self.micro_batch else frozenset()
         batch = as_request_batch(
-            batch, counts=counts, spec=self.spec, template=self.reference_inputs, compact=self.first_row_bags
+            batch, counts=counts, spec=self.spec, template=self.reference_inputs, compact=compact
         )
         if check:
             # repeated user rows matter only where the variant reads one row per request
             self.input_schema.check(batch, repeats=self.takes_request_offsets and not structured)
-        return run_in_pieces(
-            self, batch, self.spec, self.takes_request_offsets, self.micro_batch, self.first_row_bags
-        )
+        return run_in_pieces(self, batch, self.spec, self.takes_request_offsets, self.micro_batch, compact)
 
     @functools.cached_property
     def graph_first_row_bags(self) -> frozenset[str]:

@@ -2,7 +2,8 @@
 
 Per kernel: time = max(FLOPs / achievable rate for its dtype, bytes / achievable bandwidth)
 + launch overhead. On the calibrated host the overhead and bandwidth are fitted per op class
-(``target.op_class``: gemm, lookup, movement, norm, vector); datasheet targets use one figure each. FLOPs, bytes, the engine (matmul, fp8 or vector) and the launches per call all
+(``target.op_class``: gemm, lookup, movement, norm, vector) and a program call's own cost is added;
+datasheet targets use one figure each. FLOPs, bytes, the engine (matmul, fp8 or vector) and the launches per call all
 come from ``codesign.analysis`` (each op's registered cost); this module only prices them: matmul
 ops at the tensor (matrix) rate of their dtype, fp8 ones at the FP8 rate, others at the vector
 rate. Views launch nothing on accelerators; where the target says views cost a dispatch (the host

@@ -491,9 +491,9 @@ def _node_seconds(
     return median_latency(lambda: module(*inputs), 7) / copies
 
 
-def _fit_class(tiny: float, big: float, big_bytes: float) -> tuple[float, float]:
-    """(fixed seconds, bytes/s) from a tiny call (all fixed cost) and a large one."""
-    return tiny, big_bytes / max(big - tiny, 1e-9)
+def _bandwidth(fixed: float, seconds: float, nbytes: float) -> float:
+    """Bytes/s of a large call that took ``seconds``, of which ``fixed`` is the op's fixed cost."""
+    return nbytes / max(seconds - fixed, 1e-9)
 
 
 def _measure_op_classes(gemm_rate: float = 0.0) -> dict[str, float]:
@@ -507,56 +507,59 @@ def _measure_op_classes(gemm_rate: float = 0.0) -> dict[str, float]:
     big_bytes = big.numel() * big.element_size()
     w, b = torch.randn(8, 8), torch.randn(8)
     ids, offs, table = torch.tensor([1, 2]), torch.tensor([0, 1]), torch.randn(1000, 8)
-    tiny = {
-        "vector": [
-            _node_seconds(aten.add.Tensor, (small, small)),
-            _node_seconds(aten.mul.Tensor, (small, small)),
-            _node_seconds(aten.relu.default, (small,)),
-            _node_seconds(aten.sigmoid.default, (small,)),
-        ],
-        "movement": [
+    # op as exported graphs hold it -> (its class, seconds per node on tiny inputs, chained)
+    chained: dict[str, tuple[str, float]] = {
+        "add": ("vector", _node_seconds(aten.add.Tensor, (small, small))),
+        "mul": ("vector", _node_seconds(aten.mul.Tensor, (small, small))),
+        "relu": ("vector", _node_seconds(aten.relu.default, (small,))),
+        "sigmoid": ("vector", _node_seconds(aten.sigmoid.default, (small,))),
+        "index_select": (
+            "movement",
             _node_seconds(aten.index_select.default, (small, torch.arange(2)), lambda x, i: (x, 0, i)),
-            _node_seconds(aten.cat.default, (small, small), lambda x, y: ([x, y], 1)),
-        ],
-        "norm": [
-            _node_seconds(aten._softmax.default, (small,), lambda x: (x, -1, False)),
+        ),
+        "cat": ("movement", _node_seconds(aten.cat.default, (small, small), lambda x, y: ([x, y], 1))),
+        "softmax": ("norm", _node_seconds(aten._softmax.default, (small,), lambda x: (x, -1, False))),
+        "layer_norm": (
+            "norm",
             _node_seconds(aten.layer_norm.default, (small, b, b), lambda x, g, h: (x, [8], g, h)),
-        ],
-        "lookup": [
-            _node_seconds(aten.embedding.default, (table, ids)),
+        ),
+        "embedding": ("lookup", _node_seconds(aten.embedding.default, (table, ids))),
+        "embedding_bag": (
+            "lookup",
             _node_seconds(
                 aten.embedding_bag.padding_idx,
                 (table, ids, offs),
                 lambda t, i, o: (t, i, o, False, 0, False, None, False, None),
             ),
-        ],
-        "gemm": [_node_seconds(aten.linear.default, (small, w, b))],
+        ),
+        "linear": ("gemm", _node_seconds(aten.linear.default, (small, w, b))),
     }
+    fixed = {kind: [t for k, t in chained.values() if k == kind] for kind in OP_CLASSES}
     if gemm_rate > 0:  # a small GEMM's cost beyond its FLOPs at the median rate (threading set-up, packing)
         x, w2, b2 = torch.randn(64, 128), torch.randn(64, 128), torch.randn(64)
         t = _node_seconds(aten.linear.default, (x, w2, b2))
-        tiny["gemm"].append(max(t - 2 * 64 * 128 * 64 / gemm_rate, tiny["gemm"][0]))
-    for kind, times in tiny.items():
+        fixed["gemm"].append(max(t - 2 * 64 * 128 * 64 / gemm_rate, chained["linear"][1]))
+    for kind, times in fixed.items():
         out[f"{kind}_fixed"] = statistics.median(times)  # a GEMM: the mean of the tiny and the small one
-    # the same ops interleaved, as a program runs them, cost several times their chained figures
-    out["program_factor"] = _program_factor(tiny)
+    # the same ops interleaved, as a program runs them, cost more than chained with themselves
+    out["program_factor"] = _program_factor({op: t for op, (_, t) in chained.items()})
     # achieved bandwidth of one large call per class (bytes as the analysis counts them)
     t1 = _node_seconds(aten.add.Tensor, (big, big), copies=8)
-    out["vector_bw"] = _fit_class(out["vector_fixed"], t1, 3 * big_bytes)[1]
+    out["vector_bw"] = _bandwidth(out["vector_fixed"], t1, 3 * big_bytes)
     perm = torch.randperm(big.shape[0])
     t1 = _node_seconds(aten.index_select.default, (big, perm), lambda x, i: (x, 0, i), copies=8)
-    out["movement_bw"] = _fit_class(out["movement_fixed"], t1, 2 * big_bytes + perm.numel() * 8)[1]
+    out["movement_bw"] = _bandwidth(out["movement_fixed"], t1, 2 * big_bytes + perm.numel() * 8)
     t1 = _node_seconds(aten._softmax.default, (big,), lambda x: (x, -1, False), copies=8)
-    out["norm_bw"] = _fit_class(out["norm_fixed"], t1, 2 * big_bytes)[1]
+    out["norm_bw"] = _bandwidth(out["norm_fixed"], t1, 2 * big_bytes)
     table, bags, hot = torch.randn(100_000, 64), 4096, 8
     ids, offsets = torch.randint(0, table.shape[0], (bags * hot,)), torch.arange(0, bags * hot, hot)
     t1 = _node_seconds(aten.embedding_bag.default, (table, ids, offsets), copies=8)
     looked_up = ids.numel() * (table.shape[1] * 4 + 8) + bags * table.shape[1] * 4
-    out["lookup_bw"] = _fit_class(out["lookup_fixed"], t1, looked_up)[1]
+    out["lookup_bw"] = _bandwidth(out["lookup_fixed"], t1, looked_up)
     return out
 
 
-def _program_factor(chained: Mapping[str, list[float]]) -> float:
+def _program_factor(chained: Mapping[str, float]) -> float:
     """How much more an op's fixed cost is inside a program than in a chain of identical calls.
 
     A chain of one op keeps the dispatcher's and allocator's paths hot; a program interleaves
@@ -582,11 +585,19 @@ def _program_factor(chained: Mapping[str, list[float]]) -> float:
     module = torch.fx.GraphModule(torch.nn.Module(), graph)
     args = (torch.randn(2, 8), torch.randn(8, 8), torch.randn(8), torch.tensor([0, 1]), torch.randn(10, 8))
     per_round = median_latency(lambda: module(*args), 21) / rounds
-    # the chained figures of the same ops: linear, relu, embedding, cat, index_select, softmax,
-    # layer_norm, mul, sigmoid, add
-    v, m, n, lk = chained["vector"], chained["movement"], chained["norm"], chained["lookup"]
-    chain = chained["gemm"][0] + v[2] + lk[0] + m[1] + m[0] + n[0] + n[1] + v[1] + v[3] + v[0]
-    return max(1.0, per_round / chain)
+    ops = (
+        "linear",
+        "relu",
+        "embedding",
+        "cat",
+        "index_select",
+        "softmax",
+        "layer_norm",
+        "mul",
+        "sigmoid",
+        "add",
+    )
+    return max(1.0, per_round / sum(chained[op] for op in ops))  # against the same ops' chained figures
 
 
 def _measure_call_overhead() -> dict[str, float]:

@@ -80,9 +80,8 @@ class RequestSchema:
     # user bags that every variant served reads at request-first rows only (Variant.first_row_bags):
     # they reach the model once per request, so the size check counts them once
     bags_sent_once: frozenset[str] = frozenset()
-    slice_rows: int = (
-        MAX_CANDIDATES  # rows per slice of a request scored in pieces: a bag sent once goes to each
-    )
+    # rows per slice of a request scored in pieces: a bag sent once still goes once to each slice
+    slice_rows: int = MAX_CANDIDATES
 
     @property
     def id_bounds(self) -> Mapping[str, Mapping[str, int]]:
