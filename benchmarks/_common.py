@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +52,21 @@ def host_meta() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def serve_child(args: list[str]) -> tuple[subprocess.Popen[str], str, int]:
+    """``codesign serve ARGS --port 0`` in a child process: the process and the host and port it reports."""
+    cmd = [sys.executable, "-m", "codesign.cli", "serve", *args, "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"codesign serve exited with {proc.wait()}")
+        if "serving" in line and "http://" in line:
+            host, port = line.split("http://", 1)[1].split()[0].rstrip(";").rsplit(":", 1)
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, host, int(port)
+    proc.kill()
+    raise RuntimeError("codesign serve did not report its address")

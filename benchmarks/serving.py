@@ -36,7 +36,6 @@ import json
 import platform
 import queue
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ import torch
 import codesign
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from _common import serve_child
 from serving import SIZE, make_bundle
 
 SIZES = ((32, 0.4), (128, 0.4), (512, 0.2))
@@ -66,23 +66,8 @@ class ServerProcess:
     """``codesign serve`` in a child process on a free port."""
 
     def __init__(self, bundle: Path, policy: str, budget_ms: float) -> None:
-        cmd = [sys.executable, "-m", "codesign.cli", "serve", str(bundle), "--port", "0", "--policy", policy]
-        cmd += ["--budget-ms", str(budget_ms)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 300
-        self.host, self.port = "", 0
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"codesign serve exited with {self.proc.wait()}")
-            if "serving" in line and "http://" in line:
-                host, port = line.split("http://", 1)[1].split()[0].rstrip(";").rsplit(":", 1)
-                self.host, self.port = host, int(port)
-                break
-        if not self.port:
-            raise RuntimeError("codesign serve did not report its address")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+        args = [str(bundle), "--policy", policy, "--budget-ms", str(budget_ms)]
+        self.proc, self.host, self.port = serve_child(args)
 
     def metrics(self) -> str:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)

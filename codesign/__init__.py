@@ -19,6 +19,7 @@ from codesign.version import __version__
 if TYPE_CHECKING:
     from codesign.build.bundle import load
     from codesign.build.variant import Variant, compile
+    from codesign.build.weights import WeightsDelta, apply_delta, weight_names
     from codesign.hardware.target import HardwareSpec, Target, get_target
     from codesign.ir.capture import capture
     from codesign.ir.program import Program
@@ -41,8 +42,10 @@ __all__ = [
     "StructuredBatch",
     "Target",
     "Variant",
+    "WeightsDelta",
     "Workload",
     "__version__",
+    "apply_delta",
     "capture",
     "compile",
     "get_target",
@@ -51,6 +54,7 @@ __all__ = [
     "load_model_ref",
     "offsets_from_counts",
     "tune",
+    "weight_names",
 ]
 
 # public name -> the module that defines it (imported on first access)
@@ -65,7 +69,9 @@ _LAZY: dict[str, str] = {
     "StructuredBatch": "codesign.ir.request",
     "Target": "codesign.hardware.target",
     "Variant": "codesign.build.variant",
+    "WeightsDelta": "codesign.build.weights",
     "Workload": "codesign.ir.workload",
+    "apply_delta": "codesign.build.weights",
     "capture": "codesign.ir.capture",
     "compile": "codesign.build.variant",
     "get_target": "codesign.hardware.target",
@@ -74,6 +80,7 @@ _LAZY: dict[str, str] = {
     "load_model_ref": "codesign.ir.workload",
     "offsets_from_counts": "codesign.ir.request",
     "tune": "codesign.search.tuner",
+    "weight_names": "codesign.build.weights",
 }
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "ShardingError",
     "SpecError",
     "TargetError",
+    "WeightsError",
 ]
 
 
@@ -128,6 +129,10 @@ class OverloadError(RoutingError):
 
 class DeadlineError(CodesignError):
     """A request's budget (``context.budget_ms``) ran out before it was scored; it was shed unscored."""
+
+
+class WeightsError(CodesignError):
+    """A weight update does not fit the served model or failed its checks; nothing was changed."""
 
 
 class ReportError(CodesignError):

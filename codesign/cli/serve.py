@@ -61,6 +61,12 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
             help="file of bearer tokens, one per line: every endpoint but health probes needs one",
         )
         p.add_argument(
+            "--admin-token-file",
+            type=Path,
+            help="file of admin bearer tokens, one per line: they turn on live weight updates "
+            "(GET/POST /v2/admin/weights, POST /v2/admin/weights/rollback); off without it",
+        )
+        p.add_argument(
             "--rate-limit",
             type=non_negative_float,
             default=0.0,
@@ -74,15 +80,15 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
     p.set_defaults(handler=run)
 
 
-def read_tokens(path: Path) -> tuple[str, ...]:
+def read_tokens(path: Path, flag: str = "--auth-token-file") -> tuple[str, ...]:
     """Bearer tokens from a file: one per line, blank lines and '#' comments skipped."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read --auth-token-file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read {flag} {path}: {exc}") from exc
     tokens = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith("#"))
     if not tokens:
-        raise ConfigError(f"--auth-token-file {path} holds no token", fix="one token per line")
+        raise ConfigError(f"{flag} {path} holds no token", fix="one token per line")
     return tokens
 
 
@@ -101,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         drain_timeout_s=args.drain_timeout,
         auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
+        admin_tokens=read_tokens(args.admin_token_file, "--admin-token-file")
+        if args.admin_token_file
+        else (),
+        trusted_keys=tuple(str(k) for k in args.trusted_key or ()),
+        allow_unsigned_native=args.allow_unsigned_native,
         rate_limit_rps=args.rate_limit,
         rate_limit_burst=args.rate_burst or 0,
         model_name=args.model_name,

@@ -79,7 +79,7 @@ ROUTER = "router.json"
 VARIANTS_DIR = "variants"
 
 
-def _interface(variant: Variant) -> dict[str, Any]:
+def request_interface(variant: Variant) -> dict[str, Any]:
     """What a client sends to a variant: its spec and its inputs' paths, dtypes and row shapes."""
     leaves = variant.reference_inputs.leaves()
     jagged = set(variant.spec.bags)
@@ -441,9 +441,9 @@ def _check_variants(variants: Mapping[str, Variant]) -> None:
                 fix="use letters, digits, '_', '-', '.', '+' (up to 64 characters)",
             )
     first_name, first = next(iter(variants.items()))
-    want = _interface(first)
+    want = request_interface(first)
     for name, v in variants.items():
-        got = _interface(v)
+        got = request_interface(v)
         if got != want:
             diff = sorted(
                 k

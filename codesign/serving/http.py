@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hmac
 import json
 import logging
 import math
@@ -47,13 +48,14 @@ from codesign.errors import (
     RequestError,
     RequestTooLargeError,
     RoutingError,
+    WeightsError,
 )
 from codesign.serving.deployment import Bundle, load_bundle
 from codesign.serving.guard import Guard, RateLimiter, json_body, log_once
 from codesign.serving.kserve import HEADER_LENGTH, OutputInfo, encode_infer, model_metadata, parse_infer
 from codesign.serving.openapi import openapi_document
 from codesign.serving.router import Policy
-from codesign.serving.runtime import BatchingConfig, Runtime, Ticket
+from codesign.serving.runtime import BatchingConfig, Runtime, Ticket, WeightsBusyError
 from codesign.version import __version__
 
 __all__ = ["MAX_BODY_BYTES", "Server", "ServerConfig", "make_app", "serve"]
@@ -74,6 +76,8 @@ class ServerConfig:
     ``max_connections``: beyond it uvicorn answers 503 at once. ``rate_limit_rps`` (0: off) and
     ``rate_limit_burst`` bound each client (its token, else its address). ``auth_tokens``: bearer
     tokens any of which is accepted (empty: no auth; health probes never need one).
+    ``admin_tokens``: bearer tokens of the weight-update endpoints (``/v2/admin/weights``), which are
+    off while it is empty; an admin token is also accepted where ``auth_tokens`` are.
     """
 
     host: str = "127.0.0.1"
@@ -87,6 +91,9 @@ class ServerConfig:
     max_batch_requests: int = MAX_BATCH_REQUESTS
     drain_timeout_s: float = 30.0
     auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    admin_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    trusted_keys: tuple[str, ...] = ()  # a bundle sent as a weight update loads as at start: these keys
+    allow_unsigned_native: bool = False  # and this setting
     rate_limit_rps: float = 0.0
     rate_limit_burst: int = 0  # 0: twice the rate (at least 1)
     model_name: str = "codesign"
@@ -109,7 +116,7 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be > 0, got {value}")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 0:
             raise ConfigError("rate_limit_rps and rate_limit_burst must be >= 0")
-        if any(not t or any(c.isspace() for c in t) for t in self.auth_tokens):
+        if any(not t or any(c.isspace() for c in t) for t in (*self.auth_tokens, *self.admin_tokens)):
             raise ConfigError("auth tokens must be non-empty and hold no whitespace")
         if not self.model_name or "/" in self.model_name:
             raise ConfigError(f"model_name must be a non-empty name without '/', got {self.model_name!r}")
@@ -147,6 +154,10 @@ def _status_of(exc: BaseException, runtime: Runtime) -> _HTTPError:
         return _HTTPError(503, exc.message, exc.fix, {"Retry-After": "1"})
     if isinstance(exc, DeadlineError):
         return _HTTPError(504, exc.message, exc.fix)
+    if isinstance(exc, WeightsBusyError):
+        return _HTTPError(409, exc.message, exc.fix)
+    if isinstance(exc, WeightsError):
+        return _HTTPError(422, exc.message, exc.fix)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return _HTTPError(
             504, f"request not scored within the server's {runtime.batching.timeout_s} s timeout"
@@ -289,7 +300,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
             ticket = await run(parsed.body, received)
             reply = runtime.answer(ticket)
             assert ticket.job.tensors is not None
-            params = {k: reply[k] for k in ("variant", "latency_ms", "batch_requests")}
+            params = {k: reply[k] for k in ("variant", "latency_ms", "batch_requests", "weights_version")}
             encode = functools.partial(
                 encode_infer, parsed, ticket.job.tensors, outputs, model=model, parameters=params
             )
@@ -339,6 +350,69 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
     def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(runtime.schema, model))
 
+    admins = [t.encode() for t in cfg.admin_tokens]
+
+    def admin(request: Request) -> None:
+        """Only an admin token may change weights; the endpoints are off without one configured."""
+        if not admins:
+            raise _HTTPError(
+                403,
+                "weight updates are off on this server",
+                "start it with admin tokens (codesign serve --admin-token-file FILE)",
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given_b = given.strip().encode()
+        matched = False
+        for token in admins:  # every token compared: the time does not tell which matched
+            matched |= hmac.compare_digest(given_b, token)
+        if scheme.lower() != "bearer" or not matched:
+            raise _HTTPError(
+                401, "weight updates need an admin bearer token", "send 'Authorization: Bearer <admin token>'"
+            )
+
+    def weights(request: Request) -> Response:
+        try:
+            admin(request)
+        except Exception as exc:
+            return failed(exc)
+        return respond(200, runtime.weights())
+
+    async def update_weights(request: Request) -> Response:
+        try:
+            admin(request)
+            body = await decode(await read_body(request))
+            keys = {"delta", "sha256"} if isinstance(body, dict) and "delta" in body else {"bundle"}
+            if (
+                not isinstance(body, dict)
+                or set(body) != keys
+                or not all(isinstance(body[k], str) for k in keys)
+            ):
+                raise _HTTPError(
+                    400,
+                    'an update is {"delta": PATH, "sha256": HEX} or {"bundle": DIR}',
+                    "paths are on the server's file system",
+                )
+            # built and checked on a worker thread while the current version serves
+            version = await asyncio.to_thread(
+                runtime.update_weights,
+                delta=body.get("delta"),
+                sha256=body.get("sha256"),
+                bundle=body.get("bundle"),
+                trusted_keys=cfg.trusted_keys,
+                allow_unsigned_native=cfg.allow_unsigned_native,
+            )
+        except Exception as exc:
+            return failed(exc)
+        return respond(200, version)
+
+    async def rollback(request: Request) -> Response:
+        try:
+            admin(request)
+            version = await asyncio.to_thread(runtime.rollback)
+        except Exception as exc:
+            return failed(exc)
+        return respond(200, version)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return respond(
             404,
@@ -364,9 +438,13 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
         Route("/v2/models/{name}", metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/admin/weights", weights, methods=["GET"]),
+        Route("/v2/admin/weights", update_weights, methods=["POST"]),
+        Route("/v2/admin/weights/rollback", rollback, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
-    return Guard(app, tokens=cfg.auth_tokens, limiter=cfg.limiter())
+    tokens = (*cfg.auth_tokens, *cfg.admin_tokens) if cfg.auth_tokens else ()
+    return Guard(app, tokens=tokens, limiter=cfg.limiter())
 
 
 def _reference_outputs(runtime: Runtime) -> list[Any]:

@@ -16,6 +16,11 @@ fails a batch scores its reference batch again: if that fails, it leaves rotatio
 are re-routed; a down variant is probed again (half-open) after ``probe_interval_s``, doubling to
 ``probe_max_interval_s``, and returns to rotation when its reference batch scores right again.
 
+Weights change while serving (``update_weights``: a delta file or a new bundle; ``rollback``): each
+request is scored on the weights version current when it was admitted (a batch never mixes
+versions), new requests see a new version at once, a version is in rotation only after it scores
+its reference batch, and every reply names the version that scored it.
+
 The HTTP front (``codesign.serving.http``) puts a Runtime behind HTTP. This module imports no
 passes, no capture and no compiler: a loaded bundle pays for its backend when it loads.
 """
@@ -23,13 +28,15 @@ passes, no capture and no compiler: a loaded bundle pays for its backend when it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,6 +50,7 @@ from codesign.errors import (
     RequestError,
     RequestTooLargeError,
     RoutingError,
+    WeightsError,
 )
 from codesign.ir.request import (
     RequestBatch,
@@ -61,7 +69,7 @@ if TYPE_CHECKING:
     from codesign.build.variant import Variant
     from codesign.serving.deployment import Bundle
 
-__all__ = ["BatchingConfig", "Runtime", "Ticket"]
+__all__ = ["BatchingConfig", "Runtime", "Ticket", "WeightsBusyError", "WeightsVersion"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +130,33 @@ class BatchingConfig(Config):
             )
 
 
+class WeightsBusyError(WeightsError):
+    """Another weight update or rollback is running (HTTP 409); nothing was changed."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightsVersion:
+    """One set of weights the runtime serves: every variant as it scores at that version.
+
+    ``number`` counts up from 1 (the bundle the server started with); ``source`` says where the
+    weights came from and ``sha256`` identifies that file (a delta file, or a bundle's manifest).
+    """
+
+    number: int
+    variants: Mapping[str, Variant]
+    source: str
+    sha256: str
+    loaded_at: float  # time.time() when it went into rotation
+
+    @property
+    def id(self) -> str:
+        return f"v{self.number}"
+
+    def describe(self) -> dict[str, Any]:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))
+        return {"version": self.id, "source": self.source, "sha256": self.sha256, "loaded_at": stamp}
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
     """One admitted request: its batch, where it is routed, and what has been scored of it."""
@@ -131,6 +166,7 @@ class _Job:
     decision: Decision
     arrived: float
     deadline: float | None
+    version: WeightsVersion
     on_done: Callable[[], None] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     scores: list[Any] | None = None
@@ -209,6 +245,12 @@ class Runtime:
         self._probe_lock = threading.Lock()
         self._probes: dict[str, tuple[float, float]] = {}  # variant -> (next probe time, interval)
         self._probing: set[str] = set()
+        self._current = WeightsVersion(
+            1, dict(bundle.variants), "bundle", _manifest_sha(bundle.path), time.time()
+        )
+        self._previous: WeightsVersion | None = None
+        self._updating = threading.Lock()  # one update or rollback at a time
+        self._numbers = itertools.count(2)
         for name, why in bundle.failed.items():
             self.metrics.inc("codesign_variant_failures_total", variant=name, stage="load")
             log.error("variant '%s' is out of rotation: %s", name, why)
@@ -308,7 +350,7 @@ class Runtime:
             raise
         budget = features.budget_ms if self.batching.shed_late and "budget_ms" in context else None
         deadline = t0 + budget / 1e3 if budget is not None else None
-        job = _Job(batch, features, decision, t0, deadline, on_done)
+        job = _Job(batch, features, decision, t0, deadline, self._current, on_done)
         self._check_room(decision.variant, job.candidates)
         with self._inflight_lock:
             self._inflight += 1
@@ -334,6 +376,7 @@ class Runtime:
             "decision": job.decision.to_dict(),
             "latency_ms": round(seconds * 1e3, 3),
             "batch_requests": job.batch_requests,
+            "weights_version": job.version.id,
         }
         if "request_id" in context:
             out["request_id"] = context["request_id"]
@@ -429,7 +472,6 @@ class Runtime:
     # ---- workers -------------------------------------------------------------------------------
     def _worker(self, name: str) -> None:
         q = self._queues[name]
-        variant = self.bundle.variants[name]
         pending: list[_Job] = []
         stopping = False
         while True:
@@ -440,7 +482,7 @@ class Runtime:
                 if item is None:
                     return
                 if isinstance(item, _Probe):
-                    self._probe(name, variant)
+                    self._probe(name, self._current.variants[name])
                     continue
                 pending.append(item)
             deadline = time.perf_counter() + self.batching.max_delay_ms / 1e3
@@ -455,7 +497,7 @@ class Runtime:
                 if item is None:
                     stopping = True
                 elif isinstance(item, _Probe):
-                    self._probe(name, variant)
+                    self._probe(name, self._current.variants[name])
                 else:
                     pending.append(item)
             pending = self._drop_finished(name, pending)
@@ -466,7 +508,8 @@ class Runtime:
                 pending = []
                 continue
             try:
-                self._run(name, variant, self._plan(name, variant, pending))
+                chosen = self._plan(name, pending)
+                self._run(name, chosen[0][0].version.variants[name], chosen)
             except Exception:  # a bug here must not end the worker and leave its requests hanging
                 log.exception(
                     "variant '%s': internal error while batching; failing its pending requests", name
@@ -510,16 +553,18 @@ class Runtime:
         self.load.forget(name, 0 if job.left_queue else 1, job.rows_waiting)
         job.rows_waiting, job.left_queue = 0, True
 
-    def _plan(self, name: str, variant: Variant, pending: list[_Job]) -> list[tuple[_Job, int]]:
+    def _plan(self, name: str, pending: list[_Job]) -> list[tuple[_Job, int]]:
         """(request, slice index) pairs of the next batch: smallest remaining first; on every other
-        batch the oldest request goes first, so a large request cannot starve behind small ones."""
+        batch the oldest request goes first, so a large request cannot starve behind small ones. A
+        batch holds requests of one weights version: the first one's."""
         b = self.batching
+        spec = self.schema.spec
         for job in pending:
             if job.pieces is None:
-                pieces = split_candidates(job.batch, variant.spec, b.max_candidates, self._user_bags)
+                pieces = split_candidates(job.batch, spec, b.max_candidates, self._user_bags)
                 repeated = self._user_bags - self._first_row.get(name, frozenset())
                 if repeated:  # this variant reads those bags on every row
-                    pieces = [repeat_request_bags(p, variant.spec, repeated) for p in pieces]
+                    pieces = [repeat_request_bags(p, spec, repeated) for p in pieces]
                 job.pieces = pieces
         order = sorted(pending, key=lambda j: (j.rows_left, j.arrived))
         if next(self._turn[name]) % 2:
@@ -528,8 +573,11 @@ class Runtime:
             order.insert(0, oldest)
         chosen: list[tuple[_Job, int]] = []
         rows = 0
+        version = order[0].version
         for job in order:
             assert job.pieces is not None
+            if job.version is not version:
+                continue
             index = len(job.outputs)
             size = job.pieces[index].num_candidates
             if chosen and (rows + size > b.max_candidates or len(chosen) >= b.max_requests):
@@ -660,7 +708,7 @@ class Runtime:
     def _take_down(self, name: str, why: str, stage: str) -> None:
         self.router.mark_down(name, why)
         self.metrics.inc("codesign_variant_failures_total", variant=name, stage=stage)
-        if name in self.bundle.variants:
+        if name in self._current.variants:
             with self._probe_lock:
                 interval = self.batching.probe_interval_s
                 self._probes[name] = (time.monotonic() + interval, interval)
@@ -710,7 +758,160 @@ class Runtime:
             "status": status,
             "variants": {n: ("up" if n not in down else f"down: {down[n]}") for n in self.router.profiles},
             "policy": self.router.policy_name,
+            "weights_version": self._current.id,
         }
+
+    # ---- weights ---------------------------------------------------------------------------------
+    @property
+    def weights_version(self) -> WeightsVersion:
+        """The version new requests are scored on."""
+        return self._current
+
+    def weights(self) -> dict[str, Any]:
+        """The current weights version, the one ``rollback`` would restore, and whether an update runs."""
+        previous = self._previous
+        return {
+            "current": self._current.describe(),
+            "previous": previous.describe() if previous is not None else None,
+            "updating": self._updating.locked(),
+        }
+
+    def update_weights(
+        self,
+        *,
+        delta: str | Path | None = None,
+        sha256: str | None = None,
+        bundle: str | Path | None = None,
+        trusted_keys: Sequence[str | Path] = (),
+        allow_unsigned_native: bool = False,
+    ) -> dict[str, Any]:
+        """Serve new weights without downtime: a delta file (``delta`` + its ``sha256``: whole tensors
+        and changed rows by the compiled programs' weight names, ``codesign.WeightsDelta``) applied to
+        every variant, or a new ``bundle`` of the same variants and request interface (loaded as at
+        start, ``trusted_keys`` / ``allow_unsigned_native`` included).
+
+        The new version is built and checked while the current one serves: every variant must score
+        its reference batch (a delta's variants as their plain program does), and a bundle's
+        variants must read requests exactly as the running ones do. Only then do new requests go to
+        it; requests admitted before finish on the version they were admitted on. On any failure
+        nothing changes (WeightsError, or WeightsBusyError while another update runs). Returns the
+        new version's record; the replaced version is kept for ``rollback``.
+        """
+        if (delta is None) == (bundle is None):
+            raise WeightsError(
+                "give a delta file or a bundle (one of them)", fix="delta=PATH, sha256=HEX or bundle=DIR"
+            )
+        if delta is not None and not sha256:
+            raise WeightsError(
+                "a delta file needs its sha256", fix="pass the sha256 WeightsDelta.save returned"
+            )
+        if not self._updating.acquire(blocking=False):
+            self.metrics.inc("codesign_weight_updates_total", result="busy")
+            raise WeightsBusyError(
+                "another weight update or rollback is running",
+                fix="wait for it (GET /v2/admin/weights) and retry",
+            )
+        try:
+            base = self._current
+            try:
+                if delta is not None:
+                    variants, source, sha = self._from_delta(base, Path(delta), str(sha256))
+                else:
+                    assert bundle is not None
+                    variants, source, sha = self._from_bundle(
+                        base, Path(bundle), trusted_keys, allow_unsigned_native
+                    )
+                self._warm_new(variants)
+            except WeightsError:
+                self.metrics.inc("codesign_weight_updates_total", result="refused")
+                raise
+            version = WeightsVersion(next(self._numbers), variants, source, sha, time.time())
+            self._previous, self._current = base, version  # admit() reads _current once per request
+            self.metrics.inc("codesign_weight_updates_total", result="applied")
+            log.warning("weights %s (%s) in rotation; %s kept for rollback", version.id, source, base.id)
+            return version.describe()
+        finally:
+            self._updating.release()
+
+    def rollback(self) -> dict[str, Any]:
+        """Serve the previous weights version again (the one just replaced becomes the previous one)."""
+        if not self._updating.acquire(blocking=False):
+            raise WeightsBusyError(
+                "a weight update or rollback is running", fix="wait for it (GET /v2/admin/weights) and retry"
+            )
+        try:
+            previous = self._previous
+            if previous is None:
+                raise WeightsError(
+                    "there is no previous weights version to restore", fix="roll back only after an update"
+                )
+            self._previous, self._current = self._current, previous
+            self.metrics.inc("codesign_weight_updates_total", result="rolled_back")
+            log.warning("weights %s back in rotation (rollback from %s)", previous.id, self._previous.id)
+            return previous.describe()
+        finally:
+            self._updating.release()
+
+    def _from_delta(
+        self, base: WeightsVersion, path: Path, sha256: str
+    ) -> tuple[dict[str, Variant], str, str]:
+        from codesign.build.weights import WeightsDelta, apply_delta
+
+        d = WeightsDelta.read(path, sha256)
+        return {n: apply_delta(v, d) for n, v in base.variants.items()}, f"delta {path.name}", d.sha256
+
+    def _from_bundle(
+        self,
+        base: WeightsVersion,
+        path: Path,
+        trusted_keys: Sequence[str | Path],
+        allow_unsigned_native: bool,
+    ) -> tuple[dict[str, Variant], str, str]:
+        from codesign.serving.deployment import load_bundle, request_interface
+
+        try:
+            new = load_bundle(
+                path, strict=True, trusted_keys=trusted_keys, allow_unsigned_native=allow_unsigned_native
+            )
+        except CodesignError as exc:
+            raise WeightsError(f"the bundle {path} does not load: {exc.message}", fix=exc.fix) from exc
+        if set(new.variants) != set(base.variants):
+            raise WeightsError(
+                f"the bundle {path} holds variants {sorted(new.variants)}, the server serves {sorted(base.variants)}",
+                fix="a weight update keeps the variants; serve other variants with a new server",
+            )
+        for name, v in new.variants.items():
+            if request_interface(v) != request_interface(base.variants[name]):
+                raise WeightsError(
+                    f"variant '{name}' of {path} takes other inputs than the one served",
+                    fix="a weight update keeps the request interface; serve a new model with a new server",
+                )
+            if (v.first_row_bags & self._user_bags) != self._first_row.get(name, frozenset()):
+                raise WeightsError(
+                    f"variant '{name}' of {path} reads user bags other than once per request as the served one does",
+                    fix="serve that bundle with a new server",
+                )
+        return dict(new.variants), f"bundle {path.name}", _manifest_sha(path)
+
+    def _warm_new(self, variants: Mapping[str, Variant]) -> None:
+        """Each new variant scores its reference batch as its warm-up: one that cannot is refused."""
+        for name, variant in variants.items():
+            try:
+                ok, max_abs = variant.check_reference()
+                for _ in range(self.batching.warmup_calls - 1):
+                    variant.score(variant.reference_inputs)
+            except Exception as exc:
+                raise WeightsError(
+                    f"variant '{name}' fails its reference batch with the new weights: {type(exc).__name__}: "
+                    f"{_short(str(exc), 300)}",
+                    fix="nothing was changed; check the update",
+                ) from exc
+            if not ok:
+                raise WeightsError(
+                    f"variant '{name}' scores its reference batch with max abs error {max_abs:.3g} with the new "
+                    "weights, over its tolerance",
+                    fix="nothing was changed; check the update",
+                )
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def drain(self, timeout_s: float) -> bool:
@@ -734,6 +935,16 @@ class Runtime:
         end = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(timeout=max(0.0, end - time.monotonic()))
+
+
+def _manifest_sha(path: Path | None) -> str:
+    """The sha256 of a bundle's manifest.json ("" when the bundle was built in memory)."""
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _piece(job: _Job, index: int) -> RequestBatch:
@@ -805,4 +1016,10 @@ def _declare_metrics(rt: Runtime) -> Metrics:
         lambda: {(): float(rt.inflight)},
     )
     m.gauge_function("codesign_ready", "1 while the server takes requests.", lambda: {(): float(rt.ready)})
+    m.declare("codesign_weight_updates_total", "counter", "Weight updates and rollbacks, by result.")
+    m.gauge_function(
+        "codesign_weights_version",
+        "The weights version new requests are scored on (1: the bundle the server started with).",
+        lambda: {(): float(rt.weights_version.number)},
+    )
     return m
