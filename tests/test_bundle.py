@@ -76,7 +76,10 @@ def _reseal(bundle: Path) -> None:
     (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+# dlrm and dcnv2 take 11-14 s each: `make test-slow` (every example still reloads in a fresh process below)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("dlrm", "dcnv2") else n for n in EXAMPLES]
+)
 def test_every_example_round_trips_through_a_bundle(name: str, eager_bundles: dict[str, Path]) -> None:
     w = tiny_workload(name)
     loaded = codesign.load(eager_bundles[name])

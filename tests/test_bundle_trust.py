@@ -189,6 +189,8 @@ def test_program_archive_holds_only_what_torch_writes(
 BAD_VALUES: list[Any] = [None, 1, "x", [], {}, [[[]]], {"a": {"b": 1}}]
 
 
+# every manifest field x every bad value (30 s): `make test-slow`
+@pytest.mark.slow
 def test_every_malformed_manifest_is_a_bundle_error(variant: codesign.Variant, tmp_path: Path) -> None:
     d = variant.save(tmp_path / "b", verify="none")
     good = json.loads((d / "manifest.json").read_text())

@@ -167,6 +167,8 @@ def test_targets_lists_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"h100", "host"} <= {t["name"] for t in _json(capsys)["targets"]}
 
 
+# runs the host calibration twice (12 s): `make test-slow`
+@pytest.mark.slow
 def test_calibrate_measures_caches_and_measures_again_when_forced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -120,6 +120,8 @@ def _forced_sharing_program() -> codesign.Program:
     return program
 
 
+# exports and decomposes every example (15 s): `make test-slow`
+@pytest.mark.slow
 def test_exported_program_decomposes_with_one_request_kept_dynamic() -> None:
     program = _forced_sharing_program()
     exported = decompose_exported(program.export())

@@ -83,7 +83,15 @@ def test_documented_example_commands_run(name: str) -> None:
     _run_section(name)
 
 
-@pytest.mark.parametrize("page", ["index.md", "extending.md", "own-model.md"])
+# each page is a fresh interpreter that compiles its models (12-25 s): the other two in `make test-slow`
+@pytest.mark.parametrize(
+    "page",
+    [
+        "index.md",
+        pytest.param("extending.md", marks=pytest.mark.slow),
+        pytest.param("own-model.md", marks=pytest.mark.slow),
+    ],
+)
 def test_python_snippets_run(page: str) -> None:
     """The self-contained Python blocks of these pages run in one interpreter, top to bottom."""
     code = "\n\n".join(_blocks(DOCS / page, "python"))

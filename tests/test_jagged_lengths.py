@@ -82,7 +82,7 @@ def _eager(workload: Workload, batch: RequestBatch) -> torch.Tensor:
         return workload.model(**batch.inputs)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # 9 s
 def test_lengths_inputs_capture_compile_and_score(workload: Workload, backend: str) -> None:
     v = codesign.compile(workload, backend=backend, micro_batch=5)
     for counts in ([1], [6, 1, 9], [2] * 7):

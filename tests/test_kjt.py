@@ -80,7 +80,7 @@ def _eager(workload: Workload, batch: RequestBatch) -> torch.Tensor:
         return workload.model(**batch.inputs)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # 10 s
 def test_a_kjt_model_captures_compiles_and_scores_kjt_batches(workload: Workload, backend: str) -> None:
     program = codesign.capture(workload)
     assert program.spec.request_inputs == ("features.user_hist.values",)

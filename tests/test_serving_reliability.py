@@ -256,6 +256,8 @@ def test_malformed_http_is_refused_cleanly_and_never_smuggled(variant: codesign.
         assert status == 200 and health["status"] == "ok"
 
 
+# waits out body and header timeouts (16 s): `make test-slow`
+@pytest.mark.slow
 def test_slow_and_oversized_requests_are_cut_off(variant: codesign.Variant) -> None:
     bundle = make_bundle(variant)
     with serving(bundle, header_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=1 << 16) as (srv, _):
@@ -387,6 +389,8 @@ def test_full_queue_answers_429_with_retry_after_and_no_resets(variant: codesign
             assert (torch.tensor(reply["scores"]) - want).abs().max() <= TOL
 
 
+# huge requests scored for seconds (20 s): `make test-slow`
+@pytest.mark.slow
 def test_small_requests_do_not_wait_behind_huge_ones(variant: codesign.Variant) -> None:
     bundle = make_bundle(variant)
     bundle.variants["full"].runner = slow_runner(variant, 20e-6, floor_s=0.005)  # 20 us per candidate row
@@ -505,6 +509,8 @@ def test_a_request_that_runs_out_of_device_memory_gets_413_and_the_variant_stays
         assert status == 200 and (torch.tensor(reply["scores"]) - want).abs().max() <= TOL
 
 
+# waits out a drain timeout (10 s): `make test-slow`
+@pytest.mark.slow
 def test_shutdown_waits_at_most_one_drain_timeout(variant: codesign.Variant) -> None:
     """uvicorn's wait for open connections and the runtime's wait for admitted requests share the
     drain timeout (they used to take one each)."""

@@ -139,6 +139,8 @@ def test_tampered_plan_json_is_refused() -> None:
 # ---- the pass, bundles, CLI -----------------------------------------------------------------------
 
 
+# plans, measures and saves a sharded bundle (13 s): `make test-slow`
+@pytest.mark.slow
 def test_pass_measures_request_level_tables_and_bundle_carries_the_plan(tmp_path: Path) -> None:
     workload = load_model_ref("dlrm", size="tiny")
     program = codesign.capture(workload)
@@ -225,8 +227,9 @@ def _score_on_rank(rank: int, world: int, name: str, plan_json: str, out: str) -
 @pytest.mark.parametrize(
     ("name", "world"),
     [
-        ("dlrm", 2),
-        # more processes and the cross-network of DCNv2: 20-40 s each, `make test-slow`
+        # 15-40 s each, `make test-slow`; test_sharded_nn_embedding_run_on_gloo_equals_single_device runs on gloo
+        # in the fast suite
+        pytest.param("dlrm", 2, marks=pytest.mark.slow),
         pytest.param("dlrm", 4, marks=pytest.mark.slow),
         pytest.param("dcnv2", 2, marks=pytest.mark.slow),
         pytest.param("dcnv2", 4, marks=pytest.mark.slow),
