@@ -7,6 +7,11 @@ For each: planning seconds, slowest device cost per step, the lower bound, their
 <= 1.05), the simple bound, memory per device (max / capacity) and tables by sharding type.
 Costs are the planner's model (datasheet HBM and link bandwidths), not measurements.
 
+Then, on paper, one request of 1,000 candidates on the DLRMv2 plan (8 x H100; dense part: DCNv2 at
+the MLPerf shape, 32.1 MFLOP per candidate, tests/test_analysis.py) and on the 1T plan (64 x H100,
+fp16; dense part: 10 GFLOP per candidate, the LLM-scale seed figure): lookup, all-to-all, dense
+and queueing at 70 % utilization on the slowest device (``codesign.sharding.latency``).
+
     .venv/bin/python benchmarks/sharding.py [--out benchmarks/results/sharding-host.json]
 """
 
@@ -21,7 +26,8 @@ from pathlib import Path
 import torch
 
 from codesign.hardware.target import get_target
-from codesign.sharding import Topology, plan_sharding
+from codesign.sharding import Plan, Topology, plan_sharding
+from codesign.sharding.latency import request_latency
 from codesign.sharding.tablesets import mlperf_dlrmv2_tables, synthetic_tables
 
 CASES = (
@@ -32,6 +38,9 @@ CASES = (
     ("synthetic-1t", "fp32", "h100", 256),
 )
 GIB = 1 << 30
+# the cases priced per request, with their dense FLOPs per candidate (see the module docstring)
+LATENCY_CASES = {("mlperf-dlrmv2", "fp32", "h100", 8): 32.1e6, ("synthetic-1t", "fp16", "h100", 64): 10e9}
+REQUEST_CANDIDATES = 1000
 
 
 def run_case(tables_name: str, storage: str, target: str, devices: int) -> dict[str, object]:
@@ -62,7 +71,16 @@ def run_case(tables_name: str, storage: str, target: str, devices: int) -> dict[
         "min_device_gib": min(plan.device_bytes) / GIB,
         "capacity_gib": min(plan.device_capacity_bytes) / GIB,
         "kinds": kinds,
+        **_latency((tables_name, storage, target, devices), plan),
     }
+
+
+def _latency(case: tuple[str, str, str, int], plan: Plan) -> dict[str, object]:
+    flops = LATENCY_CASES.get(case)
+    if flops is None:
+        return {}
+    latency = request_latency(plan, REQUEST_CANDIDATES, dense_flops_per_candidate=flops)
+    return {"request_latency": {"dense_flops_per_candidate": flops, **latency.to_dict()}}
 
 
 def main() -> None:
@@ -79,6 +97,15 @@ def main() -> None:
             f"{r['max_cost_s'] * 1e3:>9.3f}{r['lower_bound_s'] * 1e3:>10.3f}{r['gap']:>7.3f}"
             f"{r['max_device_gib']:>7.1f}/{r['capacity_gib']:<6.1f}  {r['kinds']}"
         )
+    print(f"\none request of {REQUEST_CANDIDATES} candidates, slowest device, on paper:")
+    for r in rows:
+        lat = r.get("request_latency")
+        if isinstance(lat, dict):
+            parts = ("lookup_s", "all_to_all_s", "dense_s", "queueing_s", "total_s")
+            print(
+                f"  {r['tables']} on {r['devices']} x {r['target']}: "
+                + ", ".join(f"{p.removesuffix('_s')} {lat[p] * 1e3:.3f} ms" for p in parts)
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -107,6 +107,7 @@ def test_every_section_with_embedded_svg_charts(report_inputs: list[Path], tmp_p
     assert len(scaling["original_s"]) == len(scaling["candidates"]) == len(scaling["compiled_s"])
     assert all(b > 0 for b in scaling["compiled_s"])
     assert "lower bound" in page and "Pareto front" in page and "LoadAwarePolicy" in page
+    assert "On paper, one request of 1000 candidates" in page and "queueing" in page
 
 
 def test_sections_appear_only_with_their_data(report_inputs: list[Path]) -> None:

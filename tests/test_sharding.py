@@ -184,6 +184,7 @@ def test_cli_plan_prints_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     text = capsys.readouterr().out
     assert "lower bound" in text and "device" in text
+    assert "on paper, 1000 candidates (125 per device): lookup" in " ".join(text.split())
     plan = Plan.from_json(out.read_text())
     assert plan.topology.size == 8 and len(plan.tables) == 26
     assert main(["plan", "dcnv2", "--size", "tiny", "--devices", "0"]) == 2

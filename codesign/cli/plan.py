@@ -53,13 +53,22 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
             "--batch-per-device", type=positive_int, default=8192, help="candidates per device per step"
         )
         p.add_argument("--force", nargs="*", help="table=type pairs that fix a table's sharding type")
+        p.add_argument(
+            "--request-candidates",
+            type=positive_int,
+            default=1000,
+            help="price one request of this many candidates on the plan (lookup, all-to-all, dense, queueing)",
+        )
         p.add_argument("--out", type=Path, help="plan JSON (default: <model>-<target>-<devices>.plan.json)")
         add_json_flag(p)
     p.set_defaults(handler=run)
 
 
-def plan_renderables(plan: Plan) -> list[Any]:
-    """A sharding plan as a per-device table, with the bound it is measured against."""
+def plan_renderables(plan: Plan, request: int = 1000) -> list[Any]:
+    """A sharding plan as a per-device table, with the bound it is measured against and one request of
+    ``request`` candidates priced on paper (``codesign.sharding.latency``)."""
+    from codesign.sharding.latency import request_latency
+
     rows = [
         (
             str(row["device"]),
@@ -86,7 +95,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
         + f"; planned in {plan.planning_s:.2f} s"
     )
     title = f"embedding sharding: {len(plan.tables)} tables on {plan.topology.describe()}"
-    return [table(title, columns, rows), summary]
+    return [table(title, columns, rows), summary, f"on paper, {request_latency(plan, request).describe()}"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         parse_sharding_types,
     )
     from codesign.sharding import Plan
+    from codesign.sharding.latency import request_latency
 
     pairs = [c.split("=", 1) for c in args.force or ()]
     if any(len(c) != 2 for c in pairs):
@@ -129,6 +139,13 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_json())
     show(
-        args, {"out": out, "plan": plan.to_dict()}, *plan_renderables(plan), f"plan written to [bold]{out}[/]"
+        args,
+        {
+            "out": out,
+            "plan": plan.to_dict(),
+            "request_latency": request_latency(plan, args.request_candidates).to_dict(),
+        },
+        *plan_renderables(plan, args.request_candidates),
+        f"plan written to [bold]{out}[/]",
     )
     return 0

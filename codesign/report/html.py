@@ -13,6 +13,7 @@ from typing import Any
 
 from codesign.report import charts
 from codesign.report.sources import ReportData, VariantRecord
+from codesign.sharding.latency import request_latency
 from codesign.sharding.types import Plan
 from codesign.version import __version__
 
@@ -308,7 +309,8 @@ def _plan_section(label: str, plan: Plan) -> str:
     return (
         f"<h3>{_e(label)}</h3><p>{s['tables']} tables ({_fmt(s['params'])} parameters) on {_e(s['topology'])}: "
         f"{_e(kinds)}. Slowest device {_ms(s['max_cost_s'])} per step, lower bound {_ms(s['lower_bound_s'])} "
-        f"(gap {s['gap']:.3f}×); planned in {s['planning_s']:.2f} s.</p>"
+        f"(gap {s['gap']:.3f}×); planned in {s['planning_s']:.2f} s. On paper, one request of "
+        f"{_e(request_latency(plan, 1000).describe())}.</p>"
         + _figure(
             charts.sharding_chart(plan),
             f"sharding plan {label}",
