@@ -7,12 +7,14 @@
   least f(M) = sum over tables of the cheapest such option's total. Hence
   ``M >= min over T of max(T, f(T) / K)`` (plus the dense part). It refines the simple bound
   ``max(sum of cheapest totals / K, heaviest indivisible piece)``, which is reported as well.
-- The **proposer** picks one option per table: for a piece-size cap T, the cheapest option
-  whose pieces are <= T, starting at the T that attains the bound and trying smaller caps (finer
-  pieces pack better); replicas are demoted to shards when memory runs out.
+- The **proposer** picks one option per table: for a piece-size cap T (the T that attains the
+  bound, and others) and a limit on piece bytes, the cheapest shard option within both; then it
+  replicates tables, most seconds saved per extra byte first, up to several memory fills (a
+  greedy knapsack: memory is what limits replicas, and the largest piece must fit beside them).
 - The **partitioner** places the pieces: largest first on the device where the load after
   placing it is lowest (memory permitting, one piece of a table per device), then moves or swaps
-  pieces off the slowest device while that lowers it.
+  pieces off the slowest device while that lowers it. Proposals are tried cheapest total first;
+  one whose mean load reaches the best slowest device found cannot beat it and is skipped.
 
 Everything is numpy over devices, so a trillion-parameter set (thousands of pieces on hundreds
 of devices) plans in seconds.
@@ -34,9 +36,18 @@ from codesign.sharding.types import SHARDING_TYPES, Plan, PlanWorkload, Shard, T
 __all__ = ["LowerBound", "PlannerConfig", "enumerate_options", "lower_bound", "plan_sharding"]
 
 GIB = 1 << 30
-# Pieces larger than this fraction of a device's memory make packing fragile (two cannot share
-# a device); options with smaller pieces are preferred where they exist.
-MAX_PIECE_FRACTION = 0.5
+# Pieces larger than these fractions of a device's memory make packing fragile (two cannot share
+# a device, and every replica must fit beside the largest); the proposer tries each limit,
+# preferring options with smaller pieces where they exist.
+PIECE_FRACTIONS = (0.5, 0.25, 0.125)
+# Fractions of the smallest device's memory the proposer fills with replicas plus an even spread
+# of the shards: a fuller device saves more communication, an emptier one packs shards more
+# easily; which wins depends on the set, so the proposals cover the range.
+FILLS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.7, 0.5, 0.25, 0.0)
+# piece-size caps the proposer tries, as multiples of the cap that attains the bound
+CAP_FACTORS = (math.inf, 1.0, 0.5)
+# memory fractions ``_fit`` demotes replicas to, in turn, until a choice places
+DEMOTION_SLACKS = (math.inf, 1.0, 0.9, 0.75, 0.5, 0.0)
 # refinement steps each proposal gets before the best ones are refined in full
 SCREEN_STEPS = 50
 
@@ -167,20 +178,35 @@ class _OptionTable:
 
     def __init__(self, options: list[list[Option]], model: DeviceModel) -> None:
         self.options = options
+        flat = [o for row in options for o in row]
         self.starts = np.cumsum([0] + [len(row) for row in options])[:-1]
-        total, heavy, mem = [], [], []
-        for row in options:
-            for o in row:
-                costs = o.costs(model)
-                # a replica is pinned to every device; a shard may go to its cheapest device
-                piece = model.on_devices(costs[0]) if o.kind == "data_parallel" else costs.min(axis=1)
-                total.append(float(piece.sum()))
-                heavy.append(float(piece.max()))
-                mem.append(float(o.mem_bytes.sum()))
-        self.total = np.asarray(total)
-        self.heavy = np.asarray(heavy)
-        self.mem = np.asarray(mem)
         self.table = np.repeat(np.arange(len(options)), [len(row) for row in options])
+        self.dp = np.array([o.kind == "data_parallel" for o in flat])
+        self.pieces = np.array([o.pieces for o in flat])
+        first = np.cumsum(np.concatenate([[0], self.pieces[:-1]]))  # first piece of each option
+        owner = np.repeat(np.arange(len(flat)), self.pieces)
+        costs = (
+            np.outer(np.concatenate([o.lookup_bytes for o in flat]), model.lookup_s_per_byte)
+            + np.outer(np.concatenate([o.a2a_bytes for o in flat]), model.a2a_s_per_byte)
+            + np.outer(np.concatenate([o.intra_bytes for o in flat]), model.intra_s_per_byte)
+        )  # [all pieces, device classes]
+        # a replica's piece j sits on device j; a shard may go to its cheapest device
+        index = np.arange(owner.size) - first[owner]
+        on_own = costs[np.arange(owner.size), model.class_of[np.minimum(index, model.size - 1)]]
+        piece = np.where(self.dp[owner], on_own, costs.min(axis=1))
+        mem = np.concatenate([o.mem_bytes for o in flat])
+        self.costs, self.first = costs, first
+        self.total = np.add.reduceat(piece, first)
+        self.heavy = np.maximum.reduceat(piece, first)
+        self.mem = np.add.reduceat(mem, first)
+        self.largest = np.maximum.reduceat(mem, first)
+
+    def device_costs(self, t: int, j: int, model: DeviceModel) -> np.ndarray:
+        """[pieces, devices] seconds of each piece of option ``j`` of table ``t`` on each device
+        (one row for a replica: its pieces are alike)."""
+        g = int(self.starts[t]) + j
+        n = 1 if self.dp[g] else int(self.pieces[g])
+        return self.costs[int(self.first[g]) : int(self.first[g]) + n][:, model.class_of]
 
     def best(self, cap: float, price: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Per table: the option minimizing total + price x memory among pieces <= cap, and that value."""
@@ -260,52 +286,75 @@ def _bound(table: _OptionTable, model: DeviceModel) -> LowerBound:
 # ---- proposer ----------------------------------------------------------------------------------
 
 
-def _shard_choice(
-    options: list[list[Option]], flat: _OptionTable, cap: float, piece_limit: float
-) -> list[int]:
+def _per_table_any(flat: _OptionTable, mask: np.ndarray) -> np.ndarray:
+    """``mask`` reduced per table (any) and spread back over that table's options."""
+    return np.logical_or.reduceat(mask, flat.starts)[flat.table]
+
+
+def _per_table_argmin(flat: _OptionTable, mask: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Per table, the local index of the first option in ``mask`` minimizing ``keys`` in order."""
+    order = np.lexsort((np.arange(mask.size), *reversed(keys), ~mask, flat.table))
+    return order[flat.starts] - flat.starts
+
+
+def _shard_choice(flat: _OptionTable, cap: float, piece_limit: float) -> list[int]:
     """Per table, the cheapest non-replicated option whose heaviest piece is <= cap (the lightest
     one where none is; a replica only where nothing else is allowed), preferring options whose
     pieces take at most ``piece_limit`` bytes."""
-    choice = []
-    for t, row in enumerate(options):
-        base = int(flat.starts[t])
-        shards = [j for j, o in enumerate(row) if o.kind != "data_parallel"] or list(range(len(row)))
-        small = [j for j in shards if float(row[j].mem_bytes.max()) <= piece_limit]
-        fits = [j for j in (small or shards) if float(flat.heavy[base + j]) <= cap * (1 + 1e-9)]
-        if fits:
-            choice.append(min(fits, key=lambda j: (float(flat.total[base + j]), row[j].pieces)))
-        else:
-            choice.append(
-                min(shards, key=lambda j: (float(flat.heavy[base + j]), float(flat.total[base + j])))
-            )
-    return choice
+    shards = ~flat.dp | ~_per_table_any(flat, ~flat.dp)
+    small = shards & (flat.largest <= piece_limit)
+    small |= shards & ~_per_table_any(flat, small)
+    fits = small & (flat.heavy <= cap * (1 + 1e-9))
+    cheapest = _per_table_argmin(flat, fits, flat.total, flat.pieces)
+    lightest = _per_table_argmin(flat, shards, flat.heavy, flat.total)
+    has_fit = np.logical_or.reduceat(fits, flat.starts)
+    return [int(x) for x in np.where(has_fit, cheapest, lightest)]
 
 
 def _proposals(
     options: list[list[Option]], flat: _OptionTable, cap: float, model: DeviceModel
 ) -> list[list[int]]:
-    """Choices that replicate the j tables saving the most seconds per replicated byte, for the
-    largest j memory allows and a few smaller j (replicas trade memory for no communication)."""
-    base = _shard_choice(options, flat, cap, float(model.capacity_bytes.min()) * MAX_PIECE_FRACTION)
+    """For each piece-size limit of ``PIECE_FRACTIONS``: shards as ``_shard_choice``, then
+    replicas, most seconds saved per extra byte first, skipping those that overflow, until
+    replicas plus an even spread of the shards fill each of ``FILLS`` of the smallest device (a
+    greedy knapsack: replicas trade memory for no communication; finer shards leave more room
+    for replicas beside the largest piece, and unfilled memory is slack for packing)."""
+    budget = float(model.capacity_bytes.min())
+    out: list[list[int]] = []
+    for fraction in PIECE_FRACTIONS:
+        base = _shard_choice(flat, cap, budget * fraction)
+        out += [c for c in _fill_replicas(options, flat, base, model) if c not in out]
+    return out
+
+
+def _fill_replicas(
+    options: list[list[Option]], flat: _OptionTable, base: list[int], model: DeviceModel
+) -> list[list[int]]:
+    """``base`` with replicas added by the greedy knapsack of ``_proposals``, one choice per fill."""
     gains = []
     for t, row in enumerate(options):
-        dp = [j for j, o in enumerate(row) if o.kind == "data_parallel"]
-        if dp and row[base[t]].kind != "data_parallel":
-            start = int(flat.starts[t])
-            saved = float(flat.total[start + base[t]]) - float(flat.total[start + dp[0]])
-            gains.append((saved / float(row[dp[0]].mem_bytes.sum()), t, dp[0]))
+        start = int(flat.starts[t])
+        dp = [j for j in range(len(row)) if flat.dp[start + j]]
+        if dp and not flat.dp[start + base[t]]:
+            saved = float(flat.total[start + base[t]] - flat.total[start + dp[0]])
+            extra = float(flat.mem[start + dp[0]] - flat.mem[start + base[t]])
+            if saved > 0:
+                gains.append((saved / max(extra, 1.0), t, dp[0]))
     gains.sort(reverse=True)
-    budget = float(model.capacity_bytes.min())
-    prefix = [list(base)]
-    for _, t, j in gains:
-        trial = list(prefix[-1])
-        trial[t] = j
-        if _spread(options, trial, model.size, largest=False) > budget:
-            break
-        prefix.append(trial)
-    top = len(prefix) - 1
-    picks = {top, top - 1, top - 2, *(top - (1 << i) for i in range(2, 12))}
-    return [prefix[j] for j in sorted((j for j in picks if j >= 0), reverse=True)]
+    k, budget = model.size, float(model.capacity_bytes.min())
+    out: list[list[int]] = []
+    for fill in FILLS:
+        rep, shard, biggest = _memory(options, base)
+        choice = list(base)
+        for _, t, j in gains:
+            grown = rep + options[t][j].replica_bytes
+            shrunk = shard - options[t][base[t]].total_bytes
+            # some device holds the largest shard next to every replica
+            if grown + max(shrunk / k, biggest) <= fill * budget:
+                rep, shard, choice[t] = grown, shrunk, j
+        if choice not in out:
+            out.append(choice)
+    return out
 
 
 def _memory(options: list[list[Option]], choice: list[int]) -> tuple[float, float, float]:
@@ -423,7 +472,12 @@ class _Partition:
 
 
 def _place(
-    options: list[list[Option]], choice: list[int], model: DeviceModel, topology: Topology, balanced: bool
+    options: list[list[Option]],
+    flat: _OptionTable,
+    choice: list[int],
+    model: DeviceModel,
+    topology: Topology,
+    balanced: bool,
 ) -> _Partition:
     """Greedy: replicas first, then pieces by their cost, each where the load after it is lowest.
 
@@ -431,21 +485,13 @@ def _place(
     memory-tight sets, where placing by load alone strands big pieces)."""
     state = _Partition(model, topology)
     chosen = [options[t][c] for t, c in enumerate(choice)]
-    costs = [model.on_devices(o.costs(model)) for o in chosen]  # [pieces, devices]
-    target = max(float(sum(c.min(axis=1).sum() for c in costs) + model.dense_s.sum()) / model.size, 1e-30)
+    target = max(_mean_load(flat, choice, model), 1e-30)
+    picked = flat.starts + np.asarray(choice)
+    size = np.maximum(flat.heavy[picked] / target, flat.largest[picked] / float(model.capacity_bytes.max()))
     hosts = topology.host_devices()
-    order = sorted(
-        range(len(chosen)),
-        key=lambda t: (
-            chosen[t].kind != "data_parallel",
-            -max(
-                float(costs[t].min(axis=1).max()) / target,
-                float(chosen[t].mem_bytes.max()) / float(model.capacity_bytes.max()),
-            ),
-        ),
-    )
+    order = sorted(range(len(chosen)), key=lambda t: (not flat.dp[picked[t]], -float(size[t])))
     for t in order:
-        o, c = chosen[t], costs[t]
+        o, c = chosen[t], flat.device_costs(t, choice[t], model)
         if o.kind == "data_parallel":
             state.replicas.append((t, o))
             state.loads += c[0]
@@ -566,19 +612,65 @@ def _fit(
     topology: Topology,
     refine_steps: int,
     stop_at: float,
+    slacks: Sequence[float] = DEMOTION_SLACKS,
 ) -> _Partition:
-    """Place ``choice`` (demoting replicas while memory fails), then refine."""
-    for slack in (math.inf, 1.0, 0.9, 0.75, 0.5, 0.0):
+    """Place ``choice`` (demoting replicas to each of ``slacks`` while memory fails), then refine."""
+    for slack in slacks:
         choice = _demote_replicas(options, flat, choice, model, slack)
-        state = _place(options, choice, model, topology, balanced=False)
+        state = _place(options, flat, choice, model, topology, balanced=False)
         if state.failed:
-            state = _place(options, choice, model, topology, balanced=True)
+            state = _place(options, flat, choice, model, topology, balanced=True)
         if not state.failed:
             break
     state.choice = choice
     if not state.failed:
         _refine(state, refine_steps, stop_at)
     return state
+
+
+def _screen(
+    options: list[list[Option]],
+    flat: _OptionTable,
+    bound: LowerBound,
+    model: DeviceModel,
+    topology: Topology,
+    stop_at: float,
+    deadline: float,
+) -> tuple[list[_Partition], list[str]]:
+    """Fit every proposal as it stands, with a short refinement, cheapest total first; stop where
+    the mean load (which the slowest device cannot beat) reaches the best slowest device found.
+    Only where none places are replicas demoted. Returns placements, best first, and why others
+    failed."""
+    proposals: list[list[int]] = []
+    for factor in CAP_FACTORS:
+        proposals += [c for c in _proposals(options, flat, bound.cap_s * factor, model) if c not in proposals]
+    proposals.sort(key=lambda c: _mean_load(flat, c, model))
+    screened: list[_Partition] = []
+    for choice in proposals:
+        if screened and (
+            time.perf_counter() > deadline or _mean_load(flat, choice, model) >= screened[0].loads.max()
+        ):
+            break
+        state = _fit(options, flat, choice, model, topology, SCREEN_STEPS, stop_at, slacks=(math.inf,))
+        if not state.failed:
+            screened.append(state)
+            screened.sort(key=lambda st: float(st.loads.max()))
+    if screened:
+        return screened, []
+    notes: list[str] = []
+    for choice in proposals:
+        state = _fit(options, flat, choice, model, topology, SCREEN_STEPS, stop_at)
+        if not state.failed:
+            return [state], notes
+        notes.append(state.failed)
+    return screened, notes
+
+
+def _mean_load(flat: _OptionTable, choice: list[int], model: DeviceModel) -> float:
+    """Mean device load of ``choice`` with every shard on its cheapest device: a floor for its
+    slowest device."""
+    total = float(flat.total[flat.starts + np.asarray(choice)].sum())
+    return (total + float(model.dense_s.sum())) / model.size
 
 
 def _split_bottlenecks(
@@ -590,10 +682,12 @@ def _split_bottlenecks(
     config: PlannerConfig,
     stop_at: float,
     deadline: float,
+    beat: float,
 ) -> _Partition:
     """Proposer feedback: cut the heaviest piece on the slowest device into lighter pieces (the
-    table's cheapest option with a lighter heaviest piece that memory allows), re-place; keep
-    the best placement seen, giving up after ``config.patience`` cuts without improvement."""
+    table's cheapest option with a lighter heaviest piece that memory allows and whose mean load
+    is below the best slowest device here and ``beat``), re-place; keep the best placement seen,
+    giving up after ``config.patience`` cuts without improvement."""
     best = current = state
     stale = 0
     budget = float(model.capacity_bytes.min())
@@ -615,6 +709,8 @@ def _split_bottlenecks(
                     continue
                 trial = list(current.choice)
                 trial[p.table] = j
+                if _mean_load(flat, trial, model) >= min(best.loads.max(), beat):
+                    continue  # its mean load already reaches the best slowest device
                 if (
                     options[p.table][j].kind != "data_parallel"
                     or _spread(options, trial, model.size, largest=False) <= budget
@@ -674,31 +770,14 @@ def plan_sharding(
     bound = _bound(flat, model)
     stop_at = bound.seconds * (1 + config.tolerance)
     deadline = t0 + config.time_budget_s
-    notes: list[str] = []
-    # screen every proposal with a short refinement, then spend the time left on the best ones
-    screened: list[_Partition] = []
-    factors = (math.inf, 1.0, 0.5)
-    lists = [_proposals(options, flat, bound.cap_s * f, model) for f in factors]
-    # round robin: the most-replicated proposal of every cap first (usually the best), then fewer
-    queue = [
-        (f, row[i])
-        for i in range(max(map(len, lists)))
-        for f, row in zip(factors, lists, strict=True)
-        if i < len(row)
-    ]
-    for factor, choice in queue:
-        if screened and time.perf_counter() > t0 + config.time_budget_s / 2:
-            break  # leave half the time to refine the best proposals
-        state = _fit(options, flat, choice, model, topology, SCREEN_STEPS, stop_at)
-        if state.failed:
-            notes.append(f"piece cap {factor:g} x bound: {state.failed}")
-        else:
-            screened.append(state)
-    screened.sort(key=lambda st: float(st.loads.max()))
+    screened, notes = _screen(options, flat, bound, model, topology, stop_at, t0 + config.time_budget_s / 2)
     best: _Partition | None = None
-    for state in screened[:2]:
+    for state in screened:  # best first, while time is left and its mean load can beat the best
+        if best is not None and _mean_load(flat, state.choice, model) >= best.loads.max():
+            continue
         _refine(state, config.max_refine_steps, stop_at)
-        state = _split_bottlenecks(options, flat, state, model, topology, config, stop_at, deadline)
+        beat = math.inf if best is None else float(best.loads.max())
+        state = _split_bottlenecks(options, flat, state, model, topology, config, stop_at, deadline, beat)
         if best is None or state.loads.max() < best.loads.max():
             best = state
         if best.loads.max() <= stop_at or time.perf_counter() > deadline:

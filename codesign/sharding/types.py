@@ -371,8 +371,11 @@ class Plan:
     def check(self) -> None:
         """Every table covered exactly once (rows x columns), devices in range, memory within capacity."""
         k = self.topology.size
+        by_table: dict[str, list[Shard]] = {}
+        for s in self.shards:  # one pass: shards_of per table is quadratic on large plans
+            by_table.setdefault(s.table, []).append(s)
         for t in self.tables:
-            shards = self.shards_of(t.name)
+            shards = sorted(by_table.get(t.name, []), key=lambda s: s.index)
             if not shards:
                 raise ShardingError(f"plan places no shard of table {t.name!r}")
             if any(not 0 <= s.device < k for s in shards):
