@@ -6,6 +6,7 @@ Every expected score comes from the eager PyTorch model given the same new weigh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.client
 import json
 import threading
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import codesign
+from codesign.backends import get_backend
 from codesign.build.weights import WeightsDelta, apply_delta, weight_names
 from codesign.errors import WeightsError
 from codesign.ir.workload import Workload
@@ -79,8 +81,8 @@ def test_a_delta_of_rows_and_dense_weights_scores_as_the_model_with_those_weight
     torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
     assert (got - before).abs().max() > 1e-3  # the update changed the scores
     torch.testing.assert_close(dlrm_variant.score(batch).reshape(-1), before, rtol=0, atol=0)  # old one kept
-    ok, _ = new.check_reference()  # its reference outputs are the new weights' outputs
-    assert ok
+    # health probes compare against the new weights' reference outputs, not the old ones
+    assert not torch.equal(new.reference_outputs[0], dlrm_variant.reference_outputs[0])
 
 
 @pytest.mark.slow
@@ -112,6 +114,12 @@ def test_a_compiled_variant_takes_a_delta_through_its_backend(backend: str) -> N
         ),
         (lambda: WeightsDelta(tensors={"top.0.bias": torch.full((32,), float("nan"))}), "NaN or inf"),
         (
+            lambda: WeightsDelta(
+                rows={"tables.1.weight": (torch.tensor([1]), torch.full((1, 8), float("inf")))}
+            ),
+            "NaN",
+        ),
+        (
             lambda: WeightsDelta(rows={"tables.0.weight": (torch.tensor([204]), torch.zeros(1, 8))}),
             "span 204..204",
         ),
@@ -132,8 +140,14 @@ def test_a_delta_file_is_read_only_with_its_sha256(tmp_path: Path) -> None:
     path = tmp_path / "delta.pt"
     sha = WeightsDelta(tensors={"w": torch.ones(2)}).save(path)
     assert WeightsDelta.read(path, sha).tensors["w"].tolist() == [1.0, 1.0]
-    with pytest.raises(WeightsError, match="hashes to"):
+    with pytest.raises(WeightsError, match="does not hash to"):
         WeightsDelta.read(path, "0" * 64)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02 not a pickle")
+    with pytest.raises(WeightsError, match="does not hash to"):  # the hash is checked before anything is read
+        WeightsDelta.read(garbage, sha)
+    with pytest.raises(WeightsError, match="not a regular file"):
+        WeightsDelta.read("/dev/zero", sha)
     with pytest.raises(WeightsError, match="64 hex digits"):
         WeightsDelta.read(path, sha[:10])
     other = tmp_path / "other.pt"
@@ -142,8 +156,19 @@ def test_a_delta_file_is_read_only_with_its_sha256(tmp_path: Path) -> None:
 
     with pytest.raises(WeightsError, match="not a weight delta file"):
         WeightsDelta.read(other, hashlib.sha256(other.read_bytes()).hexdigest())
+    torch.save({"format": "codesign-weights-delta/1", "tensors": {}, "rows": {"t": torch.zeros(2, 3)}}, other)
+    with pytest.raises(WeightsError, match=r"not \(row ids, rows\) pairs"):
+        WeightsDelta.read(other, hashlib.sha256(other.read_bytes()).hexdigest())
     with pytest.raises(WeightsError, match="empty"):
         WeightsDelta()
+
+
+def test_a_backend_that_keeps_its_own_weights_is_refused(dlrm_variant: codesign.Variant) -> None:
+    engine = dataclasses.replace(
+        dlrm_variant, backend=get_backend("tensorrt")
+    )  # its engine holds the weights
+    with pytest.raises(WeightsError, match="keeps the weights it was built with"):
+        apply_delta(engine, WeightsDelta(tensors={"top.0.bias": torch.zeros(32)}))
 
 
 def test_a_weight_that_passes_rewrote_is_refused_with_the_way_out(useq_variant: codesign.Variant) -> None:
@@ -254,6 +279,8 @@ def test_a_new_bundle_of_the_same_variants_replaces_the_weights_and_another_mode
     fresh = codesign.compile(retrained, target="host", backend="eager")
     fresh.save(tmp_path / "retrained", verify="in_process")
     dlrm_variant.save(tmp_path / "dlrm", verify="in_process")
+    bigger = {path: {k: 2 * v for k, v in cols.items()} for path, cols in fresh.id_bounds.items()}
+    dataclasses.replace(fresh, id_bounds=bigger).save(tmp_path / "bigger", verify="in_process")
     bundle = Bundle.build({useq_variant.name: useq_variant}, candidates=(8,), requests=(1,), repeats=1)
     rt = Runtime(bundle, batching=BatchingConfig(max_delay_ms=0.0, warmup_calls=1))
     batch = retrained.make_batch([4, 2][:1], seed=2)
@@ -263,6 +290,10 @@ def test_a_new_bundle_of_the_same_variants_replaces_the_weights_and_another_mode
             rt.update_weights(bundle=tmp_path / "dlrm")
         with pytest.raises(WeightsError, match="does not load"):
             rt.update_weights(bundle=tmp_path / "missing")
+        with pytest.raises(
+            WeightsError, match="other table sizes"
+        ):  # ids are checked against the served tables
+            rt.update_weights(bundle=tmp_path / "bigger")
         record = rt.update_weights(bundle=tmp_path / "retrained")
         assert (
             record["version"] == "v2"
@@ -302,6 +333,11 @@ def test_admin_endpoints_update_and_roll_back_only_with_an_admin_token(
     with Server(rt, port=0, config=ServerConfig()) as srv:  # no admin token: updates are off
         assert call(srv, "POST", "/v2/admin/weights", update, token=ADMIN)[0] == 403
     rt = Runtime(bundle, batching=BatchingConfig(max_delay_ms=0.0, warmup_calls=1))
+    with Server(rt, port=0, config=ServerConfig(admin_tokens=(ADMIN,))) as srv:  # scoring open, updates not
+        assert call(srv, "POST", "/v1/score", rt.schema.encode(batch))[0] == 200
+        assert call(srv, "GET", "/v2/admin/weights")[0] == 401
+        assert call(srv, "GET", "/v2/admin/weights", token=ADMIN)[0] == 200
+    rt = Runtime(bundle, batching=BatchingConfig(max_delay_ms=0.0, warmup_calls=1))
     with Server(rt, port=0, config=ServerConfig(auth_tokens=("user",), admin_tokens=(ADMIN,))) as srv:
         body = rt.schema.encode(batch)
         assert call(srv, "POST", "/v2/admin/weights", update, token="user")[0] == 401
@@ -309,7 +345,7 @@ def test_admin_endpoints_update_and_roll_back_only_with_an_admin_token(
         status, got = call(
             srv, "POST", "/v2/admin/weights", {"delta": str(path), "sha256": "0" * 64}, token=ADMIN
         )
-        assert status == 422 and "hashes to" in got["error"]
+        assert status == 422 and "does not hash to" in got["error"]
         assert call(srv, "POST", "/v2/admin/weights", {"path": "x"}, token=ADMIN)[0] == 400
         status, got = call(srv, "POST", "/v2/admin/weights", update, token=ADMIN)
         assert status == 200 and got["version"] == "v2" and got["sha256"] == sha

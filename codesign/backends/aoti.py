@@ -87,6 +87,10 @@ class AotiBackend(Backend[AotiConfig]):
         _constants_from(exported, runner)
         return runner  # type: ignore[no-any-return]  # untyped in torch
 
+    def runs_program_weights(self, exported: torch.export.ExportedProgram, runner: Any) -> bool:
+        """False where lower() had to keep the weights inside the package (a constant the program lacks)."""
+        return set(runner.get_constant_fqns()) <= set(_program_constants(exported))
+
 
 # Inductor settings of the package: no weights in the shared library (program.pt2 holds them).
 WEIGHTS_OUTSIDE = {"aot_inductor.package_constants_in_so": False}
@@ -95,14 +99,19 @@ WEIGHTS_OUTSIDE = {"aot_inductor.package_constants_in_so": False}
 def _constants_from(exported: torch.export.ExportedProgram, runner: Any) -> bool:
     """Hand the compiled model the program's weights and buffers (by name, not copied); False if it
     needs one the program lacks. Packages that carry their own weights get the same values again."""
-    source = {
-        name: t
-        for name, t in {**exported.state_dict, **exported.constants}.items()
-        if isinstance(t, torch.Tensor)
-    }
+    source = _program_constants(exported)
     names = list(runner.get_constant_fqns())
     if any(n not in source for n in names):
         return False
     if names:
         runner.load_constants({n: source[n] for n in names}, check_full_update=True, user_managed=True)
     return True
+
+
+def _program_constants(exported: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """The program's weights and buffers by name."""
+    return {
+        name: t
+        for name, t in {**exported.state_dict, **exported.constants}.items()
+        if isinstance(t, torch.Tensor)
+    }

@@ -49,6 +49,15 @@ class Backend(Tunable[C], abc.ABC):
     # its bundle artifacts are native code (a shared library, an engine): loaded only from trusted bundles
     native_artifacts: ClassVar[bool] = False
     vendors: ClassVar[tuple[str, ...] | None] = None
+    # load() builds its runner from the ExportedProgram it is given, weights included (False: the
+    # artifacts hold weights of their own, so a weight update needs a new bundle)
+    takes_new_weights: ClassVar[bool] = True
+
+    def runs_program_weights(
+        self, exported: torch.export.ExportedProgram, runner: Callable[..., Any]
+    ) -> bool:
+        """Whether ``runner`` (built by ``load`` from ``exported``) computes with ``exported``'s weights."""
+        return self.takes_new_weights
 
     def supports(self, target: Target) -> bool:
         """True when this backend can lower for ``target`` on a machine that has it."""

@@ -58,6 +58,7 @@ def import_torch_tensorrt() -> ModuleType:
 class TensorRTBackend(Backend[TensorRTConfig]):
     name = "tensorrt"
     native_artifacts = True  # a serialized engine (and any plugin library it names)
+    takes_new_weights = False  # the engine holds its weights
     config_class = TensorRTConfig
     device_kinds = ("gpu",)
     vendors = ("NVIDIA",)

@@ -95,6 +95,10 @@ class WeightsDelta:
                 f"sha256 {sha256!r} is not 64 hex digits",
                 fix="give the sha256 that WeightsDelta.save returned",
             )
+        if not p.is_file():  # a device or fifo would be read forever
+            raise WeightsError(
+                f"the delta file {p} is not a regular file", fix="give the path of the delta file"
+            )
         try:
             data = p.read_bytes()
         except OSError as exc:
@@ -102,11 +106,11 @@ class WeightsDelta:
         got = hashlib.sha256(data).hexdigest()
         if got != want:
             raise WeightsError(
-                f"the delta file {p} hashes to {got}, not the sha256 given ({want})",
+                f"the delta file {p} does not hash to the sha256 given ({want})",
                 fix="the file is truncated, altered or not the one published: publish it again",
             )
-        try:  # weights_only: a delta file never runs code when it is read
-            record = torch.load(io.BytesIO(data), weights_only=True)
+        try:  # weights_only: a delta file never runs code when it is read; on the CPU, moved to each weight's device
+            record = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:
             raise WeightsError(f"{p} is not a weight delta file: {type(exc).__name__}: {exc}") from exc
         if not isinstance(record, dict) or record.get("format") != DELTA_FORMAT:
@@ -117,7 +121,10 @@ class WeightsDelta:
         tensors, rows = record.get("tensors"), record.get("rows")
         if not isinstance(tensors, dict) or not isinstance(rows, dict):
             raise WeightsError(f"{p}: 'tensors' and 'rows' must be dicts")
-        return cls(tensors=tensors, rows={n: tuple(v) for n, v in rows.items()}, sha256=got)
+        bad = [n for n, v in rows.items() if not isinstance(v, tuple | list) or len(v) != 2]
+        if bad:
+            raise WeightsError(f"{p}: rows entries {bad[:5]} are not (row ids, rows) pairs")
+        return cls(tensors=tensors, rows={n: (v[0], v[1]) for n, v in rows.items()}, sha256=got)
 
 
 def weight_names(variant: Variant) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -134,12 +141,17 @@ def apply_delta(variant: Variant, delta: WeightsDelta) -> Variant:
     """A new variant with ``delta``'s weights (``variant`` is left as it was); WeightsError if any
     entry does not fit, naming it, with nothing built."""
     ep = variant.exported
-    state, constants = dict(ep.state_dict), dict(ep.constants)
     where = f"variant '{variant.name}'"
+    if not variant.backend.takes_new_weights:
+        raise WeightsError(
+            f"{where}: backend '{variant.backend.name}' keeps the weights it was built with",
+            fix="send a new bundle compiled from the new weights",
+        )
+    state, constants = dict(ep.state_dict), dict(ep.constants)
     for name, new in delta.tensors.items():
         old = _weight(state, constants, name, where, variant)
         _check_values(name, new, tuple(old.shape), old.dtype, where)
-        _put(state, constants, name, new.detach().clone().contiguous())
+        _put(state, constants, name, new.detach().to(old.device, copy=True).contiguous())
     for name, (ids, new_rows) in delta.rows.items():
         old = _weight(state, constants, name, where, variant)
         if old.dim() < 1:
@@ -147,7 +159,7 @@ def apply_delta(variant: Variant, delta: WeightsDelta) -> Variant:
         ids = _check_ids(name, ids, old.shape[0], where)
         _check_values(name, new_rows, (ids.numel(), *old.shape[1:]), old.dtype, where)
         table = old.detach().clone()
-        table.index_copy_(0, ids, new_rows.to(table.device))
+        table.index_copy_(0, ids.to(table.device), new_rows.to(table.device))
         _put(state, constants, name, table)
     updated = torch.export.ExportedProgram(
         root=ep.graph_module,
@@ -229,6 +241,11 @@ def _rebuilt(variant: Variant, exported: torch.export.ExportedProgram) -> Varian
     try:
         try:
             runner = variant.backend.load(exported, artifacts, example)
+            if not variant.backend.runs_program_weights(exported, runner):
+                raise WeightsError(
+                    f"{what} was built with its weights inside its artifacts: it cannot take new ones",
+                    fix=advice,
+                )
             new = dataclasses.replace(
                 variant, runner=runner, exported=exported, artifacts=artifacts, program=None
             )
@@ -238,6 +255,8 @@ def _rebuilt(variant: Variant, exported: torch.export.ExportedProgram) -> Varian
                 with torch.no_grad():
                     want = exported.module()(**example)
                 ok, max_abs, _ = compare_outputs(got, want, variant.tolerance)
+        except WeightsError:
+            raise
         except Exception as exc:
             raise WeightsError(
                 f"{what} cannot run with the new weights: {type(exc).__name__}: {str(exc)[:500]}", fix=advice

@@ -822,11 +822,17 @@ class Runtime:
                         base, Path(bundle), trusted_keys, allow_unsigned_native
                     )
                 self._warm_new(variants)
-            except WeightsError:
+            except Exception as exc:
                 self.metrics.inc("codesign_weight_updates_total", result="refused")
-                raise
+                if isinstance(exc, WeightsError):
+                    raise
+                log.exception("weight update failed")
+                raise WeightsError(
+                    f"the update failed: {type(exc).__name__}: {_short(str(exc), 300)}",
+                    fix="nothing was changed; the server log has the details",
+                ) from exc
             version = WeightsVersion(next(self._numbers), variants, source, sha, time.time())
-            self._previous, self._current = base, version  # admit() reads _current once per request
+            self._swap(base, version)
             self.metrics.inc("codesign_weight_updates_total", result="applied")
             log.warning("weights %s (%s) in rotation; %s kept for rollback", version.id, source, base.id)
             return version.describe()
@@ -845,12 +851,19 @@ class Runtime:
                 raise WeightsError(
                     "there is no previous weights version to restore", fix="roll back only after an update"
                 )
-            self._previous, self._current = self._current, previous
+            replaced = self._current
+            self._swap(replaced, previous)
             self.metrics.inc("codesign_weight_updates_total", result="rolled_back")
-            log.warning("weights %s back in rotation (rollback from %s)", previous.id, self._previous.id)
+            log.warning("weights %s back in rotation (rollback from %s)", previous.id, replaced.id)
             return previous.describe()
         finally:
             self._updating.release()
+
+    def _swap(self, previous: WeightsVersion, current: WeightsVersion) -> None:
+        """Put ``current`` in rotation (admit() reads it once per request); ``previous`` is kept for
+        rollback and older versions live only as long as requests admitted on them."""
+        self._previous, self._current = previous, current
+        self.bundle = dataclasses.replace(self.bundle, variants=dict(current.variants))
 
     def _from_delta(
         self, base: WeightsVersion, path: Path, sha256: str
@@ -886,9 +899,22 @@ class Runtime:
                     f"variant '{name}' of {path} takes other inputs than the one served",
                     fix="a weight update keeps the request interface; serve a new model with a new server",
                 )
-            if (v.first_row_bags & self._user_bags) != self._first_row.get(name, frozenset()):
+            old = base.variants[name]
+            if v.id_bounds != old.id_bounds or v.micro_batch != old.micro_batch:
                 raise WeightsError(
-                    f"variant '{name}' of {path} reads user bags other than once per request as the served one does",
+                    f"variant '{name}' of {path} has other table sizes or micro-batch than the one served "
+                    "(the server checks ids against the tables it started with)",
+                    fix="serve that bundle with a new server",
+                )
+            if _outputs(v) != _outputs(old):
+                raise WeightsError(
+                    f"variant '{name}' of {path} returns other outputs than the one served",
+                    fix="serve that bundle with a new server",
+                )
+            # the bags this server sends once per request must be ones the new variant reads once per request
+            if not self._first_row.get(name, frozenset()) <= v.first_row_bags:
+                raise WeightsError(
+                    f"variant '{name}' of {path} reads on every row user bags that the server sends once per request",
                     fix="serve that bundle with a new server",
                 )
         return dict(new.variants), f"bundle {path.name}", _manifest_sha(path)
@@ -935,6 +961,11 @@ class Runtime:
         end = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(timeout=max(0.0, end - time.monotonic()))
+
+
+def _outputs(variant: Variant) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Each output's row shape and dtype (what a reply holds)."""
+    return [(tuple(t.shape[1:]), t.dtype) for t in variant.reference_outputs]
 
 
 def _manifest_sha(path: Path | None) -> str:

@@ -81,7 +81,9 @@ def request_latency(
     """The latency of one request of ``candidates`` on ``plan``'s devices (see the module docstring).
 
     The dense part is ``dense_flops_per_candidate`` at the devices' ``dense_dtype`` matmul peak times
-    their compute efficiency, or else the plan's own ``PlanWorkload.dense_s`` scaled to the request;
+    their compute efficiency, or else the plan's own ``PlanWorkload.dense_s`` scaled to the request
+    (a cost-model figure that already holds launches at the plan's batch: scaled down, they are
+    under-counted, which the ``dense_layers`` launches added here make up for in part);
     ``dense_layers``: its kernels, each paying the device's launch overhead.
 
     >>> request_latency(plan, 1000).describe()
