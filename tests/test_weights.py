@@ -178,6 +178,41 @@ def test_a_weight_that_passes_rewrote_is_refused_with_the_way_out(useq_variant: 
         apply_delta(useq_variant, WeightsDelta(tensors={"position": torch.zeros(8, 16)}))
 
 
+class TwoUses(torch.nn.Module):
+    """One weight read as it is and, through `w * 2`, as a constant that folding computes from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, user: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        linear = torch.nn.functional.linear
+        return linear(user, self.w).sum(-1) + linear(cand, self.w * 2).sum(-1)
+
+
+def two_uses() -> Workload:
+    def make_batch(candidates: list[int], seed: int) -> codesign.RequestBatch:
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.tensor(candidates)
+        user = torch.randn(len(candidates), 6, generator=g).repeat_interleave(counts, 0)
+        cand = torch.randn(int(counts.sum()), 6, generator=g)
+        return codesign.RequestBatch({"user": user, "cand": cand}, codesign.offsets_from_counts(counts))
+
+    spec = codesign.RequestSpec(request_inputs=("user",))
+    return Workload("two_uses", TwoUses().eval(), spec, make_batch)
+
+
+def test_a_weight_that_also_feeds_a_derived_weight_is_refused() -> None:
+    variant = codesign.compile(two_uses(), target="host", backend="eager")
+    assert "w" in weight_names(variant)  # still read as it is
+    assert ["w"] in variant.derived_weights.values()  # and folded into `w * 2`
+    with pytest.raises(WeightsError, match="weight 'w' also feeds"):
+        apply_delta(variant, WeightsDelta(tensors={"w": torch.zeros(4, 6)}))
+    unrecorded = dataclasses.replace(variant, derived_weights=None)  # a bundle from before the record
+    with pytest.raises(WeightsError, match="does not record which weights"):
+        apply_delta(unrecorded, WeightsDelta(tensors={"w": torch.zeros(4, 6)}))
+
+
 # ---- the runtime: versions ----------------------------------------------------------------------
 def gate(variant: codesign.Variant) -> threading.Event:
     """Hold the variant's first call until the event is set (the request is then in flight)."""
@@ -278,6 +313,11 @@ def test_a_new_bundle_of_the_same_variants_replaces_the_weights_and_another_mode
     retrained = workload("useq", seed=1)  # same model, other weights
     fresh = codesign.compile(retrained, target="host", backend="eager")
     fresh.save(tmp_path / "retrained", verify="in_process")
+    assert (
+        codesign.load(tmp_path / "retrained").derived_weights
+        == fresh.derived_weights
+        == {"_folded_slice_1": ["position"]}
+    )
     dlrm_variant.save(tmp_path / "dlrm", verify="in_process")
     bigger = {path: {k: 2 * v for k, v in cols.items()} for path, cols in fresh.id_bounds.items()}
     dataclasses.replace(fresh, id_bounds=bigger).save(tmp_path / "bigger", verify="in_process")

@@ -442,6 +442,7 @@ def _variant_records(manifest: dict[str, Any], reference: RequestBatch) -> dict[
         "takes_request_offsets": takes,
         "micro_batch": _micro_batch(manifest.get("micro_batch")),
         "id_bounds": _checked_id_bounds(_id_bounds(manifest.get("id_bounds")), reference),
+        "derived_weights": _derived_weights(manifest.get("derived_weights")),
     }
 
 
@@ -485,6 +486,18 @@ def _micro_batch(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BundleError(f"bundle manifest micro_batch {value!r} is not a positive integer or null")
     return value
+
+
+def _derived_weights(value: Any) -> dict[str, list[str]] | None:
+    """The manifest's derived-weights record (None in bundles written before it existed)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+        for k, v in value.items()
+    ):
+        raise TypeError("'derived_weights' must map a weight name to a list of weight names")
+    return {k: list(v) for k, v in value.items()}
 
 
 def _id_bounds(value: Any) -> dict[str, dict[str, int]]:

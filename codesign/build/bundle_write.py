@@ -162,6 +162,7 @@ class SavedVariant(Protocol):
     micro_batch: int | None
     plan: Plan | None
     id_bounds: dict[str, dict[str, int]]
+    derived_weights: dict[str, list[str]] | None
 
     @property
     def tolerance(self) -> Tolerance: ...
@@ -272,6 +273,7 @@ def write_bundle_files(variant: SavedVariant, directory: Path) -> None:
         "takes_request_offsets": variant.takes_request_offsets,
         "micro_batch": variant.micro_batch,
         "id_bounds": variant.id_bounds,
+        "derived_weights": variant.derived_weights,
         "tolerance": dataclasses.asdict(bundle_tolerance(variant)),
         "files": files,
     }

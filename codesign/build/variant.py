@@ -18,7 +18,7 @@ import torch
 from codesign.backends import get_backend
 from codesign.build.bundle_write import Verify, write_bundle
 from codesign.errors import ConfigError, NumericsError, PassError
-from codesign.ir.program import REQUEST_OFFSETS, Program, call_inputs, run_in_pieces
+from codesign.ir.program import DERIVED_WEIGHTS, REQUEST_OFFSETS, Program, call_inputs, run_in_pieces
 from codesign.ir.request import (
     RequestBatch,
     RequestSpec,
@@ -80,6 +80,9 @@ class Variant:
     plan: Plan | None = None  # embedding sharding plan (multi-device targets); saved as plan.json
     # input path -> {column or "*": table rows}: ids a server must check before scoring (analysis.embedding_id_bounds)
     id_bounds: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # weight a pass computed -> the model weights it came from (Program.add_buffer); None: not recorded
+    # (a bundle written before it was), so weight deltas cannot be checked against it
+    derived_weights: dict[str, list[str]] | None = dataclasses.field(default_factory=dict)
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():
@@ -289,10 +292,20 @@ def compile(
         if "sharding_plan" in optimized.metadata
         else None,
         id_bounds=embedding_id_bounds(program),
+        derived_weights=_derived_weights(optimized),
     )
     if verify:
         _verify_backend(variant, program)
     return variant
+
+
+def _derived_weights(program: Program) -> dict[str, list[str]]:
+    """The program's recorded derivations, for the weights it still holds."""
+    held = {n for n, _ in program.graph_module.named_buffers()} | {
+        n for n, _ in program.graph_module.named_parameters()
+    }
+    recorded = program.metadata.get(DERIVED_WEIGHTS, {})
+    return {name: list(sources) for name, sources in recorded.items() if name in held}
 
 
 def _verify_backend(variant: Variant, reference: Program) -> None:

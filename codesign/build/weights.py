@@ -147,6 +147,7 @@ def apply_delta(variant: Variant, delta: WeightsDelta) -> Variant:
             f"{where}: backend '{variant.backend.name}' keeps the weights it was built with",
             fix="send a new bundle compiled from the new weights",
         )
+    _check_stand_alone(variant, [*delta.tensors, *delta.rows], where)
     state, constants = dict(ep.state_dict), dict(ep.constants)
     for name, new in delta.tensors.items():
         old = _weight(state, constants, name, where, variant)
@@ -173,6 +174,29 @@ def apply_delta(variant: Variant, delta: WeightsDelta) -> Variant:
         verifiers=ep.verifiers,
     )
     return _rebuilt(variant, updated)
+
+
+def _check_stand_alone(variant: Variant, names: list[str], where: str) -> None:
+    """Refuse weights that passes also read into weights of their own (folded, split, fused, quantized):
+    a delta would change one use and leave the derived copy as it was."""
+    if variant.derived_weights is None:
+        raise WeightsError(
+            f"{where} comes from a bundle that does not record which weights its passes derived",
+            fix="recompile the bundle with this codesign, or send a new bundle compiled from the new weights",
+        )
+    feeds: dict[str, list[str]] = {}
+    for derived, sources in variant.derived_weights.items():
+        for source in sources:
+            feeds.setdefault(source, []).append(derived)
+    tied = {n: sorted(feeds[n]) for n in names if n in feeds}
+    if tied:
+        first, uses = next(iter(tied.items()))
+        raise WeightsError(
+            f"{where}: weight '{first}' also feeds {uses}, which passes computed from it"
+            + (f" (and {len(tied) - 1} more such weights)" if len(tied) > 1 else "")
+            + "; a delta would leave those as they were",
+            fix="send a new bundle compiled from the new weights",
+        )
 
 
 def _weight(

@@ -40,6 +40,8 @@ CANDIDATES_DIM = "candidates"
 REQUESTS_DIM = "requests"  # dim 0 of per-request inputs (RequestSpec.per_request_inputs)
 REQUEST_OFFSETS = "request_offsets"  # extra keyword input of request-centric programs: offsets[R+1]
 DEFAULT_MAX_CANDIDATES = 1 << 20
+# metadata key: buffer a pass computed -> the model weights it was computed from (Program.add_buffer)
+DERIVED_WEIGHTS = "derived_weights"
 
 
 def _dim_name(path: str) -> str:
@@ -221,14 +223,21 @@ class Program:
             if node.op == "get_attr":
                 self.fetch_attr(str(node.target))
 
-    def add_buffer(self, base: str, value: torch.Tensor) -> str:
-        """Register ``value`` (detached, contiguous) as a buffer under a fresh name starting with ``base``."""
+    def add_buffer(self, base: str, value: torch.Tensor, sources: Sequence[str] = ()) -> str:
+        """Register ``value`` (detached, contiguous) as a buffer under a fresh name starting with ``base``.
+
+        ``sources``: the weights (get_attr targets) it is computed from; recorded, resolved to the
+        model's own weights, in ``metadata["derived_weights"]`` so that a weight update knows which
+        weights no longer stand alone (``derived_weights``).
+        """
         gm = self.graph_module
         name, i = base, 0
         while hasattr(gm, name):
             i += 1
             name = f"{base}_{i}"
         gm.register_buffer(name, value.detach().contiguous())
+        derived = self.metadata.setdefault(DERIVED_WEIGHTS, {})
+        derived[name] = sorted({o for s in sources for o in derived.get(s, [s])})
         return name
 
     def fetch_attr(self, target: str) -> Any:

@@ -246,7 +246,8 @@ class ConstantFolding(Pass[ConstantFoldingConfig]):
                 grown_refused += 1
                 continue
             orphan_candidates |= {a for a in inputs if a.op == "get_attr"}
-            attr = program.add_buffer(f"_folded_{node.name}", value.clone())
+            sources = [str(a.target) for a in inputs if a.op == "get_attr"]
+            attr = program.add_buffer(f"_folded_{node.name}", value.clone(), sources)
             with gm.graph.inserting_before(node):
                 new = gm.graph.get_attr(attr)
             new.meta = dict(node.meta)

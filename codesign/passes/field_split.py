@@ -218,7 +218,7 @@ class _Splitter:
         stored = param_value(self.program, weight)
         if stored is not None:
             part = stored.detach().index_select(dim, torch.tensor(list(positions), dtype=torch.int64))
-            node = register_constant(self.program, f"_fields_{name}", part)
+            node = register_constant(self.program, f"_fields_{name}", part, [str(weight.target)])
             self.roles[node.name] = Role.PARAM
             return node
         return self.pick(weight, dim, positions, -1, name)

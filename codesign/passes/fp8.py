@@ -51,7 +51,13 @@ from codesign.ops.quantized_embedding import (
     quantized_lookup_cost,
     table_bytes,
 )
-from codesign.passes.graph_edit import finish_rewrite, insert_call, param_value, register_constant
+from codesign.passes.graph_edit import (
+    finish_rewrite,
+    insert_call,
+    param_value,
+    register_constant,
+    weights_read,
+)
 from codesign.passes.manager import GATE_CANDIDATES, GATE_REQUESTS, Pass, PassResult, SkipKind
 from codesign.passes.patterns import embedding_bag_lookup, epilogue_activation
 from codesign.passes.registry import register_pass
@@ -277,8 +283,9 @@ def _rewrite(program: Program, names: Sequence[str], cfg: SelectiveFp8Config, qu
         base = str(getattr(weight_node, "target", "weight")).replace(".", "_")
         w_idx = 1 if node.target is aten.linear.default else 0
         q, scale = quantized.get(node, w_idx)
-        q_node = register_constant(program, f"{base}_{'fp8' if w_idx else cfg.table_format}", q)
-        s_node = register_constant(program, f"{base}_scale", scale)
+        sources = weights_read([node])
+        q_node = register_constant(program, f"{base}_{'fp8' if w_idx else cfg.table_format}", q, sources)
+        s_node = register_constant(program, f"{base}_scale", scale, sources)
         if node.target is aten.linear.default:
             _rewrite_linear(graph, node, q_node, s_node, cfg)
         elif node.target is aten.embedding.default:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -127,10 +127,18 @@ def dynamic_placeholder_value(graph: torch.fx.Graph, example: torch.Tensor) -> A
     return mode.from_tensor(example, symbolic_context=context)
 
 
-def register_constant(program: Program, base: str, value: torch.Tensor) -> torch.fx.Node:
-    """A new buffer holding ``value`` and a get_attr node reading it (inserted at the graph's start)."""
+def weights_read(nodes: Sequence[torch.fx.Node]) -> list[str]:
+    """The weights (get_attr targets) ``nodes`` read directly: what a constant replacing them derives from."""
+    return sorted({str(a.target) for n in nodes for a in n.all_input_nodes if a.op == "get_attr"})
+
+
+def register_constant(
+    program: Program, base: str, value: torch.Tensor, sources: Sequence[str] = ()
+) -> torch.fx.Node:
+    """A new buffer holding ``value`` (computed from the weights ``sources``) and a get_attr node
+    reading it (inserted at the graph's start)."""
     gm = program.graph_module
-    name = program.add_buffer(base, value)
+    name = program.add_buffer(base, value, sources)
     first = next(n for n in program.graph.nodes if n.op != "placeholder")
     with program.graph.inserting_before(first):
         node = program.graph.get_attr(name)

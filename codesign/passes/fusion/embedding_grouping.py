@@ -26,6 +26,7 @@ from codesign.passes.graph_edit import (
     finish_rewrite,
     insert_call,
     register_constant,
+    weights_read,
 )
 from codesign.passes.manager import GAIN_HELP, Pass, PassResult, SkipKind
 from codesign.passes.patterns import embedding_as_bag, embedding_bag_lookup, embedding_lookup
@@ -138,7 +139,10 @@ def _group_lookups(
     for w in weights:
         starts.append(starts[-1] + int(w.shape[0]))
     table = register_constant(
-        program, f"_grouped_{members[0].name}", torch.cat([w.detach() for w in weights])
+        program,
+        f"_grouped_{members[0].name}",
+        torch.cat([w.detach() for w in weights]),
+        weights_read(members),
     )
     ids = [i for _, i, _, _ in infos]
     offsets = [o for _, _, o, _ in infos]

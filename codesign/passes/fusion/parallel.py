@@ -27,6 +27,7 @@ from codesign.passes.graph_edit import (
     list_arg,
     register_constant,
     stable_topological_sort,
+    weights_read,
 )
 from codesign.passes.manager import GAIN_HELP, Pass, PassResult, SkipKind
 from codesign.passes.patterns import (
@@ -125,11 +126,14 @@ def _batch(
 ) -> None:
     graph = program.graph
     name = members[0].name
-    w = register_constant(program, f"_batched_{name}_weight", torch.stack([p[1].detach().t() for p in parts]))
+    sources = weights_read(members)
+    w = register_constant(
+        program, f"_batched_{name}_weight", torch.stack([p[1].detach().t() for p in parts]), sources
+    )
     bias = None
     if parts[0][2] is not None:
         bias = register_constant(
-            program, f"_batched_{name}_bias", torch.stack([p[2].detach()[None, :] for p in parts])
+            program, f"_batched_{name}_bias", torch.stack([p[2].detach()[None, :] for p in parts]), sources
         )
     inputs = [p[0] for p in parts]
     with graph.inserting_after(latest(graph, inputs)):

@@ -26,6 +26,7 @@ from codesign.passes.graph_edit import (
     finish_rewrite,
     insert_call,
     register_constant,
+    weights_read,
 )
 from codesign.passes.manager import Pass, PassResult, SkipKind
 from codesign.passes.patterns import (
@@ -97,8 +98,9 @@ def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
     parts = [p for m in members if (p := linear_parts(program, m)) is not None]
     x = parts[0][0]
     weights = [p[1] for p in parts]
+    sources = weights_read(members)
     w = register_constant(
-        program, f"_fused_{members[0].name}_weight", torch.cat([t.detach() for t in weights])
+        program, f"_fused_{members[0].name}_weight", torch.cat([t.detach() for t in weights]), sources
     )
     bias = None
     if any(p[2] is not None for p in parts):
@@ -108,7 +110,7 @@ def _fuse_shared_input(program: Program, members: list[torch.fx.Node]) -> None:
                 for i, p in enumerate(parts)
             ]
         )
-        bias = register_constant(program, f"_fused_{members[0].name}_bias", b)
+        bias = register_constant(program, f"_fused_{members[0].name}_bias", b, sources)
     target: Any = members[0].target
     if target is aten.linear.default:
         args: tuple[Any, ...] = (x, w, bias)
