@@ -287,9 +287,7 @@ class Runtime:
         a variant that cannot reproduce them never enters rotation, and the calls after it pay the
         one-off costs that would skew the load-aware latency ratio."""
         try:
-            ok, max_abs = variant.check_reference()
-            for _ in range(self.batching.warmup_calls - 1):
-                variant.score(variant.reference_inputs)
+            ok, max_abs = _warm(variant, self.batching.warmup_calls)
         except Exception as exc:
             log.error(
                 "variant '%s' failed its warm-up call (%s: %s); out of rotation",
@@ -923,9 +921,7 @@ class Runtime:
         """Each new variant scores its reference batch as its warm-up: one that cannot is refused."""
         for name, variant in variants.items():
             try:
-                ok, max_abs = variant.check_reference()
-                for _ in range(self.batching.warmup_calls - 1):
-                    variant.score(variant.reference_inputs)
+                ok, max_abs = _warm(variant, self.batching.warmup_calls)
             except Exception as exc:
                 raise WeightsError(
                     f"variant '{name}' fails its reference batch with the new weights: {type(exc).__name__}: "
@@ -961,6 +957,15 @@ class Runtime:
         end = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(timeout=max(0.0, end - time.monotonic()))
+
+
+def _warm(variant: Variant, calls: int) -> tuple[bool, float]:
+    """Score the reference batch against the reference outputs, then again up to ``calls`` calls in all
+    (the one-off costs of the first calls); (within tolerance, max abs error)."""
+    ok, max_abs = variant.check_reference()
+    for _ in range(calls - 1):
+        variant.score(variant.reference_inputs)
+    return ok, max_abs
 
 
 def _outputs(variant: Variant) -> list[tuple[tuple[int, ...], torch.dtype]]:
