@@ -192,7 +192,7 @@ def _check_stand_alone(variant: Variant, names: list[str], where: str) -> None:
     if tied:
         first, uses = next(iter(tied.items()))
         raise WeightsError(
-            f"{where}: weight '{first}' also feeds {uses}, which passes computed from it"
+            f"{where}: passes computed {uses} from weight '{first}'"
             + (f" (and {len(tied) - 1} more such weights)" if len(tied) > 1 else "")
             + "; a delta would leave those as they were",
             fix="send a new bundle compiled from the new weights",
