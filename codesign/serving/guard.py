@@ -203,15 +203,22 @@ class Guard:
             if name == b"authorization":
                 header = value
                 break
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not given:
-            return None
-        given = given.strip()
-        matched = -1
-        for i, token in enumerate(self._tokens):  # every token compared: the time does not tell which matched
-            if hmac.compare_digest(given, token):
-                matched = i
+        matched = bearer_token(header, self._tokens)
         return f"token:{matched}" if matched >= 0 else None
+
+
+def bearer_token(header: bytes, tokens: Sequence[bytes]) -> int:
+    """Which of ``tokens`` an ``Authorization: Bearer <token>`` header carries (-1: none), compared in
+    constant time: every token is compared, so the time does not tell which matched."""
+    scheme, _, given = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not given:
+        return -1
+    given = given.strip()
+    matched = -1
+    for i, token in enumerate(tokens):
+        if hmac.compare_digest(given, token):
+            matched = i
+    return matched
 
 
 async def _reply(

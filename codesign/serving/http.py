@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from codesign.errors import (
     WeightsError,
 )
 from codesign.serving.deployment import Bundle, load_bundle
-from codesign.serving.guard import Guard, RateLimiter, json_body, log_once
+from codesign.serving.guard import Guard, RateLimiter, bearer_token, json_body, log_once
 from codesign.serving.kserve import HEADER_LENGTH, OutputInfo, encode_infer, model_metadata, parse_infer
 from codesign.serving.openapi import openapi_document
 from codesign.serving.router import Policy
@@ -360,12 +359,7 @@ def make_app(runtime: Runtime, config: ServerConfig | None = None) -> Any:
                 "weight updates are off on this server",
                 "start it with admin tokens (codesign serve --admin-token-file FILE)",
             )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_b = given.strip().encode()
-        matched = False
-        for token in admins:  # every token compared: the time does not tell which matched
-            matched |= hmac.compare_digest(given_b, token)
-        if scheme.lower() != "bearer" or not matched:
+        if bearer_token(request.headers.get("authorization", "").encode("latin-1"), admins) < 0:
             raise _HTTPError(
                 401, "weight updates need an admin bearer token", "send 'Authorization: Bearer <admin token>'"
             )
