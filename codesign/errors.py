@@ -21,6 +21,7 @@ __all__ = [
     "NumericsError",
     "OverloadError",
     "PassError",
+    "RankLostError",
     "ReportError",
     "RequestError",
     "RequestTooLargeError",
@@ -125,6 +126,11 @@ class OverloadError(RoutingError):
     def __init__(self, message: str, *, retry_after_s: float, fix: str | None = None) -> None:
         super().__init__(message, fix=fix)
         self.retry_after_s = retry_after_s
+
+
+class RankLostError(RoutingError):
+    """A rank of a sharded server's process group died, hung or failed a collective: the request
+    was not scored (HTTP 503 naming the rank) and the server is not ready until the group is whole."""
 
 
 class DeadlineError(CodesignError):

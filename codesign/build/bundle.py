@@ -38,7 +38,7 @@ import weakref
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.utils._pytree as pytree
@@ -56,6 +56,7 @@ from codesign.build.bundle_write import (
     SCHEMA_VERSION,
     compare_reference,
 )
+from codesign.build.shard_blocks import TABLES, put_back_tables
 from codesign.build.signing import SIGNATURE, Trust, check_native_trust
 from codesign.build.variant import Variant
 from codesign.config import config_from_dict
@@ -118,12 +119,15 @@ def _read_manifest(d: Path) -> tuple[dict[str, Any], bytes]:
     return manifest, raw
 
 
-def _private_copy(d: Path, manifest: dict[str, Any], raw_manifest: bytes) -> tuple[Path, dict[str, Path]]:
+def _private_copy(
+    d: Path, manifest: dict[str, Any], raw_manifest: bytes, by_block: frozenset[str] = frozenset()
+) -> tuple[Path, dict[str, Path]]:
     """Copy the bundle's files into a private folder, hashing each as it is copied, and return the copy.
 
     Everything after this reads the copy: a file swapped in the bundle folder after its check (an
     archive, a shared library, the manifest) cannot reach the loader. The copy lives as long as the
-    process (or the variant, see ``load``).
+    process (or the variant, see ``load``). Files in ``by_block`` (a sharded rank's ``tables.bin``)
+    are not copied: the caller reads parts of them and checks each part's own sha256 on the bytes read.
     """
     files = manifest["files"]
     if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
@@ -157,6 +161,14 @@ def _private_copy(d: Path, manifest: dict[str, Any], raw_manifest: bytes) -> tup
             )
         if not p.is_file():
             raise BundleError(f"bundle {d} is missing {name}", fix="copy the whole bundle folder")
+        if name in by_block:
+            if p.stat().st_size != meta.get("bytes"):
+                raise BundleError(
+                    f"{name} is {p.stat().st_size} bytes but the manifest says {meta.get('bytes')}: "
+                    "the file is truncated or was replaced"
+                )
+            out[name] = p
+            continue
         h, size = hashlib.sha256(), 0
         try:
             fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -308,6 +320,7 @@ def load(
     trusted_keys: Sequence[str | Path] = (),
     allow_unsigned_native: bool = False,
     manifest_sha256: str | None = None,
+    planned_tables: Literal["load", "leave"] = "load",
 ) -> Variant:
     """Verify and load a bundle: checksums, versions, allow-listed configs; build the runner; score.
 
@@ -323,6 +336,12 @@ def load(
     here. It costs one call of the model (and, for inductor, its compile); ``check_reference=False``
     skips it.
 
+    A bundle compiled for several devices keeps its planned tables in ``tables.bin``
+    (``codesign.build.shard_blocks``); they are read back into the program unless
+    ``planned_tables="leave"``: then the variant holds placeholders, cannot score by itself and is
+    not checked, and ``variant.sharded_tables`` tells a rank of a sharded server where its blocks are
+    (``codesign.serving.sharded``).
+
     >>> variant = codesign.load("out/dlrm-bundle"); variant.score(batch)
     """
     # Imported here, not with the module: the custom ops a program may call (which torch.export.load
@@ -337,7 +356,11 @@ def load(
         manifest, raw_manifest = _read_manifest(d)
         if manifest_sha256 is not None and hashlib.sha256(raw_manifest).hexdigest() != manifest_sha256:
             raise BundleError(f"{d / MANIFEST} does not match the sha256 its bundle records for it")
-        copy, files = _private_copy(d, manifest, raw_manifest)
+        if planned_tables not in ("load", "leave"):
+            raise BundleError(f"planned_tables must be 'load' or 'leave', not {planned_tables!r}")
+        sharded = manifest.get("sharded_tables")
+        leave = planned_tables == "leave" and bool(sharded)
+        copy, files = _private_copy(d, manifest, raw_manifest, frozenset({TABLES}) if leave else frozenset())
         versions = manifest["versions"]
         backend_rec = manifest["backend"]
         if not isinstance(versions, dict) or not isinstance(backend_rec, dict):
@@ -356,7 +379,7 @@ def load(
             )
         log.warning("bundle built with torch %s, loading with %s", built_with, torch.__version__)
     # before anything is unpacked or opened: native code only from a bundle someone trusted vouches for
-    others = {n: p for n, p in files.items() if n not in (PROGRAM, REFERENCE, PLAN)}
+    others = {n: p for n, p in files.items() if n not in (PROGRAM, REFERENCE, PLAN, TABLES)}
     check_native_trust(
         copy,
         others,
@@ -396,14 +419,17 @@ def load(
             plan = Plan.from_json(files[PLAN].read_text())
         except CodesignError as exc:
             raise BundleError(f"bundle {PLAN} is invalid: {exc.message}") from exc
-    artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN)}
+    artifacts = {name: p for name, p in files.items() if name not in (PROGRAM, REFERENCE, PLAN, TABLES)}
+    stored = _stored_tables(d, sharded, files, plan)
+    if stored is not None and not leave:
+        put_back_tables(exported, *stored)
     reference = RequestBatch(inputs=inputs, offsets=ref["offsets"])
     with _malformed(d):  # every manifest record read before the backend opens anything
         fields = _variant_records(manifest, reference)
         tolerance = manifest.get("tolerance")
         _tolerance(tolerance, Tolerance(rtol=0.0, atol=0.0))  # its shape, checked whether or not it is used
     example = call_inputs(reference, fields["takes_request_offsets"])
-    runner = backend.load(exported, artifacts, example)
+    runner = _runs_elsewhere(d) if leave else backend.load(exported, artifacts, example)
     variant = Variant(
         spec=spec,
         target=target,
@@ -415,12 +441,38 @@ def load(
         reference_outputs=list(ref["outputs"]),
         program=None,
         plan=plan,
+        sharded_tables=stored if leave else None,
         **fields,
     )
-    if check_reference:
+    if check_reference and not leave:
         check_reference_outputs(variant, _tolerance(tolerance, variant.tolerance), d)
     weakref.finalize(variant, shutil.rmtree, copy, True)  # the private copy goes with the variant
     return variant
+
+
+def _stored_tables(
+    d: Path, record: Any, files: dict[str, Path], plan: Any
+) -> tuple[Path, dict[str, Any]] | None:
+    """(tables.bin, its manifest record) of a bundle that stores its planned tables by shard."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or TABLES not in files or plan is None:
+        raise BundleError(
+            f"{d / MANIFEST}: 'sharded_tables' needs an object record, {TABLES} and {PLAN}",
+            fix="recompile the bundle; never edit bundle files by hand",
+        )
+    return files[TABLES], record
+
+
+def _runs_elsewhere(d: Path) -> Any:
+    def runner(**inputs: Any) -> Any:
+        raise BundleError(
+            f"this variant of {d} was loaded without its planned tables (planned_tables='leave'): it scores "
+            "only as a rank of a sharded server",
+            fix="codesign serve BUNDLE --devices K, or codesign.load(BUNDLE) for a single-process variant",
+        )
+
+    return runner
 
 
 def _variant_records(manifest: dict[str, Any], reference: RequestBatch) -> dict[str, Any]:

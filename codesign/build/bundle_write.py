@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 import torch.utils._pytree as pytree
 
+from codesign.build.shard_blocks import TABLES, put_back_tables, tables_without_weights, write_tables
 from codesign.build.signing import file_sha256, remember_written
 from codesign.errors import BundleError, CodesignError, PassError
 from codesign.ir.program import call_inputs, run_in_pieces
@@ -231,11 +232,15 @@ def write_bundle(
 
 def write_bundle_files(variant: SavedVariant, directory: Path) -> None:
     """Write the files of ``variant``'s bundle into the existing, empty ``directory`` (no check)."""
-    torch.export.save(variant.exported, str(directory / PROGRAM))
+    sharded: dict[str, Any] | None = None
+    if variant.plan is not None:
+        # planned tables go to tables.bin by shard (a rank reads its own rows alone), not into the program
+        sharded = write_tables(variant.exported, variant.plan, directory / TABLES)
+        (directory / PLAN).write_text(variant.plan.to_json())
+    with tables_without_weights(variant.exported, list(sharded or ())):
+        torch.export.save(variant.exported, str(directory / PROGRAM))
     for name, src in variant.artifacts.items():
         shutil.copyfile(src, directory / name)
-    if variant.plan is not None:
-        (directory / PLAN).write_text(variant.plan.to_json())
     ref = variant.reference_inputs
     leaves = {p: t for p, t in flatten_inputs(ref.inputs) if isinstance(t, torch.Tensor)}
     torch.save(
@@ -274,6 +279,7 @@ def write_bundle_files(variant: SavedVariant, directory: Path) -> None:
         "micro_batch": variant.micro_batch,
         "id_bounds": variant.id_bounds,
         "derived_weights": variant.derived_weights,
+        "sharded_tables": sharded,
         "tolerance": dataclasses.asdict(bundle_tolerance(variant)),
         "files": files,
     }
@@ -308,6 +314,9 @@ def _reload_in_process(name: str, variant: SavedVariant, directory: Path) -> Non
     what = f"variant '{name}' ({variant.backend.name} bundle reloaded in this process)"
     try:
         exported = torch.export.load(str(directory / PROGRAM))
+        if (directory / TABLES).exists():  # planned tables stored by shard: put them back
+            record = json.loads((directory / MANIFEST).read_text())["sharded_tables"]
+            put_back_tables(exported, directory / TABLES, record)
         example = call_inputs(variant.reference_inputs, variant.takes_request_offsets)
         runner: Callable[..., Any] = variant.backend.load(
             exported, {n: directory / n for n in variant.artifacts}, example

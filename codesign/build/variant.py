@@ -83,6 +83,9 @@ class Variant:
     # weight a pass computed -> the model weights it came from (Program.add_buffer); None: not recorded
     # (a bundle written before it was), so weight deltas cannot be checked against it
     derived_weights: dict[str, list[str]] | None = dataclasses.field(default_factory=dict)
+    # (tables.bin, its manifest record) of a bundle loaded with planned_tables="leave": a sharded
+    # server's rank reads its own blocks from it (codesign.build.shard_blocks)
+    sharded_tables: tuple[Path, dict[str, Any]] | None = None
 
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad():

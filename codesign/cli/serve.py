@@ -75,6 +75,26 @@ def register(sub: Subparsers, *, arguments: bool) -> None:
         p.add_argument("--rate-burst", type=positive_int, help="burst per client (default: twice the rate)")
         p.add_argument("--model-name", default="codesign", help="the model's name on /v2/models/NAME")
         p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+        p.add_argument(
+            "--devices",
+            type=positive_int,
+            help="serve a bundle compiled with --devices K on K ranks (gloo): each loads only its own "
+            "embedding shards, rank 0 answers HTTP; under torchrun the ranks are torchrun's",
+        )
+        p.add_argument(
+            "--rank-timeout",
+            type=positive_float,
+            default=10.0,
+            help="seconds without a heartbeat (or in one collective) before a rank counts as lost",
+        )
+        p.add_argument(
+            "--on-rank-failure",
+            choices=("exit", "restart"),
+            default="exit",
+            help="when a rank is lost: exit with code 3 (a supervisor or torchrun restarts), or restart "
+            "the ranks here (at most --max-restarts times)",
+        )
+        p.add_argument("--max-restarts", type=positive_int, default=3, help="group restarts before exiting")
         add_trust_flags(p)
         add_policy_flags(p, None)
     p.set_defaults(handler=run)
@@ -98,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from codesign.serving.deployment import load_bundle
     from codesign.serving.http import Server, ServerConfig
     from codesign.serving.runtime import BatchingConfig, Runtime
+    from codesign.serving.sharded import RankGroup, ShardedServing, rank_main, torchrun_env
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,14 +137,41 @@ def run(args: argparse.Namespace) -> int:
         rate_limit_burst=args.rate_burst or 0,
         model_name=args.model_name,
     )
+    group = None
+    env = torchrun_env()
+    if args.devices not in (None, 1) or (env is not None and env.world > 1):
+        sharding = ShardedServing(
+            devices=args.devices or (env.world if env else 1),
+            rank_timeout_s=args.rank_timeout,
+            on_rank_failure=args.on_rank_failure,
+            max_restarts=args.max_restarts,
+            threads=args.threads,
+        )
+        trust = {
+            "trusted_keys": [str(k) for k in args.trusted_key or ()],
+            "allow_unsigned_native": args.allow_unsigned_native,
+        }
+        if env is not None and env.rank != 0:  # a torchrun rank that holds shards and serves no HTTP
+            prefix = f"codesign/{env.attempt}/"
+            return rank_main(
+                env.rank, env.world, env.host, env.port, prefix, str(args.bundle), trust, sharding
+            )
+        group = RankGroup(args.bundle, sharding, trust=trust, torchrun=env)
     if args.allow_unsigned_native:
         out().print(
             "[yellow]--allow-unsigned-native: native code in this bundle is loaded without a signature; "
             "anyone who could write the bundle can run code in this server[/]"
         )
-    bundle = load_bundle(
-        args.bundle, trusted_keys=args.trusted_key, allow_unsigned_native=args.allow_unsigned_native
-    )
+    if group is None:
+        bundle = load_bundle(
+            args.bundle, trusted_keys=args.trusted_key, allow_unsigned_native=args.allow_unsigned_native
+        )
+    else:
+        try:
+            bundle = group.start()
+        except BaseException:
+            group.close()
+            raise
     console = out()
     for r in bundle_renderables(bundle)[0]:
         console.print(r)
@@ -133,14 +181,38 @@ def run(args: argparse.Namespace) -> int:
         max_delay_ms=args.max_delay_ms,
         max_queued_requests=args.max_queued_requests,
     )
-    runtime = Runtime(bundle, policy=policy_from_args(args), batching=batching)
-    server = Server(runtime, config=config)
+    try:
+        runtime = Runtime(bundle, policy=policy_from_args(args), batching=batching, group=group)
+        server = Server(runtime, config=config)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+    if group is not None:
+        group.on_exit = server.stop_soon
+        if group.exit_code:  # a rank was lost before the server could be told
+            server.stop_soon()
+        console.print(
+            f"sharded across {group.world} ranks: "
+            + ", ".join(
+                f"rank {r}: pid {i['pid']}, {i['shard_bytes'] / 2**20:.1f} MiB of shards"
+                for r, i in group.describe()["ranks"].items()
+            ),
+            highlight=False,
+        )
     console.print(
         f"serving {args.bundle} at [bold]{server.url}[/] (POST /v1/score, /v2/models/{config.model_name}/infer; "
         f"GET /openapi.json /healthz /metrics); ready: {runtime.ready}; SIGTERM or Ctrl-C drains and stops",
         highlight=False,
         soft_wrap=True,  # one line, so that the address is never split
     )
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if group is not None:
+            group.close()
     console.print(f"stopped; {runtime.inflight} requests unanswered")
+    if group is not None and group.exit_code:
+        console.print(f"[red]{group.problem()}[/]; exiting with code {group.exit_code}", highlight=False)
+        return group.exit_code
     return 0

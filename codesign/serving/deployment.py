@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -304,13 +304,15 @@ class Bundle:
         strict: bool = False,
         trusted_keys: Sequence[str | Path] = (),
         allow_unsigned_native: bool = False,
+        planned_tables: Literal["load", "leave"] = "load",
     ) -> Bundle:
         """Load a multi-variant bundle (or wrap a single-variant one), verifying every file.
 
         A variant that fails to load is recorded in ``failed`` (and logged) while the others
         load; ``strict=True`` raises instead. If no variant loads, BundleError lists why. Native
         code loads as ``codesign.load`` allows; a signature on the top manifest (``codesign sign``)
-        vouches for every variant, since it holds their manifests' sha256.
+        vouches for every variant, since it holds their manifests' sha256. ``planned_tables``: as in
+        ``codesign.load`` (``"leave"``: for a rank of a sharded server).
         """
         d = Path(directory)
         if not (d / MANIFEST).is_file():
@@ -324,7 +326,7 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BundleError(f"{d / MANIFEST} is not valid JSON: {type(exc).__name__}") from exc
         if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT:
-            return cls._single(d, trusted_keys, allow_unsigned_native)
+            return cls._single(d, trusted_keys, allow_unsigned_native, planned_tables)
         if not isinstance(manifest, dict) or manifest.get("format") != MULTI_FORMAT:
             read_manifest(d)  # foreign format: same message as for single bundles
         version = manifest.get("schema_version")
@@ -346,7 +348,9 @@ class Bundle:
         signed = verify_signature(d, trust.trusted_keys, manifest_sha=digest) is not None
         native_ok = allow_unsigned_native or signed or written_here(digest)
         policy, features = _read_router(d, router_rec)
-        variants, profiles, failed = _load_variants(d, entries, strict, trust.trusted_keys, native_ok)
+        variants, profiles, failed = _load_variants(
+            d, entries, strict, trust.trusted_keys, native_ok, planned_tables
+        )
         if not variants:
             raise BundleError(
                 f"no variant of {d} loads: " + "; ".join(f"{n}: {w}" for n, w in failed.items()),
@@ -360,9 +364,20 @@ class Bundle:
         return bundle
 
     @classmethod
-    def _single(cls, d: Path, trusted_keys: Sequence[str | Path], allow_unsigned_native: bool) -> Bundle:
+    def _single(
+        cls,
+        d: Path,
+        trusted_keys: Sequence[str | Path],
+        allow_unsigned_native: bool,
+        planned_tables: Literal["load", "leave"] = "load",
+    ) -> Bundle:
         """A single-variant bundle as a one-variant Bundle, profiled from its manifest's cost estimates."""
-        variant = load(d, trusted_keys=trusted_keys, allow_unsigned_native=allow_unsigned_native)
+        variant = load(
+            d,
+            trusted_keys=trusted_keys,
+            allow_unsigned_native=allow_unsigned_native,
+            planned_tables=planned_tables,
+        )
         try:
             curve = curve_from_estimates(variant)
         except CodesignError:
@@ -394,7 +409,12 @@ def _read_router(d: Path, record: Mapping[str, Any]) -> tuple[Policy, FeatureCon
 
 
 def _load_variants(
-    d: Path, entries: Sequence[Any], strict: bool, trusted_keys: Sequence[Path], native_ok: bool
+    d: Path,
+    entries: Sequence[Any],
+    strict: bool,
+    trusted_keys: Sequence[Path],
+    native_ok: bool,
+    planned_tables: Literal["load", "leave"] = "load",
 ) -> tuple[dict[str, Variant], dict[str, VariantProfile], dict[str, str]]:
     """(variants that load, every listed profile, why each other variant failed)."""
     variants: dict[str, Variant] = {}
@@ -419,7 +439,11 @@ def _load_variants(
                 )
             # load checks the manifest bytes it reads against the pin (no second read to swap)
             variants[name] = load(
-                sub, trusted_keys=trusted_keys, allow_unsigned_native=native_ok, manifest_sha256=pinned
+                sub,
+                trusted_keys=trusted_keys,
+                allow_unsigned_native=native_ok,
+                manifest_sha256=pinned,
+                planned_tables=planned_tables,
             )
         except Exception as exc:  # one broken variant must not take the others down
             if strict:
@@ -515,8 +539,13 @@ def load_bundle(
     strict: bool = False,
     trusted_keys: Sequence[str | Path] = (),
     allow_unsigned_native: bool = False,
+    planned_tables: Literal["load", "leave"] = "load",
 ) -> Bundle:
     """Load a bundle for serving: multi-variant, or a single variant wrapped as one (see ``Bundle.load``)."""
     return Bundle.load(
-        directory, strict=strict, trusted_keys=trusted_keys, allow_unsigned_native=allow_unsigned_native
+        directory,
+        strict=strict,
+        trusted_keys=trusted_keys,
+        allow_unsigned_native=allow_unsigned_native,
+        planned_tables=planned_tables,
     )

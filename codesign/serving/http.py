@@ -605,6 +605,11 @@ class Server:
         finally:
             self._finish()
 
+    def stop_soon(self) -> None:
+        """Ask a server running ``serve_forever`` to drain and stop (from any thread): what SIGTERM does."""
+        self._begin_drain()
+        self._uv.should_exit = True
+
     def shutdown(self) -> None:
         """Stop accepting, answer what was admitted (within the drain timeout), stop the runtime."""
         self._begin_drain()

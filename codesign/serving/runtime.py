@@ -47,6 +47,7 @@ from codesign.errors import (
     ConfigError,
     DeadlineError,
     OverloadError,
+    RankLostError,
     RequestError,
     RequestTooLargeError,
     RoutingError,
@@ -68,6 +69,7 @@ from codesign.serving.wire import scores_per_candidate
 if TYPE_CHECKING:
     from codesign.build.variant import Variant
     from codesign.serving.deployment import Bundle
+    from codesign.serving.sharded import RankGroup
 
 __all__ = ["BatchingConfig", "Runtime", "Ticket", "WeightsBusyError", "WeightsVersion"]
 
@@ -226,9 +228,18 @@ class Runtime:
     """
 
     def __init__(
-        self, bundle: Bundle, *, policy: Policy | None = None, batching: BatchingConfig | None = None
+        self,
+        bundle: Bundle,
+        *,
+        policy: Policy | None = None,
+        batching: BatchingConfig | None = None,
+        group: RankGroup | None = None,
     ) -> None:
+        """``group``: the process group a sharded bundle's variants score through
+        (``codesign.serving.sharded``); while it is not whole the server is not ready and requests
+        get RankLostError (503)."""
         self.bundle = bundle
+        self.group = group
         self.batching = batching or BatchingConfig()
         names = list(bundle.profiles)
         self.load = LoadTracker(names)
@@ -325,6 +336,10 @@ class Runtime:
         counts against the request's budget and its reported latency.
         """
         t0 = received if received is not None else time.perf_counter()
+        lost = self.group.problem() if self.group is not None else None
+        if lost is not None:
+            self.metrics.inc("codesign_errors_total", kind="rank_lost")
+            raise RankLostError(lost, fix="retry later; GET /v2/health/ready says when the group is whole")
         if self._closed:  # while draining, requests already received are still admitted and answered
             self.metrics.inc("codesign_errors_total", kind="closed")
             raise OverloadError(
@@ -595,6 +610,14 @@ class Runtime:
         try:
             try:
                 outputs = _score(variant, [_piece(j, i) for j, i in chosen], rows)
+            except RankLostError as exc:  # the group, not the variant or a request: no probe, no retry
+                for job, _ in chosen:
+                    if job.error is None and job.tensors is None:
+                        self._forget(name, job)
+                        self.metrics.inc("codesign_errors_total", kind="rank_lost")
+                        job.error = exc
+                        self._finish(job)
+                return
             except Exception as exc:
                 self._isolate(name, variant, chosen, exc)
                 return
@@ -741,7 +764,8 @@ class Runtime:
     @property
     def ready(self) -> bool:
         """True while the server takes requests: not draining and at least one variant in rotation."""
-        return not self.draining and not self._closed and bool(self.router.available)
+        whole = self.group is None or self.group.problem() is None
+        return not self.draining and not self._closed and bool(self.router.available) and whole
 
     @property
     def inflight(self) -> int:
@@ -757,6 +781,7 @@ class Runtime:
             "variants": {n: ("up" if n not in down else f"down: {down[n]}") for n in self.router.profiles},
             "policy": self.router.policy_name,
             "weights_version": self._current.id,
+            **({"group": self.group.describe()} if self.group is not None else {}),
         }
 
     # ---- weights ---------------------------------------------------------------------------------
@@ -795,6 +820,12 @@ class Runtime:
         nothing changes (WeightsError, or WeightsBusyError while another update runs). Returns the
         new version's record; the replaced version is kept for ``rollback``.
         """
+        if self.group is not None:
+            raise WeightsError(
+                "live weight updates are not supported by a sharded server (--devices K) yet: its ranks "
+                "would have to switch their shards together",
+                fix="restart the sharded server on the new bundle, or serve it on one device",
+            )
         if (delta is None) == (bundle is None):
             raise WeightsError(
                 "give a delta file or a bundle (one of them)", fix="delta=PATH, sha256=HEX or bundle=DIR"

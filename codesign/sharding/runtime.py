@@ -20,6 +20,7 @@ import dataclasses
 import operator
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -136,13 +137,13 @@ def _module(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphMo
 class _LocalShard:
     """One shard this rank owns: its rows/columns of the table, stored as the plan says."""
 
-    def __init__(self, shard: Shard, weight: torch.Tensor, scale: torch.Tensor | None, storage: str) -> None:
+    def __init__(self, shard: Shard, block: torch.Tensor, scale: torch.Tensor | None, storage: str) -> None:
+        """``block``: the shard's rows/columns of the table; ``scale``: their row scales (quantized tables)."""
         self.shard = shard
-        block = weight[shard.row_start : shard.row_end, shard.col_start : shard.col_end]
         self.scale: torch.Tensor | None = None
         if scale is not None:  # already quantized by selective_fp8: keep its bytes and scales
             self.weight = block.contiguous()
-            self.scale = scale[shard.row_start : shard.row_end].contiguous()
+            self.scale = scale.contiguous()
         elif storage in QUANTIZED_TABLE_FORMATS:
             self.weight, self.scale = quantize_table(block.float(), storage)
         else:
@@ -167,7 +168,17 @@ class ShardedProgram:
     >>> scores = sharded(**local_batch.inputs)                      # collective: all ranks call
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, plan: Plan, group: Any = None) -> None:
+    def __init__(
+        self,
+        graph_module: torch.fx.GraphModule,
+        plan: Plan,
+        group: Any = None,
+        blocks: Callable[[str, tuple[int, int, int, int]], torch.Tensor] | None = None,
+    ) -> None:
+        """``blocks(name, (row_start, row_end, col_start, col_end))``: where this rank's pieces of a
+        table (or of its row scales) come from when ``graph_module`` holds placeholders for the
+        planned tables (a sharded bundle, ``codesign.build.shard_blocks``); by default they are cut
+        from the tables the graph module holds."""
         if not dist.is_initialized():
             raise ShardingError(
                 "torch.distributed is not initialized", fix="run under torchrun or codesign.sharding.launch"
@@ -216,7 +227,18 @@ class ShardedProgram:
                 )
             for s in self.shards[lk.node]:
                 if s.device == self.rank:
-                    self.local[(lk.node, s.index)] = _LocalShard(s, weight, scale, storage)
+                    rows, cols = (s.row_start, s.row_end), (s.col_start, s.col_end)
+                    if blocks is not None:
+                        block = blocks(lk.table, (*rows, *cols))
+                        cut = (
+                            blocks(lk.scale, (*rows, 0, scale.shape[1] if scale.dim() == 2 else 1))
+                            if lk.scale and scale is not None
+                            else None
+                        )
+                    else:
+                        block = weight[rows[0] : rows[1], cols[0] : cols[1]]
+                        cut = scale[rows[0] : rows[1]] if scale is not None else None
+                    self.local[(lk.node, s.index)] = _LocalShard(s, block, cut, storage)
 
     # ---- graph cut ---------------------------------------------------------------------------
     def _build_graphs(self, gm: torch.fx.GraphModule) -> None:
@@ -243,26 +265,64 @@ class ShardedProgram:
                     back.erase_node(user)
                 back.erase_node(node)
         self.back = _module(gm, back)
+        # the front may keep lookups whose outputs only size a later lookup's offsets (a placeholder
+        # table gives the same shapes); the dense part after the cut must not read a planned table
+        planned = {lk.table for lk in self.lookups} | {lk.scale for lk in self.lookups if lk.scale}
+        kept = sorted(planned & {str(n.target) for n in self.back.graph.nodes if n.op == "get_attr"})
+        if kept:
+            raise ShardingError(
+                f"tables {kept} are read by more than their EmbeddingBag lookups, so they cannot be sharded",
+                fix="plan without those tables (sharding constraints) or compile for one device",
+            )
 
     # ---- one call ----------------------------------------------------------------------------
     def __call__(self, **inputs: Any) -> Any:
+        flat, ids, lengths = self.route(**inputs)
+        return self.finish(flat, self.exchange(ids, lengths))
+
+    def route(self, **inputs: Any) -> tuple[list[Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """This rank's part before any communication: the inputs flattened, each lookup's ids and bag lengths."""
         flat = [v for _, v in flatten_inputs(inputs)]
         with torch.no_grad():
             parts = self.front(*flat)
-            # contiguous: ids cut from a column of a [N, F] input are a strided view, and the lookup
-            # kernel below reads its ids as if they were packed (it read another field's ids)
-            ids = {
-                lk.node: parts[2 * i].reshape(-1).to(torch.int64).contiguous()
-                for i, lk in enumerate(self.lookups)
-            }
-            lengths = {}
-            for i, lk in enumerate(self.lookups):
-                offsets = parts[2 * i + 1].reshape(-1).to(torch.int64)
-                end = torch.tensor([ids[lk.node].numel()], dtype=torch.int64)
-                lengths[lk.node] = torch.diff(torch.cat([offsets, end]))
-            pooled = self._lookup(ids, lengths)
+        # contiguous: ids cut from a column of a [N, F] input are a strided view, and the lookup
+        # kernel below reads its ids as if they were packed (it read another field's ids)
+        ids = {
+            lk.node: parts[2 * i].reshape(-1).to(torch.int64).contiguous()
+            for i, lk in enumerate(self.lookups)
+        }
+        lengths = {}
+        for i, lk in enumerate(self.lookups):
+            offsets = parts[2 * i + 1].reshape(-1).to(torch.int64)
+            end = torch.tensor([ids[lk.node].numel()], dtype=torch.int64)
+            lengths[lk.node] = torch.diff(torch.cat([offsets, end]))
+        return flat, ids, lengths
+
+    def exchange(
+        self, ids: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The collective part (every rank calls it together): ids to their owners, pooled rows back."""
+        with torch.no_grad():
+            return self._lookup(ids, lengths)
+
+    def serve_peers(self) -> None:
+        """Take part in one ``exchange`` with no lookups of this rank's own: pool what the other ranks
+        send to this rank's shards (a rank of a sharded server that has no requests of its own)."""
+        empty = torch.empty(0, dtype=torch.int64)
+        self.exchange({lk.node: empty for lk in self.lookups}, {lk.node: empty for lk in self.lookups})
+
+    def finish(self, flat: Sequence[Any], pooled: Mapping[str, torch.Tensor]) -> Any:
+        """The dense part on this rank's inputs and the pooled embeddings."""
+        with torch.no_grad():
             out = self.back(*flat, *(pooled[lk.node] for lk in self.lookups))
         return out[0] if isinstance(out, list | tuple) and len(out) == 1 else out
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of the table shards this rank holds (weights and row scales)."""
+        return sum(
+            s.weight.nbytes + (s.scale.nbytes if s.scale is not None else 0) for s in self.local.values()
+        )
 
     def _segments(
         self, node: str, ids: torch.Tensor, lengths: torch.Tensor
@@ -333,7 +393,7 @@ class ShardedProgram:
             for node, s, _, n in seg:
                 size = n.numel() * (s.col_end - s.col_start)
                 parts.setdefault(node, []).append(
-                    (s, results_out[dst][at : at + size].reshape(n.numel(), -1))
+                    (s, results_out[dst][at : at + size].reshape(n.numel(), s.col_end - s.col_start))
                 )
                 at += size
         for lk in self.lookups:
@@ -364,8 +424,12 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
+COMM_SECONDS = [0.0]  # wall time this process spent in all-to-alls (a server reports its share)
+
+
 def _all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: Any) -> None:
     """Variable-size all-to-all as one ``all_to_all_single`` (gloo and NCCL both support it)."""
+    t0 = time.perf_counter()
     send = torch.cat([t.reshape(-1) for t in inputs]) if inputs else torch.empty(0)
     recv = torch.empty(sum(t.numel() for t in outputs), dtype=send.dtype)
     dist.all_to_all_single(
@@ -375,6 +439,7 @@ def _all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group: 
         input_split_sizes=[t.numel() for t in inputs],
         group=group,
     )
+    COMM_SECONDS[0] += time.perf_counter() - t0
     at = 0
     for t in outputs:
         t.copy_(recv[at : at + t.numel()].reshape(t.shape))
