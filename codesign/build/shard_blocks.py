@@ -154,17 +154,24 @@ def read_block(path: Path, record: Mapping[str, Any], name: str, block: Block) -
         raise BundleError(
             f"{TABLES}: block {list(block)} of {name!r} records {meta['bytes']} bytes, not {size}"
         )
+    raw = bytearray(size)  # read into the tensor's own buffer: a block is never held twice
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(fd, "rb", buffering=0) as f:
         f.seek(int(meta["offset"]))
-        raw = f.read(size)
-    if len(raw) != size or hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+        got = 0
+        view = memoryview(raw)
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    if got != size or hashlib.sha256(raw).hexdigest() != meta["sha256"]:
         raise BundleError(
             f"{TABLES}: block {list(block)} of {name!r} does not match its sha256 in the manifest "
             "(truncated or tampered with)",
             fix="recompile the bundle; never edit bundle files by hand",
         )
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
     rows = flat.view(dtype)
     return rows.reshape(r1 - r0, c1 - c0) if len(shape) == 2 else rows.reshape(r1 - r0, *shape[1:])
 

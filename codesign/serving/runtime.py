@@ -1083,6 +1083,23 @@ def _declare_metrics(rt: Runtime) -> Metrics:
         lambda: {(): float(rt.inflight)},
     )
     m.gauge_function("codesign_ready", "1 while the server takes requests.", lambda: {(): float(rt.ready)})
+    group = rt.group
+    if group is not None:
+        m.gauge_function(
+            "codesign_rank_up",
+            "1 while a rank of the sharded group is up.",
+            lambda: {(("rank", r),): float(i["state"] == "up") for r, i in group.describe()["ranks"].items()},
+        )
+        m.gauge_function(
+            "codesign_shard_call_seconds_total",
+            "Wall time of the sharded variants' calls on rank 0 (dense part, lookups and exchange).",
+            lambda: {(): group.call_seconds},
+        )
+        m.gauge_function(
+            "codesign_shard_comm_seconds_total",
+            "Of that, time in the all-to-alls that carry ids out and pooled rows back.",
+            lambda: {(): group.comm_seconds()},
+        )
     m.declare("codesign_weight_updates_total", "counter", "Weight updates and rollbacks, by result.")
     m.gauge_function(
         "codesign_weights_version",
