@@ -141,10 +141,10 @@ def _plan_bytes(bundle: Path, rank: int) -> int:
     return total
 
 
-def _scores_match(srv: Served, bundle: Path, sizes: list[int]) -> float:
+def _scores_match(srv: Served, bundle: Path, sizes: list[int], single: Any = None) -> float:
     """Send requests of ``sizes`` candidates concurrently; the largest difference from the
-    single-device bundle's scores."""
-    single = codesign.load(bundle)
+    single-device bundle's scores (or from ``single``'s)."""
+    single = single if single is not None else codesign.load(bundle)
     schema = load_bundle(bundle).schema()
     wl = load_model_ref("dlrm", size="tiny")
     errors: list[float] = []
@@ -234,9 +234,29 @@ def test_a_killed_rank_turns_the_server_unready_answers_503_naming_it_and_exits_
 
 
 @pytest.mark.slow  # a restart starts the other rank again (~40 s on 2 cores)
-def test_a_hung_rank_is_found_by_its_heartbeat_and_the_group_restarts(bundle2: Path) -> None:
-    srv = Served(bundle2, "--devices", "2", "--rank-timeout", "3", "--on-rank-failure", "restart")
+def test_a_hung_rank_is_found_by_its_heartbeat_and_the_group_restarts(bundle2: Path, tmp_path: Path) -> None:
+    from codesign.build.weights import WeightsDelta, apply_delta
+
+    single = codesign.load(bundle2)
+    plan = single.plan
+    assert plan is not None
+    row_t = next(t for t, k in plan.kinds.items() if k == "row_wise")
+    table = single.exported.state_dict[row_t]
+    ids = torch.arange(table.shape[0] // 2, table.shape[0])  # the rows rank 1 holds
+    delta = WeightsDelta(rows={row_t: (ids, torch.randn(ids.numel(), table.shape[1]))})
+    sha = delta.save(tmp_path / "delta.pt")
+    (tmp_path / "admin").write_text("admin-secret\n")
+    srv = Served(
+        bundle2,
+        *("--devices", "2", "--rank-timeout", "3", "--on-rank-failure", "restart"),
+        *("--admin-token-file", str(tmp_path / "admin")),
+    )
     try:
+        # a weights version the restarted rank must build again (from the same delta file)
+        status, reply = _post(
+            srv, "/v2/admin/weights", {"delta": str(tmp_path / "delta.pt"), "sha256": sha}, "admin-secret"
+        )
+        assert status == 200 and reply["version"] == "v2", reply
         _, health = srv.request("GET", "/healthz")
         pid = health["group"]["ranks"]["1"]["pid"]
         os.kill(pid, signal.SIGSTOP)  # hung: alive, silent
@@ -254,7 +274,7 @@ def test_a_hung_rank_is_found_by_its_heartbeat_and_the_group_restarts(bundle2: P
         _, health = srv.request("GET", "/healthz")
         assert health["group"]["restarts"] == 1 and health["group"]["problem"] is None, health
         assert health["group"]["ranks"]["1"]["pid"] != pid
-        assert _scores_match(srv, bundle2, [5, 200, 33]) <= SCORE_ATOL
+        assert _scores_match(srv, bundle2, [5, 200, 33], apply_delta(single, delta)) <= SCORE_ATOL
     finally:
         with_pid = locals().get("pid")
         if with_pid:  # a rank left stopped must not outlive the test
@@ -311,3 +331,90 @@ def test_sharded_serving_refuses_what_it_cannot_serve(bundle2: Path) -> None:
     )
     with pytest.raises(ShardingError, match="no variant of this bundle is planned"):
         sharded_names(one, 2)
+
+
+# ---- live weight updates --------------------------------------------------------------------------
+
+
+def _post(srv: Served, path: str, body: Any, token: str) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        conn.request("POST", path, body=json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # a sharded server, an update and a rollback under load (~40 s)
+def test_every_rank_switches_to_a_weight_delta_together_and_rolls_back(bundle2: Path, tmp_path: Path) -> None:
+    from codesign.build.weights import WeightsDelta, apply_delta
+
+    leave = load(bundle2, planned_tables="leave")
+    assert leave.plan is not None
+    kinds = leave.plan.kinds
+    row_t = next(t for t, k in kinds.items() if k == "row_wise")
+    col_t = next(t for t, k in kinds.items() if k == "column_wise")
+    rep_t = next(t for t, k in kinds.items() if k == "data_parallel")
+    derived = leave.derived_weights or {}
+    sources = {s for srcs in derived.values() for s in srcs}
+    dense = next(
+        n
+        for n, t in leave.exported.state_dict.items()
+        if n not in kinds and n not in derived and n not in sources and t.dim() == 2
+    )
+    single = codesign.load(bundle2)
+    weights = single.exported.state_dict
+    g = torch.Generator().manual_seed(0)
+    rows = weights[row_t].shape[0]
+    row_ids = torch.tensor([0, rows // 2, rows - 1])  # rows on both ranks' blocks
+    delta = WeightsDelta(
+        tensors={rep_t: torch.randn(weights[rep_t].shape, generator=g), dense: weights[dense] * 1.5},
+        rows={
+            row_t: (row_ids, torch.randn(3, weights[row_t].shape[1], generator=g)),
+            col_t: (torch.tensor([1, 2]), torch.randn(2, weights[col_t].shape[1], generator=g)),
+        },
+    )
+    sha = delta.save(tmp_path / "delta.pt")
+    expected = apply_delta(single, delta)
+    tokens = tmp_path / "admin"
+    tokens.write_text("admin-secret\n")
+    srv = Served(bundle2, "--devices", "2", "--admin-token-file", str(tokens))
+    try:
+        schema = load_bundle(bundle2).schema()
+        wl = load_model_ref("dlrm", size="tiny")
+        # ids that hit every changed row: the batch's ids are drawn over each table's rows
+        batches = [wl.make_batch([n], seed=50 + i) for i, n in enumerate([64, 300, 1])]
+        replies: list[tuple[int, Any]] = []
+        stop = threading.Event()
+        loader = threading.Thread(target=_load_until, args=(srv, bundle2, stop, replies))
+        loader.start()
+        try:
+            status, reply = _post(
+                srv, "/v2/admin/weights", {"delta": str(tmp_path / "delta.pt"), "sha256": sha}, "admin-secret"
+            )
+            assert status == 200 and reply["version"] == "v2", reply
+            for batch in batches:
+                status, got = srv.request("POST", "/v1/score", schema.encode(batch))
+                assert status == 200 and got["weights_version"] == "v2"
+                want = expected.score(batch).reshape(-1)
+                assert (torch.tensor(got["scores"]) - want).abs().max() <= SCORE_ATOL
+                assert (want - single.score(batch).reshape(-1)).abs().max() > 1e-3  # the update shows
+            status, reply = _post(srv, "/v2/admin/weights/rollback", {}, "admin-secret")
+            assert status == 200 and reply["version"] == "v1", reply
+            for batch in batches:
+                status, got = srv.request("POST", "/v1/score", schema.encode(batch))
+                assert status == 200 and got["weights_version"] == "v1"
+                assert (
+                    torch.tensor(got["scores"]) - single.score(batch).reshape(-1)
+                ).abs().max() <= SCORE_ATOL
+        finally:
+            stop.set()
+            loader.join()
+        assert replies and all(s == 200 for s, _ in replies), {s for s, _ in replies}  # no request failed
+        # a bundle cannot be sent to a sharded server: refused, nothing changed
+        status, reply = _post(srv, "/v2/admin/weights", {"bundle": str(bundle2)}, "admin-secret")
+        assert status == 422 and "takes weight deltas" in reply["error"], reply
+    finally:
+        assert srv.stop() == 0

@@ -176,6 +176,34 @@ def apply_delta(variant: Variant, delta: WeightsDelta) -> Variant:
     return _rebuilt(variant, updated)
 
 
+def split_delta(
+    variant: Variant, delta: WeightsDelta, tables: set[str]
+) -> tuple[WeightsDelta | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A delta for a variant whose ``tables`` are sharded across ranks: the rest of the delta (for
+    ``apply_delta``; None when nothing is left) and each table's (row ids, new rows), every entry
+    checked against the table's shape and dtype. A whole table becomes all its rows."""
+    where = f"variant '{variant.name}'"
+    names = [n for n in [*delta.tensors, *delta.rows] if n in tables]
+    _check_stand_alone(variant, names, where)
+    state, constants = dict(variant.exported.state_dict), dict(variant.exported.constants)
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        old = _weight(state, constants, name, where, variant)  # a placeholder of the table's shape and dtype
+        if name in delta.tensors:
+            new = delta.tensors[name]
+            _check_values(name, new, tuple(old.shape), old.dtype, where)
+            rows[name] = (torch.arange(old.shape[0]), new.detach())
+        else:
+            ids, new = delta.rows[name]
+            ids = _check_ids(name, ids, old.shape[0], where)
+            _check_values(name, new, (ids.numel(), *old.shape[1:]), old.dtype, where)
+            rows[name] = (ids, new.detach())
+    rest_tensors = {n: t for n, t in delta.tensors.items() if n not in tables}
+    rest_rows = {n: r for n, r in delta.rows.items() if n not in tables}
+    rest = WeightsDelta(rest_tensors, rest_rows, delta.sha256) if rest_tensors or rest_rows else None
+    return rest, rows
+
+
 def _check_stand_alone(variant: Variant, names: list[str], where: str) -> None:
     """Refuse weights that passes also read into weights of their own (folded, split, fused, quantized):
     a delta would change one use and leave the derived copy as it was."""

@@ -35,6 +35,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -260,6 +261,7 @@ class Runtime:
             1, dict(bundle.variants), "bundle", _manifest_sha(bundle.path), time.time()
         )
         self._previous: WeightsVersion | None = None
+        self._shards = {1: 0}  # weights version -> the version of the ranks' shards it scores on
         self._updating = threading.Lock()  # one update or rollback at a time
         self._numbers = itertools.count(2)
         for name, why in bundle.failed.items():
@@ -820,11 +822,11 @@ class Runtime:
         nothing changes (WeightsError, or WeightsBusyError while another update runs). Returns the
         new version's record; the replaced version is kept for ``rollback``.
         """
-        if self.group is not None:
+        if self.group is not None and bundle is not None:
             raise WeightsError(
-                "live weight updates are not supported by a sharded server (--devices K) yet: its ranks "
-                "would have to switch their shards together",
-                fix="restart the sharded server on the new bundle, or serve it on one device",
+                "a sharded server (--devices K) takes weight deltas, not bundles: a new bundle's tables would "
+                "have to be read again by every rank",
+                fix="send a delta file (codesign.WeightsDelta), or restart the server on the new bundle",
             )
         if (delta is None) == (bundle is None):
             raise WeightsError(
@@ -842,8 +844,11 @@ class Runtime:
             )
         try:
             base = self._current
+            shards: int | None = None  # a sharded server's new version of its ranks' shards
             try:
-                if delta is not None:
+                if delta is not None and self.group is not None:
+                    variants, source, sha, shards = self._from_sharded_delta(base, Path(delta), str(sha256))
+                elif delta is not None:
                     variants, source, sha = self._from_delta(base, Path(delta), str(sha256))
                 else:
                     assert bundle is not None
@@ -852,6 +857,8 @@ class Runtime:
                     )
                 self._warm_new(variants)
             except Exception as exc:
+                if self.group is not None and shards is not None:
+                    self.group.release(shards)
                 self.metrics.inc("codesign_weight_updates_total", result="refused")
                 if isinstance(exc, WeightsError):
                     raise
@@ -861,6 +868,11 @@ class Runtime:
                     fix="nothing was changed; the server log has the details",
                 ) from exc
             version = WeightsVersion(next(self._numbers), variants, source, sha, time.time())
+            if (
+                self.group is not None and shards is not None
+            ):  # every rank drops them once nothing holds this version
+                self._shards[version.number] = shards
+                weakref.finalize(version, self.group.release, shards)
             self._swap(base, version)
             self.metrics.inc("codesign_weight_updates_total", result="applied")
             log.warning("weights %s (%s) in rotation; %s kept for rollback", version.id, source, base.id)
@@ -901,6 +913,39 @@ class Runtime:
 
         d = WeightsDelta.read(path, sha256)
         return {n: apply_delta(v, d) for n, v in base.variants.items()}, f"delta {path.name}", d.sha256
+
+    def _from_sharded_delta(
+        self, base: WeightsVersion, path: Path, sha256: str
+    ) -> tuple[dict[str, Variant], str, str, int]:
+        """A delta on a sharded server: every rank builds the new version of its shards (the tables'
+        rows), rank 0 the dense weights of each variant; the new variants score through the group on
+        the new shards. As for the eager backend, their reference outputs are their own new scores."""
+        from codesign.build.weights import WeightsDelta, apply_delta
+
+        group = self.group
+        assert group is not None
+        shards, rest = group.update(self._shards[base.number], path, sha256)
+        try:
+            planned = group.planned
+            d = WeightsDelta.read(path, sha256)
+            out: dict[str, Variant] = {}
+            for name, variant in base.variants.items():
+                if name not in planned:
+                    out[name] = apply_delta(variant, d)
+                    continue
+                remainder = rest[name]
+                new = (
+                    apply_delta(variant, remainder) if remainder is not None else dataclasses.replace(variant)
+                )
+                module = new.exported.module() if remainder is not None else None
+                group.attach(new, planned.index(name), shards, module)
+                got = new.score(new.reference_inputs, check=False)
+                new.reference_outputs = [t.detach().clone() for t in output_tensors(got)]
+                out[name] = new
+        except BaseException:
+            group.release(shards)
+            raise
+        return out, f"delta {path.name}", d.sha256, shards
 
     def _from_bundle(
         self,

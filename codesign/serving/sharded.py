@@ -54,7 +54,7 @@ __all__ = ["RankGroup", "ShardedServing", "rank_main", "torchrun_env"]
 
 log = logging.getLogger(__name__)
 
-_TICK, _LOOKUP, _STOP = 0, 1, 2
+_TICK, _LOOKUP, _STOP, _UPDATE, _RELEASE = 0, 1, 2, 3, 4
 EXIT_RANK_LOST = 3  # the exit code of a server that lost a rank and was told to exit
 _STARTUP_TIMEOUT_S = 300.0  # ranks importing torch and reading their shards on a loaded host
 
@@ -245,17 +245,27 @@ def rank_main(
             timeout=datetime.timedelta(seconds=config.rank_timeout_s),
         )
         bundle = _load_bundle(Path(bundle_dir), trust)
-        programs = _programs(bundle, sharded_names(bundle, world))
-        info = {"pid": os.getpid(), "shard_bytes": sum(p.shard_bytes for p in programs)}
+        names = sharded_names(bundle, world)
+        versions = {0: _programs(bundle, names)}  # weights version -> this rank's programs
+        info = {"pid": os.getpid(), "shard_bytes": sum(p.shard_bytes for p in versions[0])}
         store.set(f"ready/{rank}", json.dumps(info))
-        command = torch.zeros(2, dtype=torch.int64)
+        command = torch.zeros(3, dtype=torch.int64)
         while True:
             dist.broadcast(command, src=0)
-            op, index = (int(x) for x in command.tolist())
+            op, a, b = (int(x) for x in command.tolist())
             if op == _STOP:
                 return 0
             if op == _LOOKUP:
-                programs[index].serve_peers()
+                versions[b][a].serve_peers()
+            elif op == _UPDATE:  # built beside the serving loop: lookups on older versions go on
+                threading.Thread(
+                    target=_apply_update,
+                    args=(store, rank, versions, a, b, bundle, names),
+                    name=f"codesign-update-{a}",
+                    daemon=True,
+                ).start()
+            elif op == _RELEASE:
+                versions.pop(a, None)
     except Exception as exc:
         with contextlib.suppress(Exception):
             store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}"[:2000])
@@ -265,6 +275,44 @@ def rank_main(
         stop.set()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _table_rows(
+    bundle: Bundle, names: list[str], path: str, sha256: str
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """The sharded tables' (row ids, new rows) of a delta file, checked against every planned
+    variant; and the rest of the delta per variant (dense weights: rank 0's part)."""
+    from codesign.build.weights import WeightsDelta, split_delta
+
+    delta = WeightsDelta.read(path, sha256)
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rest: dict[str, Any] = {}
+    for name in names:
+        variant = bundle.variants[name]
+        assert variant.plan is not None
+        rest[name], table_rows = split_delta(variant, delta, {t.name for t in variant.plan.tables})
+        rows.update(table_rows)
+    return rows, rest
+
+
+def _apply_update(
+    store: dist.Store,
+    rank: int,
+    versions: dict[int, list[ShardedProgram]],
+    version: int,
+    base: int,
+    bundle: Bundle,
+    names: list[str],
+) -> None:
+    """Build weights version ``version`` of this rank's shards from ``base`` and a delta file."""
+    try:
+        record = json.loads(store.get(f"update/{version}").decode())
+        rows, _ = _table_rows(bundle, names, record["path"], record["sha256"])
+        versions[version] = [p.updated(rows) for p in versions[base]]
+        store.set(f"updated/{version}/{rank}", "ok")
+    except Exception as exc:
+        log.error("rank %d cannot build weights version %d: %s: %s", rank, version, type(exc).__name__, exc)
+        store.set(f"updated/{version}/{rank}", f"{type(exc).__name__}: {str(exc)[:500]}")
 
 
 def _spawned_rank(*args: Any) -> None:
@@ -319,7 +367,12 @@ class RankGroup:
         self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._info: dict[int, dict[str, Any]] = {}
         self._beats: dict[int, tuple[int, float]] = {}
-        self._programs: list[ShardedProgram] = []
+        self._programs: dict[int, list[ShardedProgram]] = {}  # weights version -> rank 0's programs
+        self._updates: list[tuple[int, int, str, str]] = []  # (version, base, delta path, sha256), in order
+        self._released: set[int] = set()
+        self._to_release: list[int] = []
+        self._versions = iter(range(1, 1 << 62))
+        self._bundle: Bundle | None = None
         self._names: list[str] = []
         self._last_call = time.monotonic()
         self._stop = threading.Event()
@@ -360,10 +413,11 @@ class RankGroup:
         bundle = _load_bundle(self.bundle_dir, self.trust)  # while the other ranks import torch
         self._names = sharded_names(bundle, self.world)
         self._join()
-        self._programs = _programs(bundle, self._names)
+        self._programs = {0: _programs(bundle, self._names)}
+        self._bundle = bundle
         self._await_ready()
         for index, name in enumerate(self._names):
-            bundle.variants[name].runner = functools.partial(self.run, index)
+            bundle.variants[name].runner = functools.partial(self.run, index, 0)
         self._threads = [
             threading.Thread(target=self._watch, name="codesign-ranks", daemon=True),
             threading.Thread(target=self._tick, name="codesign-tick", daemon=True),
@@ -438,24 +492,26 @@ class RankGroup:
     def _await_ready(self) -> None:
         ready = self._wait_for("ready", "load its shards")
         self._info = {r: json.loads(v) for r, v in ready.items()}
-        self._info[0] = {"pid": os.getpid(), "shard_bytes": sum(p.shard_bytes for p in self._programs)}
+        self._info[0] = {"pid": os.getpid(), "shard_bytes": sum(p.shard_bytes for p in self._programs[0])}
         now = time.monotonic()
         self._beats = {r: (-1, now) for r in range(1, self.world)}
 
     # ---- scoring --------------------------------------------------------------------------------
-    def run(self, index: int, **inputs: Any) -> Any:
-        """Score one call of planned variant ``index`` across the group (the variant's runner)."""
+    def run(self, index: int, version: int, **inputs: Any) -> Any:
+        """Score one call of planned variant ``index`` on weights ``version`` across the group (the
+        variant's runner)."""
         problem = self.problem()
         if problem is not None:
             raise RankLostError(problem, fix="retry later; GET /v2/health/ready says when the group is whole")
-        program = self._programs[index]
+        program = self._programs[version][index]
         t0 = time.perf_counter()
         flat, ids, lengths = program.route(**inputs)  # this rank's own work: errors are the request's
         with self._lock:
             if self._problem is not None:
                 raise RankLostError(self._problem)
             try:
-                dist.broadcast(torch.tensor([_LOOKUP, index], dtype=torch.int64), src=0)
+                self._flush_releases()
+                self._send(_LOOKUP, index, version)
                 pooled = program.exchange(ids, lengths)
             except Exception as exc:
                 raise self._collective_failed(exc) from exc
@@ -466,6 +522,84 @@ class RankGroup:
         self.calls += 1
         return out
 
+    @staticmethod
+    def _send(op: int, a: int = 0, b: int = 0) -> None:
+        """One command to every rank (the caller holds the group's lock)."""
+        dist.broadcast(torch.tensor([op, a, b], dtype=torch.int64), src=0)
+
+    def _flush_releases(self) -> None:
+        """Tell every rank to drop the versions released since the last command (lock held)."""
+        while self._to_release:
+            version = self._to_release.pop()
+            self._send(_RELEASE, version)
+            self._programs.pop(version, None)
+            self._released.add(version)
+
+    @property
+    def planned(self) -> list[str]:
+        """The variants that score across the group, in the order the ranks number them."""
+        return list(self._names)
+
+    def update(self, base: int, path: Path, sha256: str) -> tuple[int, dict[str, Any]]:
+        """Build weights version N of every rank's shards from version ``base`` and a delta file; every
+        rank checks the file's sha256 and builds beside the serving loop. Returns (N, the rest of the
+        delta per planned variant, for rank 0's dense weights). Nothing is kept unless every rank built it.
+
+        The file must be readable at the same path on every rank (one host, or a shared folder)."""
+        from codesign.errors import WeightsError
+
+        if self._problem is not None:
+            raise RankLostError(self._problem)
+        assert self._bundle is not None
+        path = Path(path).resolve()
+        rows, rest = _table_rows(
+            self._bundle, self._names, str(path), sha256
+        )  # refused here before any rank works
+        own = [p.updated(rows) for p in self._programs[base]]
+        version = next(self._versions)
+        results = self._broadcast_update(version, base, str(path), sha256)
+        failed = {r: v for r, v in results.items() if v != "ok"}
+        if failed:
+            with self._lock:
+                if self._problem is None:
+                    self._send(_RELEASE, version)
+            raise WeightsError(
+                "ranks could not build the new weights: "
+                + "; ".join(f"rank {r}: {v}" for r, v in sorted(failed.items())),
+                fix="nothing was changed; the delta file must be readable at the same path by every rank",
+            )
+        self._programs[version] = own
+        self._updates.append((version, base, str(path), sha256))
+        return version, rest
+
+    def _broadcast_update(
+        self, version: int, base: int, path: str, sha256: str, locked: bool = False
+    ) -> dict[int, str]:
+        store = self._store()
+        store.set(f"update/{version}", json.dumps({"path": path, "sha256": sha256}))
+        if locked:
+            self._send(_UPDATE, version, base)
+        else:
+            with self._lock:
+                if self._problem is not None:
+                    raise RankLostError(self._problem)
+                self._send(_UPDATE, version, base)
+                self._last_call = time.monotonic()
+        return self._wait_for(f"updated/{version}", "build the new weights")
+
+    def attach(self, variant: Any, index: int, version: int, graph_module: Any = None) -> None:
+        """Make ``variant`` (a new weights version of planned variant ``index``) score on shards
+        ``version``; ``graph_module``: its program with new dense weights, for rank 0's halves."""
+        if graph_module is not None:
+            self._programs[version][index] = self._programs[version][index].updated({}, graph_module)
+        variant.runner = functools.partial(self.run, index, version)
+
+    def release(self, version: int) -> None:
+        """Weights ``version`` is no longer served by anything: every rank drops it (at the next idle
+        moment; callable from any thread, a finalizer included)."""
+        if version != 0:
+            self._to_release.append(version)
+
     def _tick(self) -> None:
         """An idle rank 0 sends a no-op, so the others' wait for a command stays within the timeout."""
         while not self._stop.wait(self.config.tick_s / 2):
@@ -475,7 +609,8 @@ class RankGroup:
                 if self._problem is not None or self._stop.is_set():
                     continue
                 try:
-                    dist.broadcast(torch.tensor([_TICK, 0], dtype=torch.int64), src=0)
+                    self._flush_releases()
+                    self._send(_TICK)
                 except Exception as exc:
                     self._collective_failed(exc)
                 self._last_call = time.monotonic()
@@ -565,6 +700,13 @@ class RankGroup:
                 self._spawn()
                 self._join()
                 self._await_ready()
+                for version, base, path, sha256 in self._updates:  # the new ranks build every version again
+                    results = self._broadcast_update(version, base, path, sha256, locked=True)
+                    failed = {r: v for r, v in results.items() if v != "ok"}
+                    if failed:
+                        raise ShardingError(f"weights version {version} could not be rebuilt: {failed}")
+                for version in sorted(self._released):
+                    self._send(_RELEASE, version)
             except Exception as exc:
                 log.error("restarting the sharded group failed: %s", exc)
                 with self._state:
@@ -610,7 +752,7 @@ class RankGroup:
         self._stop.set()
         if self._problem is None:
             with self._lock, contextlib.suppress(Exception):
-                dist.broadcast(torch.tensor([_STOP, 0], dtype=torch.int64), src=0)
+                self._send(_STOP)
         deadline = time.monotonic() + timeout_s
         for proc in self._procs.values():
             proc.join(timeout=max(0.1, deadline - time.monotonic()))

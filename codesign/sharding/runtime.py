@@ -16,6 +16,7 @@ A rank keeps only its own shards: the full tables are dropped once sliced.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 import os
@@ -148,6 +149,13 @@ class _LocalShard:
             self.weight, self.scale = quantize_table(block.float(), storage)
         else:
             self.weight = block.to(_STORAGE_DTYPE[storage]).contiguous()
+
+    @classmethod
+    def holding(cls, shard: Shard, weight: torch.Tensor) -> _LocalShard:
+        """A shard holding ``weight`` as it is (already in its storage dtype)."""
+        out = cls.__new__(cls)
+        out.shard, out.weight, out.scale = shard, weight, None
+        return out
 
     def pool(self, ids: torch.Tensor, lengths: torch.Tensor, mode: int) -> torch.Tensor:
         offsets = torch.cumsum(lengths, 0) - lengths
@@ -316,6 +324,45 @@ class ShardedProgram:
         with torch.no_grad():
             out = self.back(*flat, *(pooled[lk.node] for lk in self.lookups))
         return out[0] if isinstance(out, list | tuple) and len(out) == 1 else out
+
+    def updated(
+        self,
+        rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        graph_module: torch.fx.GraphModule | None = None,
+    ) -> ShardedProgram:
+        """A new version of this program: the shards of ``rows``' tables (name -> row ids, new full
+        rows) copied with those rows changed, every other shard shared with this version; the dense
+        halves rebuilt from ``graph_module`` when given (new dense weights). This version is unchanged,
+        so calls in flight on it finish on it."""
+        quantized = sorted(
+            lk.table
+            for lk in self.lookups
+            if lk.table in rows
+            and any(sh.scale is not None for (node, _), sh in self.local.items() if node == lk.node)
+        )
+        if quantized:
+            raise ShardingError(
+                f"tables {quantized} are stored quantized on the ranks; changed rows would need quantizing again",
+                fix="send a new bundle compiled from the new weights",
+            )
+        new = copy.copy(self)
+        new.local = dict(self.local)
+        if graph_module is not None:
+            new._build_graphs(graph_module)
+        for (node, index), shard in self.local.items():
+            table = self.by_node[node].table
+            if table not in rows:
+                continue
+            ids, values = rows[table]
+            s = shard.shard
+            keep = (ids >= s.row_start) & (ids < s.row_end)
+            if not bool(keep.any()):
+                continue
+            weight = shard.weight.clone()
+            part = values[keep][:, s.col_start : s.col_end].to(weight.dtype)
+            weight.index_copy_(0, ids[keep] - s.row_start, part)
+            new.local[(node, index)] = _LocalShard.holding(s, weight)
+        return new
 
     @property
     def shard_bytes(self) -> int:
