@@ -49,8 +49,11 @@ class Sample:
 class Served:
     """``codesign serve BUNDLE --admin-token-file`` in a child process on a free port."""
 
-    def __init__(self, bundle: Path, tokens: Path) -> None:
-        self.proc, self.host, self.port = serve_child([str(bundle), "--admin-token-file", str(tokens)])
+    def __init__(self, bundle: Path, tokens: Path, devices: int = 1) -> None:
+        flags = ["--devices", str(devices)] if devices > 1 else []
+        self.proc, self.host, self.port = serve_child(
+            [str(bundle), "--admin-token-file", str(tokens), *flags]
+        )
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
@@ -79,12 +82,32 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=2000, help="item-table rows each delta changes")
     ap.add_argument("--updates", type=int, default=5, help="updates (each followed by a rollback)")
     ap.add_argument("--quiet-s", type=float, default=3.0, help="steady window before each update")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/weights-update-host.json"))
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="K > 1: compile for K devices (no replicated tables) and serve with --devices K",
+    )
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/weights-update-host[-kK].json")
     args = ap.parse_args()
+    suffix = f"-k{args.devices}" if args.devices > 1 else ""
+    args.out = args.out or Path(f"benchmarks/results/weights-update-host{suffix}.json")
 
     work = Path(tempfile.mkdtemp(prefix="codesign-weights-bench-"))
     w = codesign.load_model_ref("useq", size=args.size)
-    variant = codesign.compile(w, target="host", backend="eager")
+    if args.devices > 1:
+        from codesign.passes import default_passes
+        from codesign.passes.sharding import ShardEmbeddings, ShardingConfig
+
+        sharding = ShardEmbeddings(ShardingConfig(sharding_types="no_replicas"))
+        passes = [sharding if isinstance(p, ShardEmbeddings) else p for p in default_passes()]
+        variant = codesign.compile(
+            w, target=codesign.get_target("host", args.devices), backend="eager", passes=passes
+        )
+        assert variant.plan is not None
+        print("plan:", dict(sorted(variant.plan.kinds.items())))
+    else:
+        variant = codesign.compile(w, target="host", backend="eager")
     variant.save(work / "bundle", verify="in_process")
     (work / "tokens").write_text(TOKEN + "\n")
     table = variant.exported.state_dict["item.weight"]
@@ -98,7 +121,7 @@ def main() -> int:
     sha = delta.save(work / "delta.pt")
     schema = codesign.load_bundle(work / "bundle").schema()
     body = json.dumps(schema.encode(w.make_batch([args.candidates], seed=1))).encode()
-    served = Served(work / "bundle", work / "tokens")
+    served = Served(work / "bundle", work / "tokens", args.devices)
     samples: list[Sample] = []
     windows: list[tuple[float, float, str, float]] = []  # start, end, kind, seconds
     switched: list[tuple[float, str]] = []  # when a call returned, the version it put in rotation
@@ -159,6 +182,8 @@ def main() -> int:
         "benchmark": "weights_update",
         **host_meta(),
         "model": f"useq {args.size} (eager), {args.candidates} candidates per request, {args.clients} clients",
+        "devices": args.devices,
+        "plan": dict(sorted(variant.plan.kinds.items())) if variant.plan is not None else None,
         "delta": f"{args.rows} rows of item.weight {tuple(table.shape)} + cand_tower.0.weight {tuple(dense.shape)}",
         "delta_bytes": (work / "delta.pt").stat().st_size,
         "requests": len(samples),
