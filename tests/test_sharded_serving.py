@@ -274,7 +274,10 @@ def test_a_hung_rank_is_found_by_its_heartbeat_and_the_group_restarts(bundle2: P
         _, health = srv.request("GET", "/healthz")
         assert health["group"]["restarts"] == 1 and health["group"]["problem"] is None, health
         assert health["group"]["ranks"]["1"]["pid"] != pid
-        assert _scores_match(srv, bundle2, [5, 200, 33], apply_delta(single, delta)) <= SCORE_ATOL
+        updated = apply_delta(single, delta)
+        batch = load_model_ref("dlrm", size="tiny").make_batch([200], seed=1001)  # _scores_match's second
+        assert (updated.score(batch) - single.score(batch)).abs().max() > 1e-3  # rank 1's new rows show
+        assert _scores_match(srv, bundle2, [5, 200, 33], updated) <= SCORE_ATOL
     finally:
         with_pid = locals().get("pid")
         if with_pid:  # a rank left stopped must not outlive the test
@@ -318,7 +321,7 @@ def test_a_rank_reads_only_its_blocks_each_checked_by_its_sha256(bundle2: Path, 
 def test_sharded_serving_refuses_what_it_cannot_serve(bundle2: Path) -> None:
     bundle = load_bundle(bundle2, planned_tables="leave")
     with pytest.raises(ShardingError, match="planned for 2 devices, not 4"):
-        sharded_names(bundle, 4)
+        sharded_names(bundle.variants, 4)
     with pytest.raises(ConfigError, match="2 or more devices"):
         ShardedServing(devices=1)
     with pytest.raises(ConfigError, match="exceed 4 heartbeats"):
@@ -330,7 +333,7 @@ def test_sharded_serving_refuses_what_it_cannot_serve(bundle2: Path) -> None:
         planned_tables="leave",
     )
     with pytest.raises(ShardingError, match="no variant of this bundle is planned"):
-        sharded_names(one, 2)
+        sharded_names(one.variants, 2)
 
 
 # ---- live weight updates --------------------------------------------------------------------------
@@ -409,6 +412,19 @@ def test_every_rank_switches_to_a_weight_delta_together_and_rolls_back(bundle2: 
                 assert (
                     torch.tensor(got["scores"]) - single.score(batch).reshape(-1)
                 ).abs().max() <= SCORE_ATOL
+            # v3 on top of v1: v2's shards (version 1) are served by nothing now and every rank drops them
+            update = {"delta": str(tmp_path / "delta.pt"), "sha256": sha}
+            status, reply = _post(srv, "/v2/admin/weights", update, "admin-secret")
+            assert status == 200 and reply["version"] == "v3", reply
+            status, got = srv.request("POST", "/v1/score", schema.encode(batches[0]))
+            assert status == 200 and got["weights_version"] == "v3"
+            want = expected.score(batches[0]).reshape(-1)
+            assert (torch.tensor(got["scores"]) - want).abs().max() <= SCORE_ATOL
+            held = lambda: srv.request("GET", "/healthz")[1]["group"]["weights_versions"]  # noqa: E731
+            deadline = time.monotonic() + 10
+            while held() != [0, 2] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert held() == [0, 2]
         finally:
             stop.set()
             loader.join()

@@ -150,6 +150,8 @@ def read_block(path: Path, record: Mapping[str, Any], name: str, block: Block) -
         )
     r0, r1, c0, c1 = block
     size = (r1 - r0) * ((c1 - c0) if len(shape) == 2 else 1) * torch.empty((), dtype=dtype).element_size()
+    if not all(isinstance(meta.get(k), t) for k, t in (("bytes", int), ("offset", int), ("sha256", str))):
+        raise BundleError(f"{TABLES}: the record of block {list(block)} of {name!r} is malformed")
     if meta["bytes"] != size:
         raise BundleError(
             f"{TABLES}: block {list(block)} of {name!r} records {meta['bytes']} bytes, not {size}"
@@ -180,16 +182,17 @@ def read_table(path: Path, record: Mapping[str, Any], name: str) -> torch.Tensor
     """The whole tensor ``name``, put back together from its blocks (a single-process load)."""
     dtype, shape, blocks = _entry(record, name)
     out = torch.empty(shape, dtype=dtype)
-    covered = 0
+    covered = torch.zeros(shape[:2] if len(shape) == 2 else shape[:1], dtype=torch.bool)
     for meta in blocks:
         b = tuple(int(x) for x in meta["block"])
         piece = read_block(path, record, name, b)  # type: ignore[arg-type]
         if len(shape) == 2:
             out[b[0] : b[1], b[2] : b[3]] = piece
+            covered[b[0] : b[1], b[2] : b[3]] = True
         else:
             out[b[0] : b[1]] = piece
-        covered += piece.numel()
-    if covered < out.numel():
+            covered[b[0] : b[1]] = True
+    if not bool(covered.all()):
         raise BundleError(f"{TABLES}: the blocks of {name!r} do not cover its {list(shape)} elements")
     return out
 

@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
         }
         if env is not None and env.rank != 0:  # a torchrun rank that holds shards and serves no HTTP
             prefix = f"codesign/{env.attempt}/"
-            return rank_main(
-                env.rank, env.world, env.host, env.port, prefix, str(args.bundle), trust, sharding
-            )
+            address = ("tcp", env.host, str(env.port))
+            return rank_main(env.rank, env.world, address, prefix, str(args.bundle), trust, sharding)
         group = RankGroup(args.bundle, sharding, trust=trust, torchrun=env)
     if args.allow_unsigned_native:
         out().print(

@@ -30,10 +30,13 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +51,7 @@ from codesign.sharding import runtime as shard_runtime
 from codesign.sharding.runtime import ShardedProgram
 
 if TYPE_CHECKING:
+    from codesign.build.variant import Variant
     from codesign.serving.deployment import Bundle
 
 __all__ = ["RankGroup", "ShardedServing", "rank_main", "torchrun_env"]
@@ -127,19 +131,19 @@ def torchrun_env(environ: Mapping[str, str] = os.environ) -> TorchrunEnv | None:
 # ---- loading a rank's part of a bundle -----------------------------------------------------------
 
 
-def sharded_names(bundle: Bundle, devices: int) -> list[str]:
+def sharded_names(variants: Mapping[str, Variant], devices: int) -> list[str]:
     """The variants that run across the group (those with a plan), in the order every rank numbers them.
 
     Every planned variant must be planned for ``devices`` devices and use the eager backend (the
     ranks run the FX graph's two halves around the exchange)."""
-    names = sorted(n for n, v in bundle.variants.items() if v.plan is not None)
+    names = sorted(n for n, v in variants.items() if v.plan is not None)
     if not names:
         raise ShardingError(
             "no variant of this bundle is planned across devices, so there is nothing to shard",
             fix="compile with --devices K (a multi-device target), or serve without --devices",
         )
     for name in names:
-        variant = bundle.variants[name]
+        variant = variants[name]
         assert variant.plan is not None
         if variant.plan.topology.size != devices:
             raise ShardingError(
@@ -161,13 +165,13 @@ def sharded_names(bundle: Bundle, devices: int) -> list[str]:
     return names
 
 
-def _programs(bundle: Bundle, names: list[str]) -> list[ShardedProgram]:
+def _programs(variants: Mapping[str, Variant], names: list[str]) -> list[ShardedProgram]:
     """This rank's ShardedProgram of each planned variant, its shards read from tables.bin alone."""
     from codesign.build.shard_blocks import read_block
 
     out = []
     for name in names:
-        variant = bundle.variants[name]
+        variant = variants[name]
         assert variant.plan is not None and variant.sharded_tables is not None
         path, record = variant.sharded_tables
         out.append(
@@ -179,6 +183,7 @@ def _programs(bundle: Bundle, names: list[str]) -> list[ShardedProgram]:
 
 
 def _load_bundle(directory: Path, trust: Mapping[str, Any]) -> Bundle:
+    """Rank 0's bundle: every variant (those without a plan it scores alone), planned tables left out."""
     from codesign.serving.deployment import load_bundle
 
     return load_bundle(
@@ -190,13 +195,60 @@ def _load_bundle(directory: Path, trust: Mapping[str, Any]) -> Bundle:
     )
 
 
+def _planned_variants(directory: Path, trust: Mapping[str, Any]) -> dict[str, Variant]:
+    """A rank's variants: only those planned across devices (a one-device fallback variant of a
+    multi-variant bundle is rank 0's alone, and is not loaded here)."""
+    from codesign.build.bundle import load, read_manifest
+    from codesign.build.bundle_write import MANIFEST, MULTI_FORMAT, PLAN, SAFE_NAME
+    from codesign.serving.deployment import VARIANTS_DIR
+
+    keys = {
+        "trusted_keys": trust.get("trusted_keys", ()),
+        "allow_unsigned_native": bool(trust.get("allow_unsigned_native", False)),
+        "planned_tables": "leave",
+    }
+    try:
+        top = json.loads((directory / MANIFEST).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ShardingError(f"cannot read {directory / MANIFEST}: {exc}") from exc
+    if not isinstance(top, dict) or top.get("format") != MULTI_FORMAT:
+        variant = load(directory, **keys)  # type: ignore[arg-type]
+        return {variant.name: variant} if variant.plan is not None else {}
+    out = {}
+    for entry in top.get("variants", []):
+        name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+        if not SAFE_NAME.match(name) or entry.get("dir") != f"{VARIANTS_DIR}/{name}":
+            raise ShardingError(f"{directory / MANIFEST} lists an unsafe variant entry {name!r}")
+        sub = directory / VARIANTS_DIR / name
+        if PLAN in read_manifest(sub)["files"]:
+            out[name] = load(sub, manifest_sha256=entry.get("manifest_sha256"), **keys)  # type: ignore[arg-type]
+    return out
+
+
+def manifest_digest(directory: Path) -> str:
+    """sha256 of a bundle's top manifest: what every rank must have read (one bundle, not two)."""
+    from codesign.build.bundle_write import MANIFEST
+
+    try:
+        return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ShardingError(f"cannot read {directory / MANIFEST}: {exc.strerror or exc}") from exc
+
+
 # ---- the other ranks ------------------------------------------------------------------------------
 
 
-def _client(host: str, port: int, world: int) -> dist.TCPStore:
-    return dist.TCPStore(
-        host, port, world, is_master=False, timeout=datetime.timedelta(seconds=_STARTUP_TIMEOUT_S)
-    )
+StoreAddress = tuple[str, ...]  # ("file", path): ranks rank 0 started; ("tcp", host, port): torchrun's
+
+
+def _connect(address: StoreAddress, world: int) -> dist.Store:
+    """A connection to the group's key-value store (heartbeats, errors, start-up and update records)."""
+    startup = datetime.timedelta(seconds=_STARTUP_TIMEOUT_S)
+    if address[0] == "file":  # a file in a folder only this user can open: nothing listens on a port
+        store: dist.Store = dist.FileStore(address[1], -1)
+        store.set_timeout(startup)
+        return store
+    return dist.TCPStore(address[1], int(address[2]), world, is_master=False, timeout=startup)
 
 
 def _heartbeat(
@@ -214,8 +266,7 @@ def _heartbeat(
 def rank_main(
     rank: int,
     world: int,
-    host: str,
-    port: int,
+    address: StoreAddress,
     prefix: str,
     bundle_dir: str,
     trust: Mapping[str, Any],
@@ -224,31 +275,45 @@ def rank_main(
 ) -> int:
     """Run rank ``rank`` (> 0) of a sharded server until rank 0 stops it; its exit code.
 
-    Joins the group, loads its shards, says it is ready, then takes part in every exchange rank 0
-    starts. Why it failed, if it did, goes to the store for rank 0 to report."""
+    Joins the group, checks it reads the bundle rank 0 reads, loads its shards and builds the weights
+    versions in use (a restarted group), says it is ready, waits for every rank to be, then takes
+    part in every exchange rank 0 starts. Start-up runs under a long timeout (ranks load at their
+    own pace); the serving loop under ``rank_timeout_s``. Why it failed, if it did, goes to the
+    store for rank 0 to report."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    base = _client(host, port, world)
-    store = dist.PrefixStore(prefix, base)
+    startup = datetime.timedelta(seconds=_STARTUP_TIMEOUT_S)
+    store = dist.PrefixStore(prefix, _connect(address, world))
     store.set(f"joined/{rank}", str(os.getpid()))
-    beat = dist.PrefixStore(prefix, _client(host, port, world))  # its own connection, for its own thread
+    beat = dist.PrefixStore(prefix, _connect(address, world))  # its own connection, for its own thread
     stop = threading.Event()
     threading.Thread(
         target=_heartbeat, args=(beat, rank, config.heartbeat_s, parent, stop), daemon=True
     ).start()
     try:
         dist.init_process_group(
-            config.backend,
-            store=dist.PrefixStore("pg", store),
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=config.rank_timeout_s),
+            config.backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world, timeout=startup
         )
-        bundle = _load_bundle(Path(bundle_dir), trust)
-        names = sharded_names(bundle, world)
-        versions = {0: _programs(bundle, names)}  # weights version -> this rank's programs
+        want, got = store.get("bundle_sha256").decode(), manifest_digest(Path(bundle_dir))
+        if want != got:
+            raise ShardingError(
+                f"rank {rank} reads another bundle at {bundle_dir} than rank 0 (manifest sha256 {got[:12]}..., "
+                f"rank 0's {want[:12]}...): the bundle was replaced while the server runs",
+                fix="restart the whole server on the new bundle",
+            )
+        variants = _planned_variants(Path(bundle_dir), trust)
+        names = sharded_names(variants, world)
+        versions = {0: _programs(variants, names)}  # weights version -> this rank's programs
+        replay = json.loads(store.get("replay").decode())  # the versions in use, built again in order
+        for version, base, path, sha256 in replay["build"]:
+            rows, _ = _table_rows(variants, names, path, sha256)
+            versions[version] = [p.updated(rows) for p in versions[base]]
+        for version in replay["drop"]:
+            versions.pop(version, None)
         info = {"pid": os.getpid(), "shard_bytes": sum(p.shard_bytes for p in versions[0])}
         store.set(f"ready/{rank}", json.dumps(info))
+        store.wait(["go"], startup)
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=config.rank_timeout_s))
         command = torch.zeros(3, dtype=torch.int64)
         while True:
             dist.broadcast(command, src=0)
@@ -260,7 +325,7 @@ def rank_main(
             elif op == _UPDATE:  # built beside the serving loop: lookups on older versions go on
                 threading.Thread(
                     target=_apply_update,
-                    args=(store, rank, versions, a, b, bundle, names),
+                    args=(store, rank, versions, a, b, variants, names),
                     name=f"codesign-update-{a}",
                     daemon=True,
                 ).start()
@@ -278,7 +343,7 @@ def rank_main(
 
 
 def _table_rows(
-    bundle: Bundle, names: list[str], path: str, sha256: str
+    variants: Mapping[str, Variant], names: list[str], path: str, sha256: str
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """The sharded tables' (row ids, new rows) of a delta file, checked against every planned
     variant; and the rest of the delta per variant (dense weights: rank 0's part)."""
@@ -288,7 +353,7 @@ def _table_rows(
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     rest: dict[str, Any] = {}
     for name in names:
-        variant = bundle.variants[name]
+        variant = variants[name]
         assert variant.plan is not None
         rest[name], table_rows = split_delta(variant, delta, {t.name for t in variant.plan.tables})
         rows.update(table_rows)
@@ -301,13 +366,13 @@ def _apply_update(
     versions: dict[int, list[ShardedProgram]],
     version: int,
     base: int,
-    bundle: Bundle,
+    variants: Mapping[str, Variant],
     names: list[str],
 ) -> None:
     """Build weights version ``version`` of this rank's shards from ``base`` and a delta file."""
     try:
         record = json.loads(store.get(f"update/{version}").decode())
-        rows, _ = _table_rows(bundle, names, record["path"], record["sha256"])
+        rows, _ = _table_rows(variants, names, record["path"], record["sha256"])
         versions[version] = [p.updated(rows) for p in versions[base]]
         store.set(f"updated/{version}/{rank}", "ok")
     except Exception as exc:
@@ -368,8 +433,7 @@ class RankGroup:
         self._info: dict[int, dict[str, Any]] = {}
         self._beats: dict[int, tuple[int, float]] = {}
         self._programs: dict[int, list[ShardedProgram]] = {}  # weights version -> rank 0's programs
-        self._updates: list[tuple[int, int, str, str]] = []  # (version, base, delta path, sha256), in order
-        self._released: set[int] = set()
+        self._updates: dict[int, tuple[int, str, str]] = {}  # version -> (base, delta path, sha256)
         self._to_release: list[int] = []
         self._versions = iter(range(1, 1 << 62))
         self._bundle: Bundle | None = None
@@ -379,17 +443,19 @@ class RankGroup:
         self._threads: list[threading.Thread] = []
         self.call_seconds = 0.0
         self.calls = 0
-        self._master: dist.TCPStore | None = None
-        self._host = "127.0.0.1"
-        self._port = 0
+        self._master: dist.Store | None = None
+        self._address: StoreAddress = ()
+        self._folder: Path | None = None  # the file store's private folder (ranks rank 0 started)
+        self._digest = ""
 
     # ---- start ----------------------------------------------------------------------------------
     def start(self) -> Bundle:
         """Start (or join) the group, load rank 0's part of the bundle, wait until every rank has
         loaded its shards; the bundle, its planned variants scoring through the group."""
+        self._digest = manifest_digest(self.bundle_dir)
         if self.torchrun is not None:
             env = self.torchrun
-            self._host, self._port = env.host, env.port
+            self._address = ("tcp", env.host, str(env.port))
             self._master = dist.TCPStore(
                 env.host,
                 env.port,
@@ -400,22 +466,18 @@ class RankGroup:
             )
             self.generation = env.attempt
         else:
-            self._master = dist.TCPStore(
-                "127.0.0.1",
-                0,
-                self.world,
-                is_master=True,
-                wait_for_workers=False,
-                timeout=datetime.timedelta(seconds=_STARTUP_TIMEOUT_S),
-            )
-            self._port = self._master.port
+            self._folder = Path(tempfile.mkdtemp(prefix="codesign-group-"))  # mode 0700
+            self._address = ("file", str(self._folder / "store"))
+            self._master = _connect(self._address, self.world)
+        self._publish()
         self._spawn()
         bundle = _load_bundle(self.bundle_dir, self.trust)  # while the other ranks import torch
-        self._names = sharded_names(bundle, self.world)
+        self._names = sharded_names(bundle.variants, self.world)
         self._join()
-        self._programs = {0: _programs(bundle, self._names)}
+        self._programs = {0: _programs(bundle.variants, self._names)}
         self._bundle = bundle
         self._await_ready()
+        self._go()
         for index, name in enumerate(self._names):
             bundle.variants[name].runner = functools.partial(self.run, index, 0)
         self._threads = [
@@ -434,6 +496,23 @@ class RankGroup:
         assert self._master is not None
         return dist.PrefixStore(self._prefix, self._master)
 
+    def _publish(self) -> None:
+        """What the ranks of this generation read at start: rank 0's bundle digest and the weights
+        versions to build (none at first; after a restart, those in use and the versions they grew from)."""
+        live = {v for v in self._programs if v != 0}
+        needed: set[int] = set()
+        for version in live:
+            while version != 0 and version not in needed:
+                needed.add(version)
+                version = self._updates[version][0]
+        replay = {
+            "build": [[v, *self._updates[v]] for v in sorted(needed)],
+            "drop": sorted(needed - live),
+        }
+        store = self._store()
+        store.set("bundle_sha256", self._digest)
+        store.set("replay", json.dumps(replay))
+
     def _spawn(self) -> None:
         if self.torchrun is not None:
             return
@@ -442,8 +521,7 @@ class RankGroup:
             args = (
                 rank,
                 self.world,
-                self._host,
-                self._port,
+                self._address,
                 self._prefix,
                 str(self.bundle_dir),
                 self.trust,
@@ -481,13 +559,30 @@ class RankGroup:
 
     def _join(self) -> None:
         self._wait_for("joined", "join the group")
-        dist.init_process_group(
-            self.config.backend,
-            store=dist.PrefixStore("pg", self._store()),
-            rank=0,
-            world_size=self.world,
-            timeout=datetime.timedelta(seconds=self.config.rank_timeout_s),
-        )
+        try:
+            dist.init_process_group(
+                self.config.backend,
+                store=dist.PrefixStore("pg", self._store()),
+                rank=0,
+                world_size=self.world,
+                timeout=datetime.timedelta(seconds=_STARTUP_TIMEOUT_S),  # ranks load at their own pace
+            )
+        except Exception as exc:
+            store = self._store()
+            why = [
+                f"rank {r}: {store.get(f'error/{r}').decode()}"
+                for r in range(1, self.world)
+                if store.check([f"error/{r}"])
+            ]
+            raise ShardingError(
+                f"the ranks could not form a process group: {'; '.join(why) or f'{type(exc).__name__}: {exc}'}"
+            ) from exc
+
+    def _go(self) -> None:
+        """Every rank is ready: from now on a collective waits at most ``rank_timeout_s``."""
+        self._store().set("go", "1")
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=self.config.rank_timeout_s))
+        self._last_call = 0.0  # a no-op goes out at the next tick
 
     def _await_ready(self) -> None:
         ready = self._wait_for("ready", "load its shards")
@@ -509,18 +604,48 @@ class RankGroup:
         with self._lock:
             if self._problem is not None:
                 raise RankLostError(self._problem)
-            try:
-                self._flush_releases()
-                self._send(_LOOKUP, index, version)
-                pooled = program.exchange(ids, lengths)
-            except Exception as exc:
-                raise self._collective_failed(exc) from exc
-            finally:
-                self._last_call = time.monotonic()
+            pooled = self._exchange(program, index, version, ids, lengths)
         out = program.finish(flat, pooled)
         self.call_seconds += time.perf_counter() - t0
         self.calls += 1
         return out
+
+    def _exchange(
+        self,
+        program: ShardedProgram,
+        index: int,
+        version: int,
+        ids: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The lookup command and the exchange (the caller holds the group's lock)."""
+        try:
+            self._flush_releases()
+            self._send(_LOOKUP, index, version)
+            return program.exchange(ids, lengths)
+        except Exception as exc:
+            raise self._collective_failed(exc) from exc
+        finally:
+            self._last_call = time.monotonic()
+
+    def _check_reference(self) -> None:
+        """Every planned variant scores its reference batch through the group (lock held): a group
+        started again must reproduce the bundle's scores before it serves."""
+        assert self._bundle is not None
+        for index, name in enumerate(self._names):
+            program = self._programs[0][index]
+
+            def runner(_p: ShardedProgram = program, _i: int = index, **inputs: Any) -> Any:
+                flat, ids, lengths = _p.route(**inputs)
+                return _p.finish(flat, self._exchange(_p, _i, 0, ids, lengths))
+
+            variant = dataclasses.replace(self._bundle.variants[name], runner=runner)
+            ok, max_abs = variant.check_reference()
+            if not ok:
+                raise ShardingError(
+                    f"variant '{name}' scores its reference batch with max abs error {max_abs:.3g} on the "
+                    "restarted group"
+                )
 
     @staticmethod
     def _send(op: int, a: int = 0, b: int = 0) -> None:
@@ -533,7 +658,6 @@ class RankGroup:
             version = self._to_release.pop()
             self._send(_RELEASE, version)
             self._programs.pop(version, None)
-            self._released.add(version)
 
     @property
     def planned(self) -> list[str]:
@@ -552,40 +676,32 @@ class RankGroup:
             raise RankLostError(self._problem)
         assert self._bundle is not None
         path = Path(path).resolve()
-        rows, rest = _table_rows(
-            self._bundle, self._names, str(path), sha256
-        )  # refused here before any rank works
+        # a bad delta is refused here, before any rank works
+        rows, rest = _table_rows(self._bundle.variants, self._names, str(path), sha256)
         own = [p.updated(rows) for p in self._programs[base]]
         version = next(self._versions)
-        results = self._broadcast_update(version, base, str(path), sha256)
+        with self._lock:  # the record and the command in one generation: a restart cannot come between
+            if self._problem is not None:
+                raise RankLostError(self._problem)
+            self._store().set(f"update/{version}", json.dumps({"path": str(path), "sha256": sha256}))
+            self._send(_UPDATE, version, base)
+            self._last_call = time.monotonic()
+        try:
+            results = self._wait_for(f"updated/{version}", "build the new weights")
+        except Exception:
+            self.release(version)  # ranks that built it drop it at the next command
+            raise
         failed = {r: v for r, v in results.items() if v != "ok"}
         if failed:
-            with self._lock:
-                if self._problem is None:
-                    self._send(_RELEASE, version)
+            self.release(version)
             raise WeightsError(
                 "ranks could not build the new weights: "
                 + "; ".join(f"rank {r}: {v}" for r, v in sorted(failed.items())),
                 fix="nothing was changed; the delta file must be readable at the same path by every rank",
             )
         self._programs[version] = own
-        self._updates.append((version, base, str(path), sha256))
+        self._updates[version] = (base, str(path), sha256)
         return version, rest
-
-    def _broadcast_update(
-        self, version: int, base: int, path: str, sha256: str, locked: bool = False
-    ) -> dict[int, str]:
-        store = self._store()
-        store.set(f"update/{version}", json.dumps({"path": path, "sha256": sha256}))
-        if locked:
-            self._send(_UPDATE, version, base)
-        else:
-            with self._lock:
-                if self._problem is not None:
-                    raise RankLostError(self._problem)
-                self._send(_UPDATE, version, base)
-                self._last_call = time.monotonic()
-        return self._wait_for(f"updated/{version}", "build the new weights")
 
     def attach(self, variant: Any, index: int, version: int, graph_module: Any = None) -> None:
         """Make ``variant`` (a new weights version of planned variant ``index``) score on shards
@@ -633,13 +749,13 @@ class RankGroup:
         return self._problem
 
     def _watch(self) -> None:
-        beats = dist.PrefixStore(self._prefix, _client(self._host, self._port, self.world))
+        beats = dist.PrefixStore(self._prefix, _connect(self._address, self.world))
         generation = self.generation
         while not self._stop.wait(self.config.heartbeat_s):
             if self._problem is not None:
                 continue
             if generation != self.generation:  # a restarted group: its own keys
-                beats = dist.PrefixStore(self._prefix, _client(self._host, self._port, self.world))
+                beats = dist.PrefixStore(self._prefix, _connect(self._address, self.world))
                 generation = self.generation
             now = time.monotonic()
             for rank in range(1, self.world):
@@ -667,7 +783,7 @@ class RankGroup:
 
     def _lose(self, rank: int | None, why: str) -> None:
         with self._state:
-            if self._problem is not None:
+            if self._problem is not None or self._stop.is_set():  # ranks that stopped on STOP are not lost
                 return
             self._problem = f"the sharded group lost a rank: {why}"
             self._lost_rank = rank
@@ -697,16 +813,12 @@ class RankGroup:
                     f"{lost}; restarting the group (restart {self.restarts} of {self.config.max_restarts})"
                 )
             try:
+                self._publish()  # the new ranks build the versions in use before they say they are ready
                 self._spawn()
                 self._join()
                 self._await_ready()
-                for version, base, path, sha256 in self._updates:  # the new ranks build every version again
-                    results = self._broadcast_update(version, base, path, sha256, locked=True)
-                    failed = {r: v for r, v in results.items() if v != "ok"}
-                    if failed:
-                        raise ShardingError(f"weights version {version} could not be rebuilt: {failed}")
-                for version in sorted(self._released):
-                    self._send(_RELEASE, version)
+                self._go()
+                self._check_reference()
             except Exception as exc:
                 log.error("restarting the sharded group failed: %s", exc)
                 with self._state:
@@ -726,10 +838,8 @@ class RankGroup:
         for rank in range(self.world):
             info = self._info.get(rank, {})
             state = "up"
-            if self._problem is not None and rank in (self._lost_rank, None):
-                state = "lost"
-            elif self._problem is not None:
-                state = "waiting"
+            if self._problem is not None and rank != 0:  # rank 0 answers this: it is up
+                state = "lost" if self._lost_rank in (None, rank) else "waiting"
             ranks[str(rank)] = {
                 "pid": info.get("pid"),
                 "shard_bytes": info.get("shard_bytes"),
@@ -741,6 +851,7 @@ class RankGroup:
             "restarts": self.restarts,
             "problem": self._problem,
             "ranks": ranks,
+            "weights_versions": sorted(self._programs),  # the ranks' shard versions held
         }
 
     def comm_seconds(self) -> float:
@@ -750,7 +861,9 @@ class RankGroup:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the other ranks (a stop command, then kill what is left) and leave the group."""
         self._stop.set()
-        if self._problem is None:
+        if not dist.is_initialized():
+            timeout_s = 0.0  # nothing to tell them: the group never formed
+        elif self._problem is None:
             with self._lock, contextlib.suppress(Exception):
                 self._send(_STOP)
         deadline = time.monotonic() + timeout_s
@@ -761,3 +874,5 @@ class RankGroup:
                 proc.join(timeout=5)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
