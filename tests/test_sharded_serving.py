@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -434,3 +435,37 @@ def test_every_rank_switches_to_a_weight_delta_together_and_rolls_back(bundle2: 
         assert status == 422 and "takes weight deltas" in reply["error"], reply
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.slow  # torchrun starts both ranks (~40 s)
+def test_the_same_server_under_torchrun_scores_equal_the_single_device_bundle(bundle2: Path) -> None:
+    with socket.socket() as sock:  # torchrun's store port (it takes no 0)
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    cmd = [*torchrun, "-m", "codesign.cli", "serve", str(bundle2), "--port", "0", "--threads", "1"]
+    srv = Served.__new__(Served)
+    srv.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv.lines, srv.port = [], 0
+    assert srv.proc.stdout is not None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not srv.port:
+        line = srv.proc.stdout.readline()
+        if not line:
+            break
+        srv.lines.append(line)
+        if "serving " in line and " at http://" in line:
+            srv.port = int(line.split(" at http://", 1)[1].split()[0].rsplit(":", 1)[1])
+    try:
+        assert srv.port, "".join(srv.lines[-30:])
+        threading.Thread(target=srv._drain, daemon=True).start()
+        status, health = srv.request("GET", "/healthz")
+        assert status == 200 and health["group"]["world"] == 2
+        assert health["group"]["ranks"]["1"]["shard_bytes"] == _plan_bytes(bundle2, 1)
+        assert _scores_match(srv, bundle2, [3, 100, 1024]) <= SCORE_ATOL
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
