@@ -868,10 +868,8 @@ class Runtime:
                     fix="nothing was changed; the server log has the details",
                 ) from exc
             version = WeightsVersion(next(self._numbers), variants, source, sha, time.time())
-            if (
-                self.group is not None and shards is not None
-            ):  # every rank drops them once nothing holds this version
-                self._shards[version.number] = shards
+            if self.group is not None and shards is not None:
+                self._shards[version.number] = shards  # every rank drops them once nothing holds this version
                 weakref.finalize(version, self.group.release, shards)
             self._swap(base, version)
             self.metrics.inc("codesign_weight_updates_total", result="applied")
@@ -920,14 +918,13 @@ class Runtime:
         """A delta on a sharded server: every rank builds the new version of its shards (the tables'
         rows), rank 0 the dense weights of each variant; the new variants score through the group on
         the new shards. As for the eager backend, their reference outputs are their own new scores."""
-        from codesign.build.weights import WeightsDelta, apply_delta
+        from codesign.build.weights import apply_delta
 
         group = self.group
         assert group is not None
-        shards, rest = group.update(self._shards[base.number], path, sha256)
+        shards, rest, d = group.update(self._shards[base.number], path, sha256)
         try:
             planned = group.planned
-            d = WeightsDelta.read(path, sha256)
             out: dict[str, Variant] = {}
             for name, variant in base.variants.items():
                 if name not in planned:

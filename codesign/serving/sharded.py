@@ -52,6 +52,7 @@ from codesign.sharding.runtime import ShardedProgram
 
 if TYPE_CHECKING:
     from codesign.build.variant import Variant
+    from codesign.build.weights import WeightsDelta
     from codesign.serving.deployment import Bundle
 
 __all__ = ["RankGroup", "ShardedServing", "rank_main", "torchrun_env"]
@@ -306,7 +307,7 @@ def rank_main(
         versions = {0: _programs(variants, names)}  # weights version -> this rank's programs
         replay = json.loads(store.get("replay").decode())  # the versions in use, built again in order
         for version, base, path, sha256 in replay["build"]:
-            rows, _ = _table_rows(variants, names, path, sha256)
+            rows, _, _ = _table_rows(variants, names, path, sha256)
             versions[version] = [p.updated(rows) for p in versions[base]]
         for version in replay["drop"]:
             versions.pop(version, None)
@@ -344,9 +345,9 @@ def rank_main(
 
 def _table_rows(
     variants: Mapping[str, Variant], names: list[str], path: str, sha256: str
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any], WeightsDelta]:
     """The sharded tables' (row ids, new rows) of a delta file, checked against every planned
-    variant; and the rest of the delta per variant (dense weights: rank 0's part)."""
+    variant; the rest of the delta per variant (dense weights: rank 0's part); the delta itself."""
     from codesign.build.weights import WeightsDelta, split_delta
 
     delta = WeightsDelta.read(path, sha256)
@@ -357,7 +358,7 @@ def _table_rows(
         assert variant.plan is not None
         rest[name], table_rows = split_delta(variant, delta, {t.name for t in variant.plan.tables})
         rows.update(table_rows)
-    return rows, rest
+    return rows, rest, delta
 
 
 def _apply_update(
@@ -372,7 +373,7 @@ def _apply_update(
     """Build weights version ``version`` of this rank's shards from ``base`` and a delta file."""
     try:
         record = json.loads(store.get(f"update/{version}").decode())
-        rows, _ = _table_rows(variants, names, record["path"], record["sha256"])
+        rows, _, _ = _table_rows(variants, names, record["path"], record["sha256"])
         versions[version] = [p.updated(rows) for p in versions[base]]
         store.set(f"updated/{version}/{rank}", "ok")
     except Exception as exc:
@@ -664,10 +665,10 @@ class RankGroup:
         """The variants that score across the group, in the order the ranks number them."""
         return list(self._names)
 
-    def update(self, base: int, path: Path, sha256: str) -> tuple[int, dict[str, Any]]:
+    def update(self, base: int, path: Path, sha256: str) -> tuple[int, dict[str, Any], WeightsDelta]:
         """Build weights version N of every rank's shards from version ``base`` and a delta file; every
         rank checks the file's sha256 and builds beside the serving loop. Returns (N, the rest of the
-        delta per planned variant, for rank 0's dense weights). Nothing is kept unless every rank built it.
+        delta per planned variant, for rank 0's dense weights, and the delta as read). Nothing is kept unless every rank built it.
 
         The file must be readable at the same path on every rank (one host, or a shared folder)."""
         from codesign.errors import WeightsError
@@ -677,7 +678,7 @@ class RankGroup:
         assert self._bundle is not None
         path = Path(path).resolve()
         # a bad delta is refused here, before any rank works
-        rows, rest = _table_rows(self._bundle.variants, self._names, str(path), sha256)
+        rows, rest, delta = _table_rows(self._bundle.variants, self._names, str(path), sha256)
         own = [p.updated(rows) for p in self._programs[base]]
         version = next(self._versions)
         with self._lock:  # the record and the command in one generation: a restart cannot come between
@@ -701,7 +702,7 @@ class RankGroup:
             )
         self._programs[version] = own
         self._updates[version] = (base, str(path), sha256)
-        return version, rest
+        return version, rest, delta
 
     def attach(self, variant: Any, index: int, version: int, graph_module: Any = None) -> None:
         """Make ``variant`` (a new weights version of planned variant ``index``) score on shards
