@@ -469,3 +469,26 @@ def test_the_same_server_under_torchrun_scores_equal_the_single_device_bundle(bu
             srv.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             srv.proc.kill()
+
+
+@pytest.mark.slow  # a server that fails to start (~20 s)
+def test_a_rank_refuses_a_tampered_block_of_its_own_and_the_server_does_not_start(
+    bundle2: Path, tmp_path: Path
+) -> None:
+    variant = load(bundle2, planned_tables="leave")
+    assert variant.plan is not None and variant.sharded_tables is not None
+    record = variant.sharded_tables[1]
+    shard = next(s for s in variant.plan.shards if s.device == 1 and s.kind == "row_wise")
+    block = [shard.row_start, shard.row_end, shard.col_start, shard.col_end]
+    meta = next(b for b in record[shard.table]["blocks"] if b["block"] == block)
+    copy = tmp_path / "tampered"
+    copy.mkdir()
+    for f in bundle2.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / TABLES).read_bytes())
+    data[meta["offset"]] ^= 0xFF  # one byte of a block only rank 1 reads
+    (copy / TABLES).write_bytes(bytes(data))
+    cmd = [sys.executable, "-m", "codesign.cli", "serve", str(copy), "--port", "0", "--devices", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "rank 1" in done.stdout + done.stderr and "does not match its sha256" in done.stdout + done.stderr
