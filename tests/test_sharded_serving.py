@@ -65,19 +65,10 @@ def bundle2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Served:
     """A ``codesign serve`` process and its URL."""
 
-    def __init__(self, bundle: Path, *flags: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "codesign.cli",
-            "serve",
-            str(bundle),
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            *flags,
-        ]
+    def __init__(self, bundle: Path, *flags: str, launcher: tuple[str, ...] = ()) -> None:
+        """``launcher``: what runs ``-m codesign.cli`` instead of this interpreter (torchrun)."""
+        serve = ["-m", "codesign.cli", "serve", str(bundle), "--port", "0", "--threads", "1", *flags]
+        cmd = [*(launcher or (sys.executable,)), *serve]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.port = 0
@@ -442,33 +433,15 @@ def test_the_same_server_under_torchrun_scores_equal_the_single_device_bundle(bu
     with socket.socket() as sock:  # torchrun's store port (it takes no 0)
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
-    cmd = [*torchrun, "-m", "codesign.cli", "serve", str(bundle2), "--port", "0", "--threads", "1"]
-    srv = Served.__new__(Served)
-    srv.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    srv.lines, srv.port = [], 0
-    assert srv.proc.stdout is not None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not srv.port:
-        line = srv.proc.stdout.readline()
-        if not line:
-            break
-        srv.lines.append(line)
-        if "serving " in line and " at http://" in line:
-            srv.port = int(line.split(" at http://", 1)[1].split()[0].rsplit(":", 1)[1])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port)
+    srv = Served(bundle2, launcher=torchrun)
     try:
-        assert srv.port, "".join(srv.lines[-30:])
-        threading.Thread(target=srv._drain, daemon=True).start()
         status, health = srv.request("GET", "/healthz")
         assert status == 200 and health["group"]["world"] == 2
         assert health["group"]["ranks"]["1"]["shard_bytes"] == _plan_bytes(bundle2, 1)
         assert _scores_match(srv, bundle2, [3, 100, 1024]) <= SCORE_ATOL
     finally:
-        srv.proc.send_signal(signal.SIGTERM)
-        try:
-            srv.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
+        srv.stop()  # torchrun's own exit status after SIGTERM is not the server's
 
 
 @pytest.mark.slow  # a server that fails to start (~20 s)

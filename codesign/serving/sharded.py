@@ -443,7 +443,6 @@ class RankGroup:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.call_seconds = 0.0
-        self.calls = 0
         self._master: dist.Store | None = None
         self._address: StoreAddress = ()
         self._folder: Path | None = None  # the file store's private folder (ranks rank 0 started)
@@ -608,7 +607,6 @@ class RankGroup:
             pooled = self._exchange(program, index, version, ids, lengths)
         out = program.finish(flat, pooled)
         self.call_seconds += time.perf_counter() - t0
-        self.calls += 1
         return out
 
     def _exchange(
