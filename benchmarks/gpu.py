@@ -1,7 +1,7 @@
 """The GPU run: what to measure in the few minutes a GPU is lent, in one script that fits 8 minutes.
 
-1. ``vs_compile`` on the examples, on the device: eager, ``torch.compile``, codesign on its eager and
-   inductor backends (medians of interleaved rounds, each call ended by a device synchronize);
+1. ``vs_compile`` on the examples, on the device: eager, ``torch.compile``, codesign on its eager,
+   inductor and aoti backends (medians of interleaved rounds, each call ended by a device synchronize);
 2. ``useq`` large, one request of 1000 candidates (~10 GFLOPs per candidate when scored naively),
    codesign with its default passes on inductor: p50/p99 latency over single timed calls, the FLOPs one
    call executes (torch's FlopCounterMode on the optimized program) and MFU against the target's
@@ -78,7 +78,14 @@ def part_vs_compile(device: torch.device, target: Target, args: argparse.Namespa
     rows = []
     for name in args.models:
         workload = on_device(workloads([name], args.size)[0], device)
-        rows += bench(workload, args.modes, args.rounds, target=target.name, synchronize=synchronizer(device))
+        rows += bench(
+            workload,
+            args.modes,
+            args.rounds,
+            target=target.name,
+            synchronize=synchronizer(device),
+            backends=tuple(args.backends),
+        )
     return rows
 
 
@@ -142,6 +149,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="+", default=list(EXAMPLES))
     ap.add_argument(
         "--modes", nargs="+", default=["default"], help="torch.compile modes (vs_compile --modes)"
+    )
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=["eager", "inductor", "aoti"],
+        help="codesign backends (vs_compile --backends; aoti-mA builds take minutes per example on a GPU)",
     )
     ap.add_argument("--budget-s", type=float, default=420.0, help="parts that would start later are skipped")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu-<device>.json)")

@@ -7,7 +7,10 @@ candidates, 16 requests of 64), medians of interleaved rounds of:
 * ``compile``: ``torch.compile(model, dynamic=True)``;
 * ``compile-mA``: the same with ``mode="max-autotune-no-cudagraphs"`` (``--modes default`` skips it);
 * ``cs-eager``: ``codesign.compile(model)`` with its default passes on the ``eager`` backend;
-* ``cs-inductor``: the same passes on the ``inductor`` backend (its default options).
+* ``cs-inductor``: the same passes on the ``inductor`` backend (its default options);
+* ``cs-aoti``: the same passes on the ``aoti`` backend (AOTInductor: compiled C++ and a C++ runner);
+* ``cs-aoti-mA``: the same with the backend's knob ``mode="max-autotune-no-cudagraphs"``, as
+  ``compile-mA`` is to ``compile``.
 
 ``best`` is the faster codesign variant; the ratios are taken against plain eager (``cs-eager``
 must not lose to it) and against the faster torch.compile mode. Each compiled variant wraps its own
@@ -45,7 +48,16 @@ RESULTS = Path(__file__).parent / "results"
 # compiled kernels reorder fp32 sums
 AGREE = Tolerance(rtol=1e-3, atol=1e-4)
 TORCH_MODES = {"compile": "default", "compile-mA": "max-autotune-no-cudagraphs"}
-CS_BACKENDS = ("eager", "inductor")
+CS_BACKENDS = ("eager", "inductor", "aoti", "aoti-mA")
+
+
+def _backend(label: str) -> Any:
+    """A codesign backend by the label the table uses (``aoti-mA``: aoti in max-autotune mode)."""
+    if label == "aoti-mA":
+        from codesign.backends.aoti import AotiBackend, AotiConfig
+
+        return AotiBackend(AotiConfig(mode="max-autotune-no-cudagraphs"))
+    return label
 
 
 def variants(
@@ -64,7 +76,7 @@ def variants(
     info: dict[str, Any] = {}
     for backend in backends:
         t0 = time.perf_counter()
-        variant = codesign.compile(program, target=target, backend=backend)
+        variant = codesign.compile(program, target=target, backend=_backend(backend))
         info[f"cs-{backend}_compile_s"] = time.perf_counter() - t0
         assert variant.program is not None
         info.setdefault("passes_applied", [r["name"] for r in variant.passes if r.get("modified")])

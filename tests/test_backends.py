@@ -102,3 +102,28 @@ def test_tensorrt_round_trip_on_gpu(tmp_path: Path) -> None:
     batch = w.make_batch([3, 40], 2)
     ok, err, _ = compare_outputs(loaded.score(batch), w.model(**batch.inputs), loaded.tolerance)
     assert ok, err
+
+
+# an AOTInductor build that times GEMM kernel choices (~40 s on 2 cores): `make test-slow`
+@pytest.mark.slow
+def test_aoti_max_autotune_mode_reaches_inductor_and_scores_as_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor
+
+    from codesign.backends.aoti import AotiBackend, AotiConfig
+
+    seen: list[dict[str, object]] = []
+    real = torch._inductor.aoti_compile_and_package
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(dict(kwargs.get("inductor_configs") or {}))  # type: ignore[call-overload]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", recording)
+    w = tiny_workload("multitask")
+    backend = AotiBackend(AotiConfig(mode="max-autotune-no-cudagraphs"))
+    variant = codesign.compile(tiny_program("multitask"), backend=backend, passes=[])
+    assert seen and seen[0].get("max_autotune") is True
+    assert backend.uuid() != get_backend("aoti").uuid()  # the mode is part of the cache key
+    batch = w.make_batch([5, 1, 2], 3)
+    ok, err, _ = compare_outputs(variant.score(batch), w.model(**batch.inputs), variant.tolerance)
+    assert ok, err

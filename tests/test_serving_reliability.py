@@ -551,7 +551,7 @@ def _post_quietly(host: str, port: int, body: Any) -> None:
 def test_variant_with_wrong_weights_never_becomes_ready() -> None:
     v = codesign.compile(useq(), target="host", backend="eager")
     with torch.no_grad():
-        for p in v.runner.parameters():
+        for p in v.program.graph_module.parameters():
             p.mul_(10.0)  # weights edited after the bundle was verified
     bundle = make_bundle(v)
     with serving(bundle) as (srv, runtime):

@@ -23,14 +23,23 @@ from codesign.errors import BackendError
 from codesign.hardware.target import Target
 from codesign.ir.program import Program
 
-__all__ = ["AOTI_PACKAGE", "AotiBackend", "AotiConfig"]
+__all__ = ["AOTI_MODES", "AOTI_PACKAGE", "AotiBackend", "AotiConfig"]
 
 AOTI_PACKAGE = "aoti_package.pt2"
+# Inductor modes that mean something ahead of time (CUDA graphs are a runtime matter)
+AOTI_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @register_config
 @dataclasses.dataclass(frozen=True)
 class AotiConfig(Config):
+    mode: str = knob(
+        "default",
+        choices=AOTI_MODES,
+        help="Inductor mode the package is compiled in: max-autotune-no-cudagraphs times GEMM/bmm "
+        "kernel choices (Inductor's C++ micro-GEMM templates among them) while compiling: a slower "
+        "compile, faster small GEMMs",
+    )
     decompose_ops: bool = knob(
         True,
         help="compile codesign's ops in aten form (codesign.ops.decompositions) so Inductor fuses "
@@ -48,8 +57,11 @@ class AotiBackend(Backend[AotiConfig]):
         exported = program.export()
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / AOTI_PACKAGE
-        from torch._inductor import aoti_compile_and_package, aoti_load_package
+        from torch._inductor import aoti_compile_and_package, aoti_load_package, list_mode_options
 
+        # a mode is a set of Inductor options, spelled out (aoti_compile_and_package takes options)
+        options = {**list_mode_options(self.config.mode), **WEIGHTS_OUTSIDE}
+        options.pop("triton.cudagraphs", None)
         try:
             compiled = exported
             if self.config.decompose_ops:
@@ -59,10 +71,11 @@ class AotiBackend(Backend[AotiConfig]):
             with torch.no_grad():
                 # the weights stay in program.pt2 (which every bundle holds) and are handed to the
                 # compiled model at load: a bundle stores them once
-                aoti_compile_and_package(compiled, package_path=str(path), inductor_configs=WEIGHTS_OUTSIDE)
+                aoti_compile_and_package(compiled, package_path=str(path), inductor_configs=options)
                 runner = aoti_load_package(str(path))
                 if not _constants_from(exported, runner):  # a constant the program lacks: keep them inside
-                    aoti_compile_and_package(compiled, package_path=str(path))
+                    inside = {k: v for k, v in options.items() if k not in WEIGHTS_OUTSIDE}
+                    aoti_compile_and_package(compiled, package_path=str(path), inductor_configs=inside)
                     runner = aoti_load_package(str(path))
         except Exception as exc:
             raise BackendError(
