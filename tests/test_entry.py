@@ -99,3 +99,10 @@ def test_guards_that_read_more_than_sizes_are_not_keyed_by_shape() -> None:
 
     assert guards_read_only_sizes(sizes)
     assert not guards_read_only_sizes(strides)
+
+
+def test_keys_whose_repr_is_not_their_literal_get_no_generated_flattener() -> None:
+    from torch.utils import _pytree as pytree
+
+    _, spec = pytree.tree_flatten(((), {"features": {object(): 1}}))
+    assert flattener(spec) is None  # the module's own flatten serves such inputs

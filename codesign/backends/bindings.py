@@ -12,7 +12,8 @@ The exported module also checks, before every call, that the inputs' pytree stru
 exported one (``_check_inputs_match``: ~45 µs for six inputs in a dict, flattening with paths). The
 structure of a serving call does not change from call to call, so ``lean_graph_module`` runs that
 check once per distinct structure (``StructureCheck``); the shape guards (``_guards_fn``, in the
-graph) and the pytree flatten are what ``backends.entry`` takes off the eager backend's call path. ``DirectCall`` then calls the module's ``forward`` past
+graph) and the pytree flatten are what ``backends.entry`` takes off the eager backend's call path.
+``DirectCall`` calls the module's ``forward`` past
 ``nn.Module.__call__``'s hook loop (~15-20 µs a call with the exported module's three hooks), where
 those hooks are only that check and the export's no-op pytree registrations.
 """

@@ -68,6 +68,8 @@ def flattener(spec: pytree.TreeSpec) -> Callable[[Mapping[str, Any]], list[Any] 
         var = f"v{len(lines)}"
         lines.append(f"{var} = {expr}")
         if kind is dict:
+            if not all(type(k) in (str, int) for k in node.context):
+                return False  # keys written into the source by repr: only those whose repr is their literal
             keys = f"K{len(constants)}"
             constants[keys] = frozenset(node.context)
             lines.append(f"if type({var}) is not dict or {var}.keys() != {keys}: return None")
