@@ -29,7 +29,14 @@ import torch
 
 from codesign.numerics import EXACT, compare_outputs
 
-__all__ = ["DirectCall", "StructureCheck", "direct_call", "lean_graph_module", "python_binding"]
+__all__ = [
+    "DirectCall",
+    "StructureCheck",
+    "direct_call",
+    "identical_on",
+    "lean_graph_module",
+    "python_binding",
+]
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +178,24 @@ def lean_graph_module(
     ):
         setattr(lean, attr, copy.copy(getattr(graph_module, attr)))
     _cheaper_input_check(lean)
+    # a binding that reads its arguments otherwise: keep the graph as it is
+    return lean if identical_on(lean, graph_module, examples, "python bindings") else graph_module
+
+
+def identical_on(
+    candidate: Callable[..., Any],
+    reference: Callable[..., Any],
+    examples: Sequence[Mapping[str, Any]],
+    what: str,
+) -> bool:
+    """True where ``candidate`` gives ``reference``'s outputs bit for bit on every example (keyword
+    inputs); else logs why, naming ``what``, and returns False (the caller keeps ``reference``)."""
     try:
         with torch.no_grad():
-            same = all(compare_outputs(lean(**x), graph_module(**x), EXACT)[0] for x in examples)
-    except Exception as exc:  # a binding that reads its arguments otherwise: keep the graph as it is
-        log.warning("python bindings: %s; running the graph's ops as OpOverloads", exc)
-        return graph_module
+            same = all(compare_outputs(candidate(**x), reference(**x), EXACT)[0] for x in examples)
+    except Exception as exc:
+        log.warning("%s: %s; keeping the exported module's own call", what, exc)
+        return False
     if not same:
-        log.warning("python bindings changed the outputs; running the graph's ops as OpOverloads")
-        return graph_module
-    return lean
+        log.warning("%s changed the outputs; keeping the exported module's own call", what)
+    return same
